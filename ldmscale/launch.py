@@ -1,0 +1,251 @@
+"""`ldmscale-launch`: submit training to Slurm with submitit (or run it locally), requeue on preemption.
+
+    ldmscale-launch --config configs/laion-256.yaml train.out_dir=runs/a \
+        --partition gpu --nodes 4 --gpus-per-node 8 --cpus-per-task 8 --time 1440 --slurm-extra qos=high
+
+The config is loaded and validated here first, so a typo fails on this terminal, not in the queue.
+
+Preemption / time limit: submitit asks Slurm for USR2 `--signal-delay` seconds before the limit; Slurm
+sends it to every task. submitit's own handler would checkpoint and requeue from rank 0 alone, mid-step
+("Not checkpointing nor requeuing since I am a slave" on the others), which cannot work when a save is a
+collective. So the trainer's handler (ldmscale.preemption, installed by train.main on every rank) takes
+the signal instead; all ranks save together at the next step boundary and main() returns "preempted".
+Only then does rank 0 call the submitit handler it saved before training: that runs checkpoint(), dumps
+the resubmission and `scontrol requeue`s the job with submitit's timeout accounting. The requeued job
+resumes with resume="auto". A job that fails (e.g. a rank killed) is resubmitted up to
+--max-submissions times, each resuming from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+# Slurm job states after which the job will not run again by itself (a requeued job is PENDING).
+TERMINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+    "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED",
+}
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """Runs the trainer in-process on every task of the job; picklable, so submitit can requeue it."""
+
+    def __init__(self, config: str | None, overrides: list[str]) -> None:
+        self.config = config
+        self.overrides = list(overrides)
+
+    def __call__(self) -> dict[str, Any]:
+        env = submitit.JobEnvironment()
+        _export_rendezvous(env)
+        # submitit installed its checkpoint-and-requeue handler before calling us; keep it for after the save.
+        usr_sig = env._usr_sig()
+        submitit_handler = signal.getsignal(usr_sig)
+
+        from ldmscale import preemption
+        from ldmscale.config import load_config
+
+        mod, _, fn = os.environ.get("LDMSCALE_TRAINER", "ldmscale.train:main").partition(":")  # TEMP stand-in hook
+        main = getattr(importlib.import_module(mod), fn)
+        result = main(load_config(self.config, self.overrides), resume="auto")
+        outcome = {"status": str(getattr(result, "status", result)), "step": getattr(result, "step", None)}
+        # Requeue only for submitit's signal (preemption notice / time limit). A SIGTERM alone is a cancel,
+        # or Slurm's own preemption which requeues by itself.
+        asked = signal.Signals(usr_sig).name in preemption.received()
+        if outcome["status"] == "preempted" and asked and env.cluster == "slurm" and env.global_rank == 0:
+            # Every rank has saved (the trainer's save is collective). Requeue now, through submitit.
+            if callable(submitit_handler):
+                submitit_handler(usr_sig, None)  # checkpoint() + dump + scontrol requeue; exits this process
+            subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
+        return outcome
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """The resubmission after a requeue: the same task; resume="auto" finds the checkpoint just saved.
+
+        By the time submitit calls this (see __call__), all ranks have written their shards. Called by
+        submitit's own handler directly (a signal before the trainer installed its handlers) there is
+        nothing new to save, and the requeued job resumes from the previous checkpoint.
+        """
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _export_rendezvous(env: Any) -> None:
+    """torchrun-style variables from submitit's view of the job, so every rank agrees on them."""
+    hosts = list(env.hostnames) if env.cluster == "slurm" else ["127.0.0.1"]
+    job_num = int("".join(ch for ch in str(env.job_id).split("_")[0] if ch.isdigit()) or "0")
+    os.environ.update(
+        RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=hosts[0], MASTER_PORT=str(20000 + job_num % 20000),
+    )
+    if not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share cores: one BLAS thread each
+
+
+@dataclass
+class JobReport:
+    job_id: str
+    state: str
+    restarts: int
+    outcome: dict[str, Any] | None  # rank 0's return value (or {"status": "error", ...}), None if it wrote none
+
+
+def slurm_job_state(job_id: str) -> tuple[str, int]:
+    """(state, restart count) from slurmctld; ("GONE", -1) once the job has aged out of its memory.
+
+    Works without accounting (sacct), unlike submitit's own state which then reads UNKNOWN.
+    """
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=False, capture_output=True, text=True,
+                          timeout=30)
+    if proc.returncode != 0:
+        return "GONE", -1
+    fields = dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
+    return fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", "0"))
+
+
+def wait_for_job(job: submitit.Job, poll_s: float = 2.0, timeout_s: float | None = None) -> JobReport:
+    """Block until the job (including its requeued runs) is over, then read rank 0's outcome."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    state, restarts = "UNKNOWN", 0
+    while True:
+        if isinstance(job, submitit.local.local.LocalJob):
+            job.wait()
+            state = "COMPLETED" if job.exception() is None else "FAILED"
+            break
+        state, seen = slurm_job_state(job.job_id)
+        restarts = max(restarts, seen)
+        if state in TERMINAL_STATES or state == "GONE":
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job.job_id} still {state} after {timeout_s} s")
+        time.sleep(poll_s)
+    return JobReport(job.job_id, state, restarts, _read_outcome(job))
+
+
+def _read_outcome(job: submitit.Job) -> dict[str, Any] | None:
+    pickle_path = job.paths.result_pickle  # rank 0's
+    if not pickle_path.exists():
+        return None
+    kind, value = submitit.core.utils.pickle_load(pickle_path)
+    if kind == "success":
+        return value if isinstance(value, dict) else {"status": str(value)}
+    return {"status": "error", "error": str(value).strip().splitlines()[-1:]}
+
+
+def slurm_error_text(exc: BaseException) -> str:
+    """Slurm's own words (`sbatch: error: ...`) from a failed submission."""
+    text = str(getattr(exc, "stderr", "") or exc)
+    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
+    return "\n".join(lines) or text.strip()
+
+
+def build_executor(args: argparse.Namespace) -> submitit.Executor:
+    folder = Path(args.log_dir) / "%j"
+    if args.local:
+        ex: submitit.Executor = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(tasks_per_node=args.tasks_per_node or max(args.gpus_per_node, 1),
+                             timeout_min=args.time, gpus_per_node=args.gpus_per_node)
+        return ex
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_timeouts)
+    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)  # one task per GPU
+    params: dict[str, Any] = {
+        "job_name": args.job_name, "nodes": args.nodes, "ntasks_per_node": tasks, "time": args.time,
+        "signal_delay_s": args.signal_delay, "stderr_to_stdout": True,
+        # a rank that dies ends the step, so the others never sit in a collective until NCCL's timeout
+        "srun_args": ["--kill-on-bad-exit=1"],
+    }
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    for key in ("partition", "cpus_per_task", "constraint", "account"):
+        if getattr(args, key):
+            params[key] = getattr(args, key)
+    extra = dict(_split_extra(item) for item in args.slurm_extra)
+    if extra:
+        params["additional_parameters"] = extra
+    ex.update_parameters(**params)
+    return ex
+
+
+def _split_extra(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    return key.strip().lstrip("-"), (value if sep else True)  # a bare key is a flag (e.g. exclusive)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ldmscale-launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="trainer YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--local", action="store_true", help="run here with submitit's local executor")
+    p.add_argument("--partition"); p.add_argument("--account"); p.add_argument("--constraint")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0 = CPU, no GPU request")
+    p.add_argument("--tasks-per-node", type=int, default=0, help="default: gpus-per-node, or 1 on CPU")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--time", type=int, default=60, help="minutes per job run")
+    p.add_argument("--signal-delay", type=int, default=120, help="USR2 this many seconds before the limit")
+    p.add_argument("--job-name", default="ldmscale")
+    p.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE", help="more sbatch options")
+    p.add_argument("--log-dir", default="", help="submitit logs (default: <out_dir>/slurm)")
+    p.add_argument("--max-submissions", type=int, default=3, help="resubmit a failed job up to this many times")
+    p.add_argument("--max-timeouts", type=int, default=20, help="requeues on time limit within one job")
+    p.add_argument("--no-wait", action="store_true", help="submit and print the job id, then exit")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, submit, wait and resubmit until finished. Returns the process exit code."""
+    from ldmscale.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except Exception as exc:  # noqa: BLE001 - any config problem is reported the same way, before submission
+        print(f"ldmscale-launch: config error, nothing submitted: {exc}", file=sys.stderr)
+        return 2
+    out_dir = Path(cfg.train.out_dir)
+    args.log_dir = args.log_dir or str(out_dir / "slurm")
+    executor = build_executor(args)
+    task = TrainTask(args.config, args.overrides)
+    for attempt in range(1, args.max_submissions + 1):
+        try:
+            job = executor.submit(task)
+        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
+            print(f"ldmscale-launch: Slurm rejected the job:\n{slurm_error_text(exc)}", file=sys.stderr)
+            return 3
+        print(f"submitted job {job.job_id} (submission {attempt}/{args.max_submissions}); "
+              f"log {job.paths.stdout}; out_dir {out_dir}", flush=True)
+        if args.no_wait:
+            return 0
+        report = wait_for_job(job)
+        _print_wandb(out_dir)
+        status = (report.outcome or {}).get("status")
+        print(f"job {report.job_id}: state={report.state} restarts={report.restarts} outcome={report.outcome}",
+              flush=True)
+        if status == "finished":
+            print(f"FINISHED step={report.outcome.get('step')}", flush=True)
+            return 0
+        print(f"job {report.job_id} ended without finishing; see {job.paths.stdout}", file=sys.stderr)
+    print(f"ldmscale-launch: gave up after {args.max_submissions} submissions", file=sys.stderr)
+    return 1
+
+
+def _print_wandb(out_dir: Path) -> None:
+    run_id = out_dir / "wandb_run_id"
+    if run_id.exists():
+        print(f"W&B run id: {run_id.read_text().strip()}", flush=True)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    sys.exit(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    cli()
