@@ -1,0 +1,455 @@
+"""Object-storage access for the data pipeline: shard URL expansion, fsspec-backed webdataset openers
+with retry + resume, credential handling that never leaks secrets, and a fast startup reachability check.
+
+Options come from the config (``data.storage_options``: endpoint_url, key, secret, anon, client_kwargs,
+config_kwargs, ...), merged with the standard AWS environment (s3fs reads AWS_* variables and profiles
+itself; we only add AWS_ENDPOINT_URL[_S3]). A sub-dict under a protocol name (``{"gs": {...}}``) applies to
+that protocol only. Keys ``read_block_size``, ``read_retries`` and ``read_retry_max_delay`` tune ldmscale's
+reader and never reach the filesystem.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import glob
+import io
+import json
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import braceexpand
+import fsspec
+
+# `import webdataset.gopen` would give the gopen function (the package re-exports it), not the module.
+from webdataset.gopen import gopen_schemes
+
+log = logging.getLogger(__name__)
+
+# JSON dict of storage options registered when this module is imported (e.g. in a spawned worker).
+# Meant for non-secret options: secrets belong in AWS_* variables or the config, never in more env vars.
+OPTIONS_ENV = "LDMSCALE_STORAGE_OPTIONS"
+S3_PROTOCOLS = ("s3", "s3a")
+# webdataset opens local paths itself; these fsspec protocols must not be rerouted.
+_LOCAL_PROTOCOLS = ("file", "local")
+_READER_KEYS = ("read_block_size", "read_retries", "read_retry_max_delay")
+# Sequential tar streaming: each GET fetches this much ahead, so a shard costs size/8 MiB requests.
+DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
+# botocore retries a little by itself (max_attempts counts retries, not tries); the reader's own
+# backoff, which can resume mid-shard, does the rest.
+_S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2, "mode": "standard"}}
+# The startup check must answer in seconds, so it neither waits long nor retries much.
+_S3_FAST_CONFIG = {
+    "connect_timeout": 2, "read_timeout": 5, "retries": {"total_max_attempts": 1, "mode": "standard"},
+}
+_SECRET_KEY_RE = re.compile(r"(secret|token|password|passwd|credential|^key$|access_key|private)", re.I)
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_TRANSIENT_ERRNOS = {
+    errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBUSY, errno.EAGAIN, getattr(errno, "EREMOTEIO", 121),
+}
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
+# Names of exception classes (botocore, aiohttp, urllib3) that mean "the connection broke", matched by
+# name so this module does not import every client library.
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ResponseStreamingError", "IncompleteReadError", "IncompleteRead", "ProtocolError", "HTTPClientError",
+    "ClientPayloadError", "ServerDisconnectedError", "ClientConnectorError", "ClientOSError",
+    "ServerTimeoutError", "FSTimeoutError",
+}
+
+
+class StorageError(RuntimeError):
+    """Object storage is misconfigured or unreachable; the message says what failed and how to fix it."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for transient read errors: delays base, 2*base, ... capped at max_delay."""
+
+    attempts: int = 8
+    base_delay: float = 0.5
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.base_delay * 2**attempt, self.max_delay)
+
+
+# ---------------------------------------------------------------- options and secrets
+
+
+def redact(options: dict | None) -> dict:
+    """A copy of options safe to log: values of secret-looking keys (also nested) become '***'."""
+    out: dict = {}
+    for k, v in (options or {}).items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif _SECRET_KEY_RE.search(str(k)) and v not in (None, ""):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
+
+
+def _secret_values(options: dict | None) -> set[str]:
+    vals = {os.environ[k] for k in _SECRET_ENV if os.environ.get(k)}
+    stack = [options or {}]
+    while stack:
+        for k, v in stack.pop().items():
+            if isinstance(v, dict):
+                stack.append(v)
+            elif _SECRET_KEY_RE.search(str(k)) and isinstance(v, str) and v:
+                vals.add(v)
+    return vals
+
+
+def scrub(text: str, options: dict | None = None) -> str:
+    """Remove credentials from free text (server error messages may echo the access key id)."""
+    for secret in sorted(_secret_values(options), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    # user:password@host in URLs
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
+
+
+def _protocol(url: str) -> str:
+    proto, _ = fsspec.core.split_protocol(url)
+    return proto or "file"
+
+
+def storage_options_for(url: str, options: dict | None) -> dict:
+    """The fsspec filesystem kwargs for url: config options merged with the AWS environment.
+
+    Credentials are not copied from the environment: s3fs/botocore find AWS_ACCESS_KEY_ID etc. and
+    profiles themselves. Only the endpoint is taken from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL.
+    """
+    protocol = _protocol(url)
+    if protocol in _LOCAL_PROTOCOLS:
+        return {}
+    flat = {k: v for k, v in (options or {}).items() if k not in _READER_KEYS}
+    known = set(fsspec.available_protocols())
+    per_protocol = {k: flat.pop(k) for k in list(flat) if k in known and isinstance(flat[k], dict)}
+    opts = {**flat, **per_protocol.get(protocol, {})}
+    if protocol in S3_PROTOCOLS:
+        if protocol == "s3a":
+            opts = {**per_protocol.get("s3", {}), **opts}
+        has_endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+        env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if not has_endpoint and env_endpoint:
+            opts["endpoint_url"] = env_endpoint
+        user_config = opts.get("config_kwargs") or {}
+        opts["config_kwargs"] = {**_S3_CONFIG, **user_config}
+    return opts
+
+
+def _retry_policy(options: dict | None) -> RetryPolicy:
+    o = options or {}
+    return RetryPolicy(
+        attempts=int(o.get("read_retries", RetryPolicy.attempts)),
+        max_delay=float(o.get("read_retry_max_delay", RetryPolicy.max_delay)),
+    )
+
+
+# ---------------------------------------------------------------- error classification
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying (connection reset/refused, timeouts, 5xx, throttling); False for
+    permanent ones (missing object, access denied, bad request) anywhere in the exception chain."""
+    permanent = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
+    links = list(_chain(exc))
+    if isinstance(links[0], permanent):
+        return False
+    for e in links:
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:  # botocore ClientError
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return status >= 500 or status == 429 or response["Error"].get("Code") in _TRANSIENT_CODES
+        if isinstance(e, (ConnectionError, TimeoutError, socket.timeout)):
+            return True
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(e).__mro__):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- reading with retry and resume
+
+
+def _identity(info: dict) -> tuple:
+    """What must not change between reopenings of one object, or resumed bytes would be garbage."""
+    return info.get("size"), info.get("ETag") or info.get("etag")
+
+
+class ResumingReader(io.RawIOBase):
+    """A read-only stream over one object that survives transient errors: it reopens the object
+    and seeks to the byte offset already delivered, so a tar stream continues without a gap or repeat."""
+
+    def __init__(self, url: str, options: dict | None = None):
+        super().__init__()
+        self.url = url
+        self._options = options or {}
+        self._policy = _retry_policy(options)
+        self._block_size = int(self._options.get("read_block_size", DEFAULT_BLOCK_SIZE))
+        self._fs, self._path = fsspec.core.url_to_fs(url, **storage_options_for(url, options))
+        self._pos = 0
+        self._file: Any = None
+        self._ident: tuple | None = None
+        self.retries = 0  # how many transient errors this stream absorbed
+        self._with_retry(self._ensure_open)
+
+    def _ensure_open(self) -> None:
+        if self._file is not None:
+            return
+        info = self._fs.info(self._path)
+        ident = _identity(info)
+        if self._ident is not None and ident != self._ident:
+            raise StorageError(f"{scrub(self.url)} changed while being read; cannot resume at {self._pos}")
+        self._ident = ident
+        f = self._fs.open(self._path, "rb", block_size=self._block_size, cache_type="readahead")
+        if self._pos:
+            f.seek(self._pos)
+        self._file = f
+
+    def _drop(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # the connection is already broken; closing is best effort
+                pass
+
+    def _with_retry(self, fn: Callable[[], Any]) -> Any:
+        for attempt in range(self._policy.attempts + 1):
+            try:
+                return fn()
+            except Exception as e:
+                if attempt >= self._policy.attempts or not is_transient(e):
+                    raise
+                self._drop()
+                self.retries += 1
+                delay = self._policy.delay(attempt)
+                log.warning(
+                    "%s: transient %s at byte %d (%s); retry %d/%d in %.1fs",
+                    scrub(self.url), type(e).__name__, self._pos, scrub(str(e), self._options)[:200],
+                    attempt + 1, self._policy.attempts, delay,
+                )
+                time.sleep(delay)
+
+    def _read_once(self, n: int) -> bytes:
+        self._ensure_open()
+        data = self._file.read(n)
+        self._pos += len(data)
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            chunks = []
+            while chunk := self.read(self._block_size):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        return self._with_retry(lambda: self._read_once(size))
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def open_url(url: str, storage_options: dict | None = None, mode: str = "rb") -> BinaryIO:
+    """Open url for reading with retry/resume (mode 'rb'), or for writing without retries ('wb')."""
+    if mode == "rb":
+        return io.BufferedReader(ResumingReader(url, storage_options), buffer_size=64 * 1024)
+    if mode == "wb":
+        fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options))
+        return fs.open(path, "wb")
+    raise ValueError(f"{mode}: unsupported mode for {scrub(url)}")
+
+
+# ---------------------------------------------------------------- webdataset registration
+
+
+class FsspecGopen:
+    """A webdataset gopen handler bound to storage options; picklable, so it can travel to workers."""
+
+    def __init__(self, storage_options: dict | None = None):
+        self.storage_options = dict(storage_options or {})
+
+    def __call__(self, url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> BinaryIO:
+        return open_url(url, self.storage_options, mode)
+
+    def __repr__(self) -> str:
+        return f"FsspecGopen({redact(self.storage_options)})"
+
+
+def register_gopen_schemes(storage_options: dict | None = None) -> None:
+    """Route webdataset's s3://, gs://, gcs://, http(s):// and every other fsspec protocol through
+    fsspec with retry/resume. Fork workers inherit this; for spawn workers see RegisterSchemes and
+    worker_init_fn (or set LDMSCALE_STORAGE_OPTIONS, which is read when this module is imported)."""
+    opener = FsspecGopen(storage_options)
+    protocols = set(fsspec.available_protocols()) | {"s3", "s3a", "gs", "gcs", "http", "https"}
+    for proto in protocols - set(_LOCAL_PROTOCOLS):
+        gopen_schemes[proto] = opener
+
+
+class RegisterSchemes:
+    """Pipeline stage that registers the openers in whichever process iterates it (fork or spawn
+    DataLoader worker), then passes samples through. Put it before the tar-opening stage."""
+
+    def __init__(self, storage_options: dict | None = None):
+        self.storage_options = dict(storage_options or {})
+
+    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
+        register_gopen_schemes(self.storage_options)
+        yield from src
+
+
+def _register_in_worker(storage_options: dict | None, worker_id: int) -> None:
+    register_gopen_schemes(storage_options)
+
+
+def worker_init_fn(storage_options: dict | None) -> Callable[[int], None]:
+    """A picklable DataLoader worker_init_fn that registers the openers with these options."""
+    return functools.partial(_register_in_worker, dict(storage_options or {}))
+
+
+def _options_from_env() -> dict:
+    raw = os.environ.get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        opts = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise StorageError(f"{OPTIONS_ENV} is not valid JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(opts, dict):
+        raise StorageError(f"{OPTIONS_ENV} must be a JSON object")
+    return opts
+
+
+# ---------------------------------------------------------------- shard lists
+
+
+def _is_local(url: str) -> bool:
+    return _protocol(url) in _LOCAL_PROTOCOLS
+
+
+def _strip_file(url: str) -> str:
+    return re.sub(r"^file://", "", url)
+
+
+def _expand_one(spec: str, storage_options: dict | None) -> tuple[list[str], str]:
+    """Expand one spec; returns (urls, what was looked for) for the error message."""
+    spec = spec.strip()
+    if _is_local(spec):
+        path = _strip_file(spec)
+        if os.path.isdir(path):
+            found = glob.glob(os.path.join(path, "**", "*.tar"), recursive=True)
+            return sorted(found), f".tar files under directory {path}"
+        if "{" in path:
+            return list(braceexpand.braceexpand(path)), "brace expansion"
+        if glob.has_magic(path):
+            return sorted(glob.glob(path)), f"files matching {path}"
+        return ([path] if os.path.exists(path) else []), f"file {path}"
+    fs, path = fsspec.core.url_to_fs(spec, **storage_options_for(spec, storage_options))
+    if spec.endswith("/"):
+        # Listings are cached per filesystem instance; shards may have been written since.
+        fs.invalidate_cache(path)
+        keys = [k for k in fs.find(path) if k.endswith(".tar")]
+        return sorted(fs.unstrip_protocol(k) for k in keys), f".tar objects under prefix {spec}"
+    if "{" in spec:
+        # No existence checks: 41k HEADs would take minutes; check_shards_reachable tests the first.
+        return list(braceexpand.braceexpand(spec)), "brace expansion"
+    if glob.has_magic(path):
+        return sorted(fs.unstrip_protocol(k) for k in fs.glob(path)), f"objects matching {spec}"
+    return [spec], spec
+
+
+def expand_shard_urls(spec: str | list[str], storage_options: dict | None = None) -> list[str]:
+    """Shard URLs from a brace pattern, a list, a local glob or directory, or an object-store prefix
+    ending in '/' (its .tar objects, sorted). Raises ValueError when nothing is found."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    looked: list[str] = []
+    for s in specs:
+        found, what = _expand_one(s, storage_options)
+        urls.extend(found)
+        looked.append(what)
+    if not urls:
+        raise ValueError(f"no shards found for {spec!r}: looked for {'; '.join(looked) or 'nothing'}")
+    return urls
+
+
+# ---------------------------------------------------------------- startup check
+
+
+def _fix_hint(url: str, exc: BaseException, endpoint: str | None) -> str:
+    names = {type(e).__name__ for e in _chain(exc)}
+    if isinstance(exc, FileNotFoundError):
+        return "not found — check data.shards (bucket, prefix, shard numbers) and that the shards exist"
+    if isinstance(exc, PermissionError):
+        return ("access denied — check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or data.storage_options.key/"
+                "secret, and that this key may read the bucket")
+    if "NoCredentialsError" in names:
+        return ("no credentials found — set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "data.storage_options.key/secret, or data.storage_options.anon=true for a public bucket")
+    if is_transient(exc):
+        where = endpoint or "the default AWS endpoint"
+        return (f"cannot reach {where} — check AWS_ENDPOINT_URL or data.storage_options.endpoint_url "
+                "and that the server is up and reachable from this node")
+    return "unexpected storage error — check data.storage_options"
+
+
+def check_shards_reachable(urls: list[str], storage_options: dict | None) -> None:
+    """Fail fast at startup (rank 0): open the first shard's metadata with short timeouts and no
+    long retries, and raise StorageError saying what failed and how to fix it."""
+    if not urls:
+        raise StorageError("no shard URLs to check — data.shards expanded to an empty list")
+    url = urls[0]
+    if _is_local(url):
+        path = _strip_file(url)
+        if not os.path.isfile(path):
+            raise StorageError(f"{path}: no such shard file — check data.shards")
+        return
+    opts = storage_options_for(url, storage_options)
+    if _protocol(url) in S3_PROTOCOLS:
+        opts["config_kwargs"] = {**opts["config_kwargs"], **_S3_FAST_CONFIG}
+    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+    try:
+        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **opts)
+        if hasattr(fs, "retries"):
+            fs.retries = 1  # s3fs's own retry loop (a class attribute, not a constructor argument)
+        info = fs.info(path)
+    except Exception as e:
+        detail = scrub(f"{type(e).__name__}: {e}", storage_options)[:300]
+        hint = _fix_hint(url, e, endpoint)
+        raise StorageError(f"{scrub(url)}: {hint} ({detail})") from None
+    if info.get("type") == "directory":
+        raise StorageError(f"{scrub(url)}: is a prefix, not a shard — end it with '/' to list its .tar files")
+
+
+register_gopen_schemes(_options_from_env())

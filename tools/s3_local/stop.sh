@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Stop the local S3 server started by start.sh and remove its state dir. Safe to run when nothing runs.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
+
+if [[ -d $PIDS ]]; then
+    # Clients first, then storage, then the monitor they all talk to.
+    for name in rgw osd mon; do stop_daemon "$name" TERM; done
+fi
+# Guard against a typo'd LDMSCALE_S3_DIR wiping something that is not ours.
+if [[ -e $STATE ]]; then
+    if [[ -f $CONF || -d $PIDS || -z $(ls -A "$STATE") ]]; then
+        rm -rf "$STATE"
+    else
+        log "$STATE does not look like an s3_local state dir; not removing it"
+        exit 1
+    fi
+fi
