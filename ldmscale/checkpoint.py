@@ -1,0 +1,155 @@
+"""Checkpoints: DeepSpeed's own save/load on every rank, plus the trainer's state, EMA and config.
+
+Layout under <out_dir>/checkpoints:
+  step_00001000/   DeepSpeed's files (model, optimizer and scheduler shards of every rank)
+                   ema.safetensors, trainer_state.json, config.yaml, COMPLETE
+  latest           the tag of the newest COMPLETE checkpoint (the same file DeepSpeed's tools read)
+
+`latest` is replaced atomically, only after every rank finished writing and COMPLETE exists, so a
+kill at any moment of a save leaves the previous checkpoint as `latest`. DeepSpeed's own `latest`
+write is turned off for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldmscale import dist
+
+COMPLETE = "COMPLETE"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).exists()
+
+
+def latest_tag(root: Path) -> str | None:
+    """The tag `latest` names, or None for a fresh run. A `latest` naming an incomplete save is an error."""
+    f = root / "latest"
+    if not f.exists():
+        return None
+    tag = f.read_text().strip()
+    if not is_complete(root / tag):
+        raise CheckpointError(
+            f"{f} names {tag}, which has no {COMPLETE} marker: the save did not finish. Point `latest` at an "
+            f"earlier tag in {root} (ls it), or resume from a path with --resume {root}/<tag>"
+        )
+    return tag
+
+
+def resolve_resume(root: Path, resume: str) -> Path | None:
+    """`auto`: latest if any; `never`: None; otherwise a checkpoint tag folder (or a root holding `latest`)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tag = latest_tag(root)
+        return root / tag if tag else None
+    p = Path(resume)
+    if (p / "latest").exists():
+        tag = latest_tag(p)
+        assert tag is not None
+        p = p / tag
+    if not p.is_dir():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+    if not is_complete(p):
+        raise CheckpointError(f"--resume {resume}: {p} has no {COMPLETE} marker; the save was interrupted")
+    return p
+
+
+def read_trainer_state(tag_dir: Path) -> dict[str, Any]:
+    return json.loads((tag_dir / "trainer_state.json").read_text())
+
+
+class Checkpointer:
+    def __init__(self, root: Path, keep_last: int) -> None:
+        self.root = root
+        self.keep_last = keep_last
+
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        trainer_state: dict[str, Any],
+        ema_state: dict[str, torch.Tensor] | None,
+        config_yaml: str,
+    ) -> Path:
+        """Collective: every rank must call it. Returns the tag folder."""
+        tag = tag_for(step)
+        tag_dir = self.root / tag
+        if dist.rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            # a half-written folder from an interrupted save of the same step must not look complete
+            (tag_dir / COMPLETE).unlink(missing_ok=True)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
+        if dist.rank() == 0:
+            if ema_state is not None:
+                atomic_save_tensors(tag_dir / "ema.safetensors", ema_state)
+            atomic_write_text(tag_dir / "trainer_state.json", json.dumps(trainer_state, indent=1))
+            atomic_write_text(tag_dir / "config.yaml", config_yaml)
+        dist.barrier()  # every rank's shards are on disk before the save is declared complete
+        if dist.rank() == 0:
+            atomic_write_text(tag_dir / COMPLETE, "")
+            atomic_write_text(self.root / "latest", tag)
+            self.prune(keep=tag)
+        dist.barrier()
+        return tag_dir
+
+    def load(self, engine: Any, tag_dir: Path, load_optimizer: bool = True) -> dict[str, Any]:
+        """Collective. Restores engine (weights, optimizer, LR schedule) and returns the trainer state."""
+        path, _ = engine.load_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+        )
+        if path is None:  # DeepSpeed only warns; a silent fresh start would waste the run
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir}; its files are missing or unreadable")
+        return read_trainer_state(tag_dir)
+
+    def prune(self, keep: str) -> None:
+        """Keep the newest `keep_last` complete checkpoints; remove older ones and older partial saves."""
+        tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+        complete = [t for t in tags if is_complete(self.root / t)]
+        survivors = set(complete[-self.keep_last :]) | {keep}
+        newest = max(survivors)
+        for t in tags:
+            if t not in survivors and t < newest:
+                shutil.rmtree(self.root / t, ignore_errors=True)
+
+
+def load_ema(tag_dir: Path) -> dict[str, torch.Tensor]:
+    f = tag_dir / "ema.safetensors"
+    if not f.exists():
+        raise CheckpointError(f"{tag_dir} holds no EMA weights (train.ema_decay was 0); use raw weights")
+    return load_file(str(f))

@@ -1,0 +1,124 @@
+"""Turn a training checkpoint (any ZeRO stage) into models: for sampling, and as a diffusers folder.
+
+`ldmscale-export CKPT OUT` writes a StableDiffusionPipeline folder (safetensors) that diffusers loads
+with `StableDiffusionPipeline.from_pretrained(OUT)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ldmscale.checkpoint import CheckpointError, is_complete, latest_tag, load_ema
+from ldmscale.config import Config, config_from_yaml_text
+from ldmscale.encoders import FrozenEncoders, load_text_encoder, load_tokenizer, load_vae
+from ldmscale.models import build_unet, vae_downsample_factor
+from ldmscale.objective import build_noise_scheduler
+
+
+def find_tag_dir(path: Path) -> Path:
+    """A checkpoint root (with `latest`), a run dir (with checkpoints/), or a tag folder -> the tag folder."""
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / "latest").exists():
+        tag = latest_tag(path)
+        assert tag is not None
+        path = path / tag
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint; give a run dir, its checkpoints/ or a step_* folder")
+    if not is_complete(path):
+        raise CheckpointError(
+            f"{path} is a partial checkpoint (no COMPLETE marker: its save was interrupted); use an earlier step"
+        )
+    return path
+
+
+def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of the trained module, consolidated from ZeRO shards by DeepSpeed's own utility."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(tag_dir.glob("*optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    # ZeRO stage 0 without a ZeRO optimizer: the whole module sits in the model-states file
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@dataclass
+class TrainedModel:
+    cfg: Config | None
+    unet: UNet2DConditionModel
+    encoders: FrozenEncoders
+    scheduler_config: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def load_trained(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> TrainedModel:
+    """From a checkpoint (EMA by default, or raw) or an exported diffusers folder."""
+    path = Path(path)
+    device = torch.device(device)
+    if (path / "model_index.json").exists():
+        from diffusers import DDPMScheduler
+
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        from ldmscale.config import ModelConfig
+
+        mcfg = ModelConfig(pretrained=str(path))
+        enc = FrozenEncoders.load(mcfg, device, dtype)
+        sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler").config
+        return TrainedModel(None, unet.to(device, dtype).eval(), enc, dict(sched), {})
+    tag_dir = find_tag_dir(path)
+    cfg = config_from_yaml_text((tag_dir / "config.yaml").read_text())
+    if cfg.train.stage != "diffusion":
+        raise CheckpointError(f"{tag_dir} is an autoencoder-stage checkpoint; its VAE is exported as {cfg.train.out_dir}/vae")
+    enc = FrozenEncoders.load(cfg.model, device, dtype)
+    f = vae_downsample_factor(enc.vae.config)
+    unet = build_unet(cfg.model.unet, enc.latent_channels, enc.text_dim, cfg.data.resolution // f)
+    state = load_ema(tag_dir) if weights == "ema" else raw_state_dict(tag_dir)
+    unet.load_state_dict(strip_prefix(state, "unet."), strict=True)
+    sched = dict(build_noise_scheduler(cfg.model).config)
+    extra = {k[len("style."):]: v for k, v in state.items() if k.startswith("style.")}
+    return TrainedModel(cfg, unet.to(device, dtype).eval(), enc, sched, extra)
+
+
+def export_pipeline(path: str | Path, out: str | Path, weights: str = "ema") -> Path:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    m = load_trained(path, weights)
+    pipe = StableDiffusionPipeline(
+        vae=m.encoders.vae, text_encoder=m.encoders.text_encoder, tokenizer=m.encoders.tokenizer, unet=m.unet,
+        scheduler=DDIMScheduler.from_config(m.scheduler_config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
+def export_vae(vae_dir_source: Any, out: Path) -> None:
+    vae_dir_source.save_pretrained(out, safe_serialization=True)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="ldmscale-export", description="Checkpoint -> diffusers pipeline folder")
+    p.add_argument("checkpoint", help="run dir, its checkpoints/ folder, or a step_* folder")
+    p.add_argument("out", help="output folder for StableDiffusionPipeline.from_pretrained")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    a = p.parse_args(argv)
+    try:
+        print(export_pipeline(a.checkpoint, a.out, a.weights))
+    except CheckpointError as e:
+        raise SystemExit(f"ldmscale-export: {e}") from None
+
+
+__all__ = ["load_trained", "export_pipeline", "raw_state_dict", "find_tag_dir", "load_text_encoder",
+           "load_tokenizer", "load_vae"]

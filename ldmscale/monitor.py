@@ -1,0 +1,136 @@
+"""Metrics: W&B on rank 0 (a no-op elsewhere or when disabled), a JSON-lines log, throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldmscale.config import Config, to_dict
+
+# dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, SXM parts)
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+
+def peak_tflops(configured: float) -> float:
+    if configured:
+        return configured
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+
+
+def training_flops_per_sample(unet: torch.nn.Module, latent_shape: tuple[int, ...], context_shape: tuple[int, ...],
+                              device: torch.device, dtype: torch.dtype) -> float:
+    """Forward FLOPs of the U-Net on one sample, counted by torch, times 3 (forward + backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros((1, *latent_shape), device=device, dtype=dtype)
+    ctx = torch.zeros((1, *context_shape), device=device, dtype=dtype)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, t, encoder_hidden_states=ctx)
+    return 3.0 * counter.get_total_flops()
+
+
+class Monitor:
+    """Rank 0 logs; other ranks get the same object and every call is a no-op, so callers never branch."""
+
+    def __init__(self, cfg: Config, out_dir: Path, is_main: bool) -> None:
+        self.is_main = is_main
+        self.out_dir = out_dir
+        self.run: Any = None
+        if not is_main:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out_dir / "log.jsonl", "a")
+        if cfg.wandb.mode != "disabled":
+            import wandb
+
+            id_file = out_dir / "wandb_run_id"
+            # the same run continues across preemptions and requeues
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.run = wandb.init(
+                project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=cfg.wandb.name or None,
+                tags=cfg.wandb.tags or None, id=run_id, resume="allow", mode=cfg.wandb.mode,
+                dir=str(out_dir), config=to_dict(cfg),
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.run is not None:
+            # explicit step: a resumed offline run would otherwise restart its step count at 0
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        if self.is_main and self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+
+    def event(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+            self.jsonl.write(json.dumps({"event": text, "time": time.time()}) + "\n")
+            self.jsonl.flush()
+
+    def finish(self) -> None:
+        if self.is_main:
+            self.jsonl.close()
+            if self.run is not None:
+                self.run.finish()
+
+
+class StepTimer:
+    """Splits wall time into waiting for data and everything else, between log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.samples = 0
+
+    def measure_wait(self) -> _Wait:
+        return _Wait(self)
+
+    def summary(self, world: int, flops_per_sample: float, peak: float) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        images_per_s = self.samples / elapsed
+        out = {
+            "images_per_s": images_per_s,
+            "images_per_s_per_device": images_per_s / world,
+            "data_wait_frac": self.data_wait / elapsed,
+        }
+        if peak and flops_per_sample:
+            out["mfu"] = images_per_s * flops_per_sample / (peak * 1e12 * world)
+        return out
+
+
+class _Wait:
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.data_wait += time.perf_counter() - self.t0
+
+
+def rank_keys_file(out_dir: Path, rank: int) -> Path:
+    return out_dir / "sample_keys" / f"rank{rank:05d}.jsonl"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false")

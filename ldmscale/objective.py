@@ -1,0 +1,66 @@
+"""The module DeepSpeed wraps: it owns the U-Net and the noise schedule, and forward returns the loss.
+
+Everything random arrives as arguments (drawn per sample in noise.py), so this module is a pure
+function of its inputs and weights: the property exact resume rests on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
+
+from ldmscale.config import ModelConfig
+
+
+def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    )
+
+
+class LatentDiffusion(torch.nn.Module):
+    def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, snr_gamma: float = 0.0) -> None:
+        super().__init__()
+        self.unet = unet
+        self.scheduler = scheduler
+        self.snr_gamma = snr_gamma
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Min-SNR-gamma (Hang et al. 2023): w = min(SNR, gamma) / SNR for eps, / (SNR + 1) for v."""
+        if self.snr_gamma <= 0:
+            return None
+        snr = compute_snr(self.scheduler, timesteps)
+        clipped = torch.clamp(snr, max=self.snr_gamma)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped / snr
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """latents [B,C,h,w] (scaled), context [B,L,D] cross-attention tokens, noise like latents,
+        timesteps [B] int64 -> (loss, parts)."""
+        dtype = next(self.unet.parameters()).dtype
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        pred = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype)).sample.float()
+        per_sample = F.mse_loss(pred, self.target(latents, noise, timesteps), reduction="none").mean(dim=(1, 2, 3))
+        weights = self.loss_weights(timesteps)
+        mse = per_sample.mean()
+        loss = (per_sample * weights).mean() if weights is not None else mse
+        return loss, {"mse": mse.detach()}

@@ -1,0 +1,183 @@
+"""Sampling with classifier-free guidance, and the `ldmscale-sample` CLI.
+
+Each image's starting noise is a function of (seed, image index), so an image does not change with
+the batch size or with how many other images are drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from ldmscale import noise
+from ldmscale.encoders import FrozenEncoders
+from ldmscale.models import vae_downsample_factor
+
+
+def make_scheduler(name: str, train_config: dict) -> object:
+    cfg = {k: v for k, v in train_config.items() if not k.startswith("_")}
+    if name == "ddim":
+        return DDIMScheduler.from_config(cfg, set_alpha_to_one=False, steps_offset=1)
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(cfg)
+    if name == "ddpm":
+        return DDPMScheduler.from_config(cfg)
+    raise ValueError(f"unknown sampler {name!r}; choose ddim, dpmsolver++, euler or ddpm")
+
+
+def warn_long_prompts(tokenizer: object, prompts: list[str]) -> None:
+    limit = tokenizer.model_max_length  # type: ignore[attr-defined]
+    for p in prompts:
+        n = len(tokenizer(p).input_ids)  # type: ignore[operator]
+        if n > limit:
+            warnings.warn(f"prompt truncated to {limit} tokens (it has {n}): {p[:60]!r}", stacklevel=2)
+
+
+@torch.no_grad()
+def generate(
+    unet: UNet2DConditionModel,
+    encoders: FrozenEncoders,
+    scheduler_config: dict,
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    sampler: str = "ddim",
+    resolution: int | None = None,
+    batch_size: int = 16,
+    first_index: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """One image per prompt -> float [N, 3, H, W] in [0, 1]."""
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    f = vae_downsample_factor(encoders.vae.config)
+    size = (resolution // f) if resolution else int(unet.config.sample_size)
+    shape = (int(unet.config.in_channels), size, size)
+    warn_long_prompts(encoders.tokenizer, prompts)
+    out = []
+    chunks = range(0, len(prompts), batch_size)
+    bar = tqdm(total=len(prompts) * steps, disable=not progress, desc="sampling", unit="step")
+    for start in chunks:
+        batch = prompts[start : start + batch_size]
+        n = len(batch)
+        sched = make_scheduler(sampler, scheduler_config)
+        sched.set_timesteps(steps, device=device)
+        ids = range(first_index + start, first_index + start + n)
+        latents = noise.randn(seed, ids, shape, noise.Stream.SAMPLING).to(device) * sched.init_noise_sigma
+        cond = encoders.embed_prompts(batch).to(device, dtype)
+        context = torch.cat([encoders.embed_prompts([""] * n).to(device, dtype), cond]) if guidance_scale != 1 else cond
+        for t in sched.timesteps:
+            x = torch.cat([latents] * 2) if guidance_scale != 1 else latents
+            x = sched.scale_model_input(x, t)
+            pred = unet(x.to(dtype), t, encoder_hidden_states=context).sample.float()
+            if guidance_scale != 1:
+                uncond, c = pred.chunk(2)
+                pred = uncond + guidance_scale * (c - uncond)
+            latents = sched.step(pred, t, latents).prev_sample
+            bar.update(n)
+        out.append((encoders.decode_latents(latents).cpu() + 1) / 2)
+    bar.close()
+    return torch.cat(out)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def labelled_grid(images: list[Image.Image], labels: list[str], cols: int, min_cell: int = 96) -> Image.Image:
+    """Rows of `cols` images; each row's label (the prompt) on its left. Small images are upscaled."""
+    w, h = images[0].size
+    scale = max(1, -(-min_cell // max(w, h)))
+    cw, ch = w * scale, h * scale
+    rows = -(-len(images) // cols)
+    label_w = max(120, 7 * max(len(lb) for lb in labels) + 10)
+    grid = Image.new("RGB", (label_w + cols * (cw + 2), rows * (ch + 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(img.resize((cw, ch), Image.Resampling.NEAREST), (label_w + c * (cw + 2), r * (ch + 2)))
+        if c == 0:
+            draw.text((4, r * (ch + 2) + ch // 2 - 6), labels[i], fill="black")
+    return grid
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
+
+
+def write_samples(images: list[Image.Image], prompts: list[str], out: Path, cols: int, meta: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (img, p) in enumerate(zip(images, prompts)):
+        name = f"{i:04d}_{slug(p)}.png"
+        img.save(out / name)
+        records.append({"file": name, "prompt": p, "index": i, **meta})
+    (out / "samples.json").write_text(json.dumps(records, indent=1))
+    grid = labelled_grid(images, prompts, cols)
+    grid.save(out / "grid.png")
+    return out / "grid.png"
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise SystemExit("ldmscale-sample: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def cli(argv: list[str] | None = None) -> None:
+    from ldmscale.checkpoint import CheckpointError
+    from ldmscale.export import load_trained
+
+    p = argparse.ArgumentParser(prog="ldmscale-sample", description="Images from a checkpoint or diffusers folder")
+    p.add_argument("checkpoint", help="run dir, checkpoints/ folder, step_* folder, or exported diffusers folder")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    p.add_argument("--prompts-file", help="a text file, one prompt per line")
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmsolver++", "euler", "ddpm"])
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="samples")
+    a = p.parse_args(argv)
+    prompts = read_prompts(a)
+    try:
+        m = load_trained(a.checkpoint, a.weights, a.device)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"ldmscale-sample: {e}") from None
+    all_prompts = [q for q in prompts for _ in range(a.num_images)]
+    res = m.cfg.data.resolution if m.cfg else None
+    images = generate(
+        m.unet, m.encoders, m.scheduler_config, all_prompts, seed=a.seed, steps=a.steps,
+        guidance_scale=a.guidance_scale, sampler=a.sampler, resolution=res, batch_size=a.batch_size,
+        progress=sys.stderr.isatty() or True,
+    )
+    meta = {"seed": a.seed, "steps": a.steps, "guidance_scale": a.guidance_scale, "sampler": a.sampler}
+    grid = write_samples(to_pil(images), all_prompts, Path(a.out), a.num_images, meta)
+    print(f"wrote {len(all_prompts)} images and {grid}")

@@ -1,0 +1,325 @@
+"""`ldmscale-train`: the training loop, readable top to bottom.
+
+setup (process group, frozen encoders, the DeepSpeed engine, EMA, resume, data) -> loop of
+[micro-batches -> backward -> step -> EMA -> log -> sample -> checkpoint / preemption] -> final save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+
+from ldmscale import dist, noise, preemption
+from ldmscale.checkpoint import Checkpointer, load_ema, resolve_resume
+from ldmscale.config import Config, ConfigError, dump_config, load_config, validate
+from ldmscale.data import DataPosition, ResumableLoader, count_samples
+from ldmscale.ds_config import accumulation_steps, build_ds_config, precision_dtype
+from ldmscale.ema import EMA, gathered
+from ldmscale.monitor import Monitor, StepTimer, peak_tflops, rank_keys_file, training_flops_per_sample
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "preempted"
+    step: int
+    out_dir: Path
+
+
+def absolutize_model_paths(cfg: Config) -> None:
+    """Saved configs must find the encoders again from another working directory (sampling, export)."""
+    m = cfg.model
+    for key in ("pretrained", "vae", "text_encoder", "tokenizer", "unet"):
+        ref = getattr(m, key)
+        if ref and Path(ref).exists():
+            setattr(m, key, str(Path(ref).resolve()))
+    cfg.data.shards = [str(Path(s).resolve()) if Path(s).exists() else s for s in cfg.data.shards]
+
+
+class Task:
+    """What differs between the stages: the module DeepSpeed trains and how a micro-batch becomes a loss."""
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype) -> None:
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.encoders = None
+        self.tokenizer = None
+        if cfg.train.stage == "diffusion":
+            from ldmscale.encoders import FrozenEncoders
+            from ldmscale.models import build_unet, vae_downsample_factor
+            from ldmscale.objective import LatentDiffusion, build_noise_scheduler
+
+            self.encoders = FrozenEncoders.load(cfg.model, device, dtype)
+            self.tokenizer = self.encoders.tokenizer
+            size = cfg.data.resolution // vae_downsample_factor(self.encoders.vae.config)
+            self.latent_shape = (self.encoders.latent_channels, size, size)
+            unet = build_unet(cfg.model.unet, self.encoders.latent_channels, self.encoders.text_dim, size)
+            self.module: torch.nn.Module = LatentDiffusion(unet, build_noise_scheduler(cfg.model), cfg.model.snr_gamma)
+            self.empty_ids = self._tokenize([""])
+            self.trained = unet
+        else:
+            from ldmscale.autoencoder import AutoencoderObjective
+            from ldmscale.encoders import load_vae
+            from ldmscale.models import build_vae, vae_downsample_factor
+
+            vae = load_vae(cfg.model) if cfg.model.vae else build_vae(cfg.model.vae_preset, cfg.data.resolution)
+            size = cfg.data.resolution // vae_downsample_factor(vae.config)
+            self.latent_shape = (int(vae.config.latent_channels), size, size)
+            self.module = AutoencoderObjective(vae, cfg.autoencoder)
+            self.trained = vae
+        if cfg.model.gradient_checkpointing:
+            self.trained.enable_gradient_checkpointing()
+        if cfg.model.attention == "default":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            self.trained.set_attn_processor(AttnProcessor())
+
+    def _tokenize(self, captions: list[str]) -> torch.Tensor:
+        from ldmscale.encoders import tokenize
+
+        return tokenize(self.tokenizer, captions)
+
+    def flops_per_sample(self) -> float:
+        if self.encoders is None:
+            return 0.0
+        ctx = (self.tokenizer.model_max_length, self.encoders.text_dim)
+        return training_flops_per_sample(self.trained, self.latent_shape, ctx, self.device, torch.float32)
+
+    def loss(self, engine: Any, batch: dict[str, Any], ids: list[int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        seed = self.cfg.train.seed
+        pixels = batch["pixels"].to(self.device, non_blocking=True)
+        post = noise.randn(seed, ids, self.latent_shape, noise.Stream.POSTERIOR)
+        if self.encoders is None:
+            return engine(pixels, post.to(self.device))
+        latents = self.encoders.encode_images(pixels, post)
+        input_ids = batch["input_ids"].clone()
+        drop = noise.rand(seed, ids, noise.Stream.CAPTION_DROP) < self.cfg.data.caption_dropout
+        input_ids[drop] = self.empty_ids
+        context = self.encoders.encode_text(input_ids)
+        timesteps = noise.randint(seed, ids, self.cfg.model.num_train_timesteps, noise.Stream.TIMESTEP)
+        eps = noise.randn(seed, ids, self.latent_shape, noise.Stream.NOISE)
+        if self.cfg.model.noise_offset:
+            c = self.latent_shape[0]
+            eps = eps + self.cfg.model.noise_offset * noise.randn(seed, ids, (c, 1, 1), noise.Stream.NOISE_OFFSET)
+        return engine(latents, context, eps.to(self.device), timesteps.to(self.device))
+
+
+def main(cfg: Config, resume: str = "auto") -> TrainResult:
+    info = dist.init_distributed()
+    validate(cfg, world_size=info.world_size, device_type=info.device.type)
+    absolutize_model_paths(cfg)
+    out = Path(cfg.train.out_dir)
+    ck = Checkpointer(out / "checkpoints", cfg.train.keep_last)
+    config_yaml = dump_config(cfg)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    dtype = precision_dtype(cfg)
+    task = Task(cfg, info.device, dtype)
+    flops = task.flops_per_sample()
+    trainable = [(n, p) for n, p in task.module.named_parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=task.module, model_parameters=[p for _, p in trainable], config=build_ds_config(cfg, info.world_size)
+    )
+    ema = EMA(trainable, cfg.train.ema_decay, keep=info.is_main) if cfg.train.ema_decay > 0 else None
+    state: dict[str, Any] = {"step": 0, "samples_seen": 0, "data": None}
+    tag_dir = resolve_resume(ck.root, resume)
+    if tag_dir is not None:
+        state = ck.load(engine, tag_dir)
+        if ema is not None:
+            ema.load_state_dict(load_ema(tag_dir) if info.is_main else {})
+    monitor = Monitor(cfg, out, info.is_main)
+    if tag_dir is not None:
+        monitor.event(f"resumed from {tag_dir} at step {state['step']}")
+    loader = ResumableLoader(
+        cfg.data, task.tokenizer, seed=cfg.train.seed, rank=info.rank, world=info.world_size,
+        micro_batch=cfg.train.micro_batch_size, samples_per_epoch=count_samples(cfg.data),
+        position=DataPosition.from_dict(state["data"]) if state.get("data") else None,
+    )
+    gas = accumulation_steps(cfg, info.world_size)
+    keys_log = None
+    if cfg.train.log_sample_keys:
+        rank_keys_file(out, info.rank).parent.mkdir(parents=True, exist_ok=True)
+        keys_log = open(rank_keys_file(out, info.rank), "a")
+    dist.print0(
+        f"ldmscale: stage={cfg.train.stage} ranks={info.world_size} device={info.device.type} "
+        f"params={sum(p.numel() for _, p in trainable) / 1e6:.2f}M zero={cfg.deepspeed.zero_stage} "
+        f"precision={cfg.deepspeed.precision} global_batch={cfg.train.global_batch_size} "
+        f"micro={cfg.train.micro_batch_size} accum={gas} batches/epoch/rank={loader.batches_per_epoch} "
+        f"start_step={state['step']} max_steps={cfg.train.max_steps}"
+    )
+    preemption.install()
+    timer = StepTimer()
+    peak = peak_tflops(cfg.train.peak_tflops)
+    step = state["step"]
+    saved_step = step if tag_dir is not None else -1
+
+    def save() -> None:
+        nonlocal saved_step
+        if saved_step == step:
+            return
+        st = {"step": step, "samples_seen": state["samples_seen"], "data": loader.state_dict(),
+              "world_size": info.world_size, "time": time.time()}
+        ck.save(engine, step, st, ema.state_dict() if ema is not None and info.is_main else None, config_yaml)
+        saved_step = step
+        monitor.event(f"saved checkpoint step {step}")
+
+    status = "finished"
+    while step < cfg.train.max_steps:
+        losses: list[torch.Tensor] = []
+        parts: dict[str, float] = {}
+        step_keys: list[str] = []
+        for micro in range(gas):
+            with timer.measure_wait():
+                batch = next(loader)
+            first = step * cfg.train.global_batch_size + (micro * info.world_size + info.rank) * cfg.train.micro_batch_size
+            ids = list(range(first, first + len(batch["keys"])))
+            loss, p = task.loss(engine, batch, ids)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            for k, v in p.items():
+                parts[k] = parts.get(k, 0.0) + float(v) / gas
+            step_keys += batch["keys"]
+        step += 1
+        state["samples_seen"] += cfg.train.global_batch_size
+        timer.samples += cfg.train.global_batch_size
+        if ema is not None and step > cfg.train.ema_start_step:
+            ema.update()
+        mean_loss = torch.stack(losses).mean().to(info.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(mean_loss)
+        mean_loss = mean_loss.item() / info.world_size
+        if keys_log is not None:
+            keys_log.write(json.dumps({"step": step, "keys": step_keys}) + "\n")
+            keys_log.flush()
+        grad_norm = engine.get_global_grad_norm()
+        metrics: dict[str, Any] = {"loss": mean_loss, "lr": engine.get_lr()[0], "samples_seen": state["samples_seen"],
+                                   "epoch": loader.position.epoch, **parts}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            metrics.update(timer.summary(info.world_size, flops, peak))
+            dropped = loader.dropped_counts()
+            metrics.update({f"data/dropped_{k}": v for k, v in dropped.items()})
+            dist.print0(
+                f"step {step}/{cfg.train.max_steps} | loss {mean_loss:.4f} | lr {metrics['lr']:.2e}"
+                + (f" | gnorm {metrics['grad_norm']:.3f}" if "grad_norm" in metrics else "")
+                + f" | {metrics['images_per_s']:.1f} img/s | data wait {100 * metrics['data_wait_frac']:.0f}%"
+                + (f" | MFU {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "")
+            )
+            timer.reset()
+        monitor.log(metrics, step)
+        if cfg.train.sample_every and step % cfg.train.sample_every == 0 and task.encoders is not None:
+            sample_grid(cfg, task, engine, ema, monitor, out, step)
+        if dist.any_rank(preemption.requested(), info.device):
+            save()
+            status = "preempted"
+            monitor.event(f"PREEMPTED step={step} (signals: {preemption.received() or 'requested'})")
+            break
+        if step % cfg.train.ckpt_every == 0:
+            save()
+    if status == "finished":
+        save()
+        sampled_already = cfg.train.sample_every and step % cfg.train.sample_every == 0
+        if task.encoders is not None and not sampled_already:
+            sample_grid(cfg, task, engine, ema, monitor, out, step)
+        if task.encoders is None:
+            finish_autoencoder(cfg, task, engine, ema, loader, out, info.is_main)
+        monitor.event(f"FINISHED step={step}")
+    if keys_log is not None:
+        keys_log.close()
+    monitor.finish()
+    dist.barrier()
+    return TrainResult(status=status, step=step, out_dir=out)
+
+
+def trained_weights(task: Task, engine: Any, ema: EMA | None) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the trained network on rank 0 (EMA if kept). Collective under ZeRO-3."""
+    prefix = "unet." if task.encoders is not None else "vae."
+    if ema is not None:
+        return {k[len(prefix):]: v for k, v in ema.state_dict().items()}
+    params = list(engine.module.parameters())
+    with gathered(params):
+        if dist.rank() != 0:
+            return {}
+        full = {n[len(prefix):]: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters()}
+    # buffers are not partitioned and not trained; take them from the module as they are
+    return {**{n[len(prefix):]: b for n, b in engine.module.named_buffers()}, **full}
+
+
+def sample_grid(cfg: Config, task: Task, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+    """Rank 0 draws the configured prompts with the EMA weights; the others wait (a short, timed job)."""
+    from ldmscale.sample import generate, to_pil, write_samples
+
+    weights = trained_weights(task, engine, ema)
+    if dist.rank() == 0:
+        t0 = time.perf_counter()
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_config(task.trained.config).to(task.device)
+        unet.load_state_dict(weights, strict=True)
+        unet.eval()
+        s = cfg.sample
+        prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]
+        images = generate(unet, task.encoders, dict(task.module.scheduler.config), prompts, seed=cfg.train.seed,
+                          steps=s.num_steps, guidance_scale=s.guidance_scale, sampler=s.sampler)
+        grid = write_samples(to_pil(images), prompts, out / "samples" / f"step_{step:08d}", s.images_per_prompt,
+                             {"step": step})
+        monitor.log_image("samples", grid, step, caption=f"step {step}")
+        monitor.event(f"sample grid {grid} ({time.perf_counter() - t0:.1f}s)")
+    dist.barrier()
+
+
+def finish_autoencoder(cfg: Config, task: Task, engine: Any, ema: EMA | None, loader: ResumableLoader,
+                       out: Path, is_main: bool) -> None:
+    """Export the trained VAE as a diffusers folder with its measured latent scaling factor."""
+    from ldmscale.autoencoder import measure_scaling_factor, save_vae
+    from ldmscale.models import build_vae
+
+    weights = trained_weights(task, engine, ema)
+    if is_main:
+        vae = build_vae(cfg.model.vae_preset, cfg.data.resolution) if not cfg.model.vae else task.trained
+        vae = type(task.trained).from_config(task.trained.config)
+        vae.load_state_dict(weights, strict=True)
+        vae.eval()
+        probe = ResumableLoader(cfg.data, None, seed=cfg.train.seed + 1, rank=0, world=1,
+                                micro_batch=cfg.train.micro_batch_size, samples_per_epoch=count_samples(cfg.data))
+        factor = measure_scaling_factor(vae, (next(probe)["pixels"] for _ in range(10**9)),
+                                        cfg.autoencoder.scaling_samples)
+        save_vae(vae, weights, factor, out / "vae")
+        print(f"autoencoder: exported {out / 'vae'} with scaling_factor={factor:.4f}", flush=True)
+    dist.barrier()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ldmscale-train", description="Train a latent diffusion model or its autoencoder")
+    p.add_argument("--config", help="YAML file (configs/*.yaml)")
+    p.add_argument("--resume", default="auto", help="auto (latest if any) | never | a checkpoint folder")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+    return p.parse_args(argv)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        # before any process group: every rank prints it, nobody hangs
+        print(f"ldmscale-train: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main(cfg, args.resume)  # prints FINISHED step=N or PREEMPTED step=N
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli()
