@@ -216,12 +216,14 @@ class ResumingReader(io.RawIOBase):
     def _ensure_open(self) -> None:
         if self._file is not None:
             return
-        info = self._fs.info(self._path)
-        ident = _identity(info)
+        f = self._fs.open(self._path, "rb", block_size=self._block_size, cache_type="readahead")
+        # fsspec's buffered files already did a HEAD/stat for the size; reuse it rather than ask again.
+        details = getattr(f, "details", None)
+        ident = _identity(details if isinstance(details, dict) else self._fs.info(self._path))
         if self._ident is not None and ident != self._ident:
+            f.close()
             raise StorageError(f"{scrub(self.url)} changed while being read; cannot resume at {self._pos}")
         self._ident = ident
-        f = self._fs.open(self._path, "rb", block_size=self._block_size, cache_type="readahead")
         if self._pos:
             f.seek(self._pos)
         self._file = f
@@ -264,6 +266,10 @@ class ResumingReader(io.RawIOBase):
                 chunks.append(chunk)
             return b"".join(chunks)
         return self._with_retry(lambda: self._read_once(size))
+
+    def readall(self) -> bytes:
+        # RawIOBase.readall would loop in 8 KiB steps; whole blocks are much cheaper.
+        return self.read(-1)
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))

@@ -13,10 +13,19 @@ RGW_NAME=client.rgw.ldmscale
 
 log() { echo "[s3_local] $*" >&2; }
 
+# running PID: the process exists, is not a zombie (PID 1 here may reap slowly) and is one of ours,
+# i.e. was started with this state dir's ceph.conf (guards against a recycled pid).
+running() {
+    local pid=$1
+    [[ -r /proc/$pid/stat && -r /proc/$pid/cmdline ]] || return 1
+    [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$CONF"
+}
+
 # pid_alive NAME: true if the daemon we started under NAME still runs.
 pid_alive() {
     local f=$PIDS/$1
-    [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null
+    [[ -f $f ]] && running "$(cat "$f")"
 }
 
 # launch NAME CMD...: run a daemon in the foreground of its own session (so a Ctrl-C aimed at
@@ -33,12 +42,14 @@ stop_daemon() {
     local name=$1 sig=${2:-TERM} pid i
     [[ -f $PIDS/$name ]] || return 0
     pid=$(cat "$PIDS/$name")
-    kill -s "$sig" "$pid" 2>/dev/null || true
-    for i in $(seq 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    if running "$pid"; then
+        kill -s "$sig" "$pid" 2>/dev/null || true
+        for i in $(seq 100); do
+            running "$pid" || break
+            sleep 0.1
+        done
+        running "$pid" && kill -KILL "$pid" 2>/dev/null
+    fi
     rm -f "$PIDS/$name"
 }
 

@@ -59,13 +59,13 @@ FSID=$(uuidgen)
 sed -e "s|@STATE@|$STATE|g" -e "s|@FSID@|$FSID|g" -e "s|@PORT@|$S3_PORT|g" -e "s|@MON_PORT@|$MON_PORT|g" \
     "$HERE/ceph.conf.in" >"$CONF"
 
-log "mon"
+log "mon ($((SECONDS - t0)) s)"
 monmaptool --create --fsid "$FSID" --addv a "[v2:127.0.0.1:$MON_PORT]" "$STATE/monmap" >/dev/null
 ceph-authtool --create-keyring "$STATE/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
 ceph-mon -c "$CONF" --mkfs -i a --monmap "$STATE/monmap" --keyring "$STATE/keyring" 2>>"$STATE/log/mkfs.out"
 launch mon ceph-mon -c "$CONF" -i a
 
-log "osd"
+log "osd ($((SECONDS - t0)) s)"
 OSD_UUID=$(uuidgen)
 OSD_ID=$(ceph -c "$CONF" --connect-timeout 30 osd new "$OSD_UUID")
 mkdir -p "$STATE/osd/ceph-$OSD_ID"
@@ -73,9 +73,10 @@ ceph-osd -c "$CONF" -i "$OSD_ID" --mkfs --osd-uuid "$OSD_UUID" >>"$STATE/log/mkf
 launch osd ceph-osd -c "$CONF" -i "$OSD_ID"
 wait_for 60 osd_up || { log "osd did not come up; see $STATE/log"; exit 1; }
 
-log "radosgw on $S3_ENDPOINT"
+log "radosgw on $S3_ENDPOINT ($((SECONDS - t0)) s)"
 start_rgw
 wait_for 120 rgw_answers || { log "radosgw did not answer; see $STATE/log"; exit 1; }
+log "S3 user ($((SECONDS - t0)) s)"
 radosgw-admin -c "$CONF" user create --uid ldmscale --display-name ldmscale \
     --access-key "$S3_ACCESS" --secret-key "$S3_SECRET" >/dev/null 2>>"$STATE/log/admin.out"
 wait_for 60 s3_bucket_op_works || { log "S3 bucket op failed; see $STATE/log"; exit 1; }
