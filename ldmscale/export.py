@@ -122,3 +122,7 @@ def cli(argv: list[str] | None = None) -> None:
 
 __all__ = ["load_trained", "export_pipeline", "raw_state_dict", "find_tag_dir", "load_text_encoder",
            "load_tokenizer", "load_vae"]
+
+
+if __name__ == "__main__":
+    cli()

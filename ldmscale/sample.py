@@ -181,3 +181,7 @@ def cli(argv: list[str] | None = None) -> None:
     meta = {"seed": a.seed, "steps": a.steps, "guidance_scale": a.guidance_scale, "sampler": a.sampler}
     grid = write_samples(to_pil(images), all_prompts, Path(a.out), a.num_images, meta)
     print(f"wrote {len(all_prompts)} images and {grid}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -304,6 +304,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ldmscale-train", description="Train a latent diffusion model or its autoencoder")
     p.add_argument("--config", help="YAML file (configs/*.yaml)")
     p.add_argument("--resume", default="auto", help="auto (latest if any) | never | a checkpoint folder")
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
     return p.parse_args(argv)
 

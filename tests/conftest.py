@@ -1,0 +1,55 @@
+"""Shared fixtures: real digit shards and offline model folders, written once per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub call fails fast instead of hanging
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+pytest_plugins = [p for p in ("tests.s3_fixtures", "tests.slurm_fixtures") if (REPO / (p.replace(".", "/") + ".py")).exists()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits/train, digits/heldout (LAION layout) and models/{vae,text_encoder,tokenizer} (random init)."""
+    root = tmp_path_factory.mktemp("assets")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, str(REPO / "tools/make_digit_shards.py"), "--out", str(root / "digits"),
+                    "--samples-per-shard", "200"], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, str(REPO / "tools/make_offline_models.py"), "--shards",
+                    str(root / "digits/train/*.tar"), "--out", str(root / "models")],
+                   check=True, env=env, capture_output=True)
+    return root
+
+
+def tiny_overrides(assets: Path, out_dir: Path, **extra: object) -> list[str]:
+    """Overrides that point configs/tiny.yaml at the session's assets."""
+    items = {
+        "train.out_dir": str(out_dir),
+        "data.shards": f"[{assets / 'digits/train'}]",
+        "model.vae": str(assets / "models/vae"),
+        "model.text_encoder": str(assets / "models/text_encoder"),
+        "model.tokenizer": str(assets / "models/tokenizer"),
+    }
+    items.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def train_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
