@@ -129,6 +129,10 @@ class Checkpointer:
 
     def load(self, engine: Any, tag_dir: Path, load_optimizer: bool = True) -> dict[str, Any]:
         """Collective. Restores engine (weights, optimizer, LR schedule) and returns the trainer state."""
+        if not any(tag_dir.glob("*model_states.pt")) or not (tag_dir / "trainer_state.json").exists():
+            # DeepSpeed would fail with a bare AssertionError here
+            raise CheckpointError(f"{tag_dir} lacks DeepSpeed's model states or trainer_state.json; it is not a "
+                                  f"checkpoint this trainer wrote (or its files were deleted)")
         path, _ = engine.load_checkpoint(
             str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=load_optimizer,
             load_lr_scheduler_states=load_optimizer,

@@ -1,0 +1,91 @@
+"""Checkpoint atomicity with a real (single-process) DeepSpeed engine: `latest` never names a partial save."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+
+from ldmscale import dist
+from ldmscale.checkpoint import CheckpointError, Checkpointer, latest_tag, resolve_resume, tag_for
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[object]:
+    saved = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(var, None)
+    dist.init_distributed()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    ds = {"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}},
+          "zero_optimization": {"stage": 2}}
+    eng, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+    yield eng
+    dist.cleanup()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _train_step(eng: object) -> None:
+    loss = eng(torch.ones(2, 8)).pow(2).mean()  # type: ignore[operator]
+    eng.backward(loss)  # type: ignore[attr-defined]
+    eng.step()  # type: ignore[attr-defined]
+
+
+def _weights(eng: object) -> torch.Tensor:
+    return eng.module.weight.detach().clone()  # type: ignore[attr-defined]
+
+
+def test_interrupted_save_leaves_previous_checkpoint_latest(engine: object, tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path, keep_last=5)
+    _train_step(engine)
+    ck.save(engine, 1, {"step": 1}, None, "cfg: 1\n")
+    _train_step(engine)
+    ck.save(engine, 2, {"step": 2}, None, "cfg: 2\n")
+    at_step_2 = _weights(engine)
+    _train_step(engine)
+    # a kill after DeepSpeed wrote step 3's shards but before the save completed
+    engine.save_checkpoint(str(tmp_path), tag=tag_for(3), save_latest=False)  # type: ignore[attr-defined]
+    assert latest_tag(tmp_path) == "step_00000002"
+    assert resolve_resume(tmp_path, "auto") == tmp_path / "step_00000002"
+    with pytest.raises(CheckpointError, match="interrupted"):
+        resolve_resume(tmp_path, str(tmp_path / "step_00000003"))
+    state = ck.load(engine, tmp_path / "step_00000002")
+    assert state == {"step": 2} and torch.equal(_weights(engine), at_step_2)
+    # the next complete save takes `latest` and removes the older partial folder
+    _train_step(engine)
+    ck.save(engine, 4, {"step": 4}, None, "cfg: 4\n")
+    assert latest_tag(tmp_path) == "step_00000004"
+    assert not (tmp_path / "step_00000003").exists()
+    assert (tmp_path / "step_00000004" / "config.yaml").read_text() == "cfg: 4\n"
+
+
+def test_keep_last_prunes_old_complete_checkpoints(engine: object, tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path, keep_last=2)
+    for step in range(1, 5):
+        _train_step(engine)
+        ck.save(engine, step, {"step": step}, {"w": torch.zeros(1)}, "")
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000004"]
+    assert (tmp_path / "step_00000004" / "ema.safetensors").exists()
+
+
+def test_latest_naming_incomplete_save_is_an_error(engine: object, tmp_path: Path) -> None:
+    (tmp_path / "step_00000007").mkdir()
+    (tmp_path / "latest").write_text("step_00000007")
+    with pytest.raises(CheckpointError, match="did not finish"):
+        resolve_resume(tmp_path, "auto")
+    assert resolve_resume(tmp_path / "fresh", "auto") is None
+    assert resolve_resume(tmp_path, "never") is None
+
+
+def test_deepspeed_load_failure_is_not_silent(engine: object, tmp_path: Path) -> None:
+    bad = tmp_path / "step_00000001"
+    bad.mkdir()
+    (bad / "COMPLETE").write_text("")
+    with pytest.raises(CheckpointError, match="lacks DeepSpeed's model states"):
+        Checkpointer(tmp_path, 2).load(engine, bad)
