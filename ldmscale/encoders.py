@@ -7,7 +7,6 @@ its own copy in the step's dtype and calls them under no_grad.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
@@ -98,6 +97,3 @@ class FrozenEncoders:
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.encode_text(tokenize(self.tokenizer, prompts))
 
-
-def model_folder_exists(ref: str) -> bool:
-    return Path(ref).exists()

@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 
 from ldmscale.checkpoint import CheckpointError, is_complete, latest_tag, load_ema
 from ldmscale.config import Config, config_from_yaml_text
-from ldmscale.encoders import FrozenEncoders, load_text_encoder, load_tokenizer, load_vae
+from ldmscale.encoders import FrozenEncoders
 from ldmscale.models import build_unet, vae_downsample_factor
 from ldmscale.objective import build_noise_scheduler
 
@@ -80,7 +80,9 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
     tag_dir = find_tag_dir(path)
     cfg = config_from_yaml_text((tag_dir / "config.yaml").read_text())
     if cfg.train.stage != "diffusion":
-        raise CheckpointError(f"{tag_dir} is an autoencoder-stage checkpoint; its VAE is exported as {cfg.train.out_dir}/vae")
+        raise CheckpointError(
+            f"{tag_dir} is an autoencoder-stage checkpoint; its VAE is exported as {cfg.train.out_dir}/vae"
+        )
     enc = FrozenEncoders.load(cfg.model, device, dtype)
     f = vae_downsample_factor(enc.vae.config)
     unet = build_unet(cfg.model.unet, enc.latent_channels, enc.text_dim, cfg.data.resolution // f)
@@ -104,10 +106,6 @@ def export_pipeline(path: str | Path, out: str | Path, weights: str = "ema") -> 
     return Path(out)
 
 
-def export_vae(vae_dir_source: Any, out: Path) -> None:
-    vae_dir_source.save_pretrained(out, safe_serialization=True)
-
-
 def cli(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="ldmscale-export", description="Checkpoint -> diffusers pipeline folder")
     p.add_argument("checkpoint", help="run dir, its checkpoints/ folder, or a step_* folder")
@@ -118,10 +116,6 @@ def cli(argv: list[str] | None = None) -> None:
         print(export_pipeline(a.checkpoint, a.out, a.weights))
     except CheckpointError as e:
         raise SystemExit(f"ldmscale-export: {e}") from None
-
-
-__all__ = ["load_trained", "export_pipeline", "raw_state_dict", "find_tag_dir", "load_text_encoder",
-           "load_tokenizer", "load_vae"]
 
 
 if __name__ == "__main__":

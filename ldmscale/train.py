@@ -180,7 +180,9 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         for micro in range(gas):
             with timer.measure_wait():
                 batch = next(loader)
-            first = step * cfg.train.global_batch_size + (micro * info.world_size + info.rank) * cfg.train.micro_batch_size
+            # global sample index: the same sample gets the same noise whatever the world size or accumulation
+            slot = (micro * info.world_size + info.rank) * cfg.train.micro_batch_size
+            first = step * cfg.train.global_batch_size + slot
             ids = list(range(first, first + len(batch["keys"])))
             loss, p = task.loss(engine, batch, ids)
             engine.backward(loss)
@@ -283,11 +285,9 @@ def finish_autoencoder(cfg: Config, task: Task, engine: Any, ema: EMA | None, lo
                        out: Path, is_main: bool) -> None:
     """Export the trained VAE as a diffusers folder with its measured latent scaling factor."""
     from ldmscale.autoencoder import measure_scaling_factor, save_vae
-    from ldmscale.models import build_vae
 
     weights = trained_weights(task, engine, ema)
     if is_main:
-        vae = build_vae(cfg.model.vae_preset, cfg.data.resolution) if not cfg.model.vae else task.trained
         vae = type(task.trained).from_config(task.trained.config)
         vae.load_state_dict(weights, strict=True)
         vae.eval()

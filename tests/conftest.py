@@ -16,7 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
-pytest_plugins = [p for p in ("tests.s3_fixtures", "tests.slurm_fixtures") if (REPO / (p.replace(".", "/") + ".py")).exists()]
+pytest_plugins = [
+    p for p in ("tests.s3_fixtures", "tests.slurm_fixtures") if (REPO / (p.replace(".", "/") + ".py")).exists()
+]
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldmscale import dist
-from ldmscale.checkpoint import CheckpointError, Checkpointer, latest_tag, resolve_resume, tag_for
+from ldmscale.checkpoint import Checkpointer, CheckpointError, latest_tag, resolve_resume, tag_for
 
 
 @pytest.fixture(scope="module")
