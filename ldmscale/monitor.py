@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ class Monitor:
 
             id_file = out_dir / "wandb_run_id"
             # the same run continues across preemptions and requeues
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             self.run = wandb.init(
                 project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=cfg.wandb.name or None,
