@@ -13,6 +13,18 @@ RGW_NAME=client.rgw.ldmscale
 
 log() { echo "[s3_local] $*" >&2; }
 
+# lock_tools: serialize start/stop/restart between concurrent test sessions. The lock is held on this
+# directory's fd (released when the script exits), so no lock file is left behind.
+lock_tools() {
+    [[ -n ${LDMSCALE_S3_LOCKED:-} ]] && return 0  # called from a script that holds it (start -> stop)
+    exec 9<"$HERE"
+    flock -w 600 9 || { log "timed out waiting for another s3_local script"; exit 1; }
+    export LDMSCALE_S3_LOCKED=1
+}
+
+# port_in_use PORT: something already accepts connections on 127.0.0.1:PORT.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 # running PID: the process exists, is not a zombie (PID 1 here may reap slowly) and is one of ours,
 # i.e. was started with this state dir's ceph.conf (guards against a recycled pid).
 running() {
@@ -33,7 +45,8 @@ pid_alive() {
 launch() {
     local name=$1
     shift
-    setsid "$@" -f </dev/null >>"$STATE/log/$name.out" 2>&1 &
+    # 9<&-: the daemon must not inherit the lock_tools fd, or the lock would live as long as the daemon.
+    setsid "$@" -f </dev/null >>"$STATE/log/$name.out" 2>&1 9<&- &
     echo $! >"$PIDS/$name"
 }
 

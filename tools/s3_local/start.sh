@@ -7,6 +7,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
+lock_tools
 
 install_packages() {
     local need=()
@@ -24,12 +25,20 @@ install_packages() {
     [[ -e $prc ]] && { had_prc=1; cp -a "$prc" "$prc.ldmscale-bak"; }
     printf '#!/bin/sh\nexit 101\n' >"$prc"
     chmod +x "$prc"
-    local rc=0
-    if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then apt-get update -qq || rc=$?; fi
+    local rc=0 aptlog
+    aptlog=$(mktemp)
+    if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then apt-get update -q >"$aptlog" 2>&1 || rc=$?; fi
     ((rc)) || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" \
-        >&2 || rc=$?
+        >>"$aptlog" 2>&1 || rc=$?
     if ((had_prc)); then mv -f "$prc.ldmscale-bak" "$prc"; else rm -f "$prc"; fi
-    ((rc == 0)) || { log "apt-get failed ($rc)"; exit "$rc"; }
+    if ((rc)); then
+        tail -n 30 "$aptlog" >&2
+        rm -f "$aptlog"
+        log "apt-get failed ($rc)"
+        exit "$rc"
+    fi
+    log "installed $(grep -c '^Setting up' "$aptlog") packages in $((SECONDS - t0)) s"
+    rm -f "$aptlog"
 }
 
 print_env() {
@@ -50,9 +59,24 @@ if pid_alive mon && pid_alive osd && pid_alive rgw && s3_bucket_op_works; then
     print_env
     exit 0
 fi
-# A half-dead or stale cluster is not worth repairing: memstore data is gone anyway.
+# Only radosgw gone (e.g. a fault test died mid-restart): the objects are still in the OSD, keep them.
+if pid_alive mon && pid_alive osd && ! pid_alive rgw; then
+    log "restarting radosgw only"
+    start_rgw
+    if wait_for 60 s3_bucket_op_works; then
+        print_env
+        exit 0
+    fi
+fi
+# Otherwise a half-dead or stale cluster is not worth repairing: memstore data is gone with the OSD.
 [[ -e $STATE ]] && "$HERE/stop.sh"
 install_packages
+for port in "$S3_PORT" "$MON_PORT"; do
+    if port_in_use "$port"; then
+        log "127.0.0.1:$port is taken by another program; set LDMSCALE_S3_PORT / LDMSCALE_S3_MON_PORT"
+        exit 1
+    fi
+done
 
 mkdir -p "$STATE"/{run,log,mon,osd,rgw,crash} "$PIDS"
 FSID=$(uuidgen)

@@ -4,6 +4,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
+lock_tools
 
 if [[ -d $PIDS ]]; then
     # Clients first, then storage, then the monitor they all talk to. The data is thrown away, so the
