@@ -19,7 +19,6 @@ resumes with resume="auto". A job that fails (e.g. a rank killed) is resubmitted
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
 import subprocess
@@ -52,12 +51,12 @@ class TrainTask(submitit.helpers.Checkpointable):
         usr_sig = env._usr_sig()
         submitit_handler = signal.getsignal(usr_sig)
 
-        from ldmscale import preemption
+        from ldmscale import dist, preemption
         from ldmscale.config import load_config
+        from ldmscale.train import main
 
-        mod, _, fn = os.environ.get("LDMSCALE_TRAINER", "ldmscale.train:main").partition(":")  # TEMP stand-in hook
-        main = getattr(importlib.import_module(mod), fn)
         result = main(load_config(self.config, self.overrides), resume="auto")
+        dist.cleanup()
         outcome = {"status": str(getattr(result, "status", result)), "step": getattr(result, "step", None)}
         # Requeue only for submitit's signal (preemption notice / time limit). A SIGTERM alone is a cancel,
         # or Slurm's own preemption which requeues by itself.
@@ -91,44 +90,59 @@ def _export_rendezvous(env: Any) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share cores: one BLAS thread each
 
 
+# Pending reasons that no amount of waiting fixes (clusters without EnforcePartLimits accept such jobs).
+HOPELESS_REASONS = {
+    "PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "BadConstraints", "InvalidAccount",
+    "InvalidQOS", "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit", "AccountNotAllowed",
+}
+
+
 @dataclass
 class JobReport:
     job_id: str
     state: str
     restarts: int
+    reason: str
     outcome: dict[str, Any] | None  # rank 0's return value (or {"status": "error", ...}), None if it wrote none
 
 
-def slurm_job_state(job_id: str) -> tuple[str, int]:
-    """(state, restart count) from slurmctld; ("GONE", -1) once the job has aged out of its memory.
+def slurm_job_fields(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict ({} once the job has aged out of slurmctld's memory).
 
-    Works without accounting (sacct), unlike submitit's own state which then reads UNKNOWN.
+    Works without accounting (sacct), unlike submitit's own job state, which then reads UNKNOWN.
     """
     proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=False, capture_output=True, text=True,
                           timeout=30)
     if proc.returncode != 0:
-        return "GONE", -1
-    fields = dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
-    return fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", "0"))
+        return {}
+    return dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
 
 
 def wait_for_job(job: submitit.Job, poll_s: float = 2.0, timeout_s: float | None = None) -> JobReport:
-    """Block until the job (including its requeued runs) is over, then read rank 0's outcome."""
+    """Block until the job (including its requeued runs) is over, then read rank 0's outcome.
+
+    A job pending for a reason that cannot clear is cancelled and reported with state "UNSCHEDULABLE".
+    """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    state, restarts = "UNKNOWN", 0
+    state, restarts, reason = "UNKNOWN", 0, ""
     while True:
         if isinstance(job, submitit.local.local.LocalJob):
             job.wait()
             state = "COMPLETED" if job.exception() is None else "FAILED"
             break
-        state, seen = slurm_job_state(job.job_id)
-        restarts = max(restarts, seen)
+        fields = slurm_job_fields(job.job_id)
+        state, reason = fields.get("JobState", "GONE"), fields.get("Reason", "")
+        restarts = max(restarts, int(fields.get("Restarts", "0")))
         if state in TERMINAL_STATES or state == "GONE":
+            break
+        if state == "PENDING" and reason in HOPELESS_REASONS:
+            subprocess.run(["scancel", job.job_id], check=False, timeout=30)
+            state = "UNSCHEDULABLE"
             break
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job.job_id} still {state} after {timeout_s} s")
         time.sleep(poll_s)
-    return JobReport(job.job_id, state, restarts, _read_outcome(job))
+    return JobReport(job.job_id, state, restarts, reason, _read_outcome(job))
 
 
 def _read_outcome(job: submitit.Job) -> dict[str, Any] | None:
@@ -185,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="trainer YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--local", action="store_true", help="run here with submitit's local executor")
-    p.add_argument("--partition"); p.add_argument("--account"); p.add_argument("--constraint")
+    for name in ("--partition", "--account", "--constraint"):
+        p.add_argument(name)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="0 = CPU, no GPU request")
     p.add_argument("--tasks-per-node", type=int, default=0, help="default: gpus-per-node, or 1 on CPU")
@@ -198,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-submissions", type=int, default=3, help="resubmit a failed job up to this many times")
     p.add_argument("--max-timeouts", type=int, default=20, help="requeues on time limit within one job")
     p.add_argument("--no-wait", action="store_true", help="submit and print the job id, then exit")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come after options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -225,6 +240,10 @@ def run(args: argparse.Namespace) -> int:
         if args.no_wait:
             return 0
         report = wait_for_job(job)
+        if report.state == "UNSCHEDULABLE":
+            print(f"ldmscale-launch: Slurm cannot run job {report.job_id} ({report.reason}); cancelled it",
+                  file=sys.stderr)
+            return 3
         _print_wandb(out_dir)
         status = (report.outcome or {}).get("status")
         print(f"job {report.job_id}: state={report.state} restarts={report.restarts} outcome={report.outcome}",

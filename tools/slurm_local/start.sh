@@ -72,7 +72,10 @@ write_conf() {
       -e "s|@N1_PORT@|$((CTLD_PORT + 1))|g" -e "s|@N2_PORT@|$((CTLD_PORT + 2))|g" \
       -e "s|@CPUS@|$CPUS|g" -e "s|@MEM@|$MEM_PER_NODE|g" \
       "$HERE/slurm.conf.in" > "$SLURM_CONF.tmp"
+  if cmp -s "$SLURM_CONF.tmp" "$SLURM_CONF"; then rm -f "$SLURM_CONF.tmp"; return 0; fi
   mv "$SLURM_CONF.tmp" "$SLURM_CONF"
+  # The template changed under a running cluster: make the daemons re-read it.
+  if alive "$DIR/run/slurmctld.pid"; then scontrol reconfigure || true; fi
 }
 
 add_hosts() {
