@@ -77,6 +77,29 @@ class AutoencoderConfig:
 
 
 @dataclass
+class StyleConfig:
+    """Style conditioning (step 2 of a two-step run): a KL-regularised style encoder whose tokens reach the
+    U-Net through a separate, zero-initialised cross-attention path (ldmscale/style_attention.py)."""
+
+    enabled: bool = False
+    backbone: str = "conv"  # conv (small net trained from scratch) | clip (frozen CLIPVisionModel + trainable head)
+    vision_model: str = ""  # backbone=clip: a CLIPVisionModel folder or hub id (from_pretrained)
+    conv_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # backbone=conv: stride-2 stages
+    num_tokens: int = 4  # K style tokens in the U-Net's cross-attention space
+    beta: float = 1e-3  # weight of KL(q(s|ref) || N(0, I)), KL in nats per sample
+    beta_warmup_steps: int = 0  # beta rises linearly from 0 to `beta` over these steps (0 = constant)
+    reference: str = "augment"  # augment (another view of the same image) | metadata (another image, same style)
+    metadata_key: str = "style"  # reference=metadata: the json field naming a sample's style
+    pair_window: int = 64  # reference=metadata: partners are drawn from the last N samples of the same style
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # reference=augment: crop area range of the view
+    shuffle_grid: int = 4  # reference=augment: the view's tiles are permuted on a g x g grid (1 = off)
+    dropout: float = 0.1  # probability the style tokens are zeroed (classifier-free guidance on style)
+    init_from: str = ""  # step-1 run dir, checkpoints/ folder or step_* folder: U-Net weights to start from
+    init_weights: str = "ema"  # ema | raw: which step-1 weights
+    guidance_scale: float = 3.0  # in-training sample grids and the CLI default
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | adam | sgd (DeepSpeed optimizers; offload uses DeepSpeedCPUAdam)
     lr: float = 1e-4
@@ -142,6 +165,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    style: StyleConfig = field(default_factory=StyleConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -397,3 +421,32 @@ def validate(cfg: Config, world_size: int | None = None, device_type: str | None
     check_model_ref("model.vae", m.vae, need="config.json")
     check_model_ref("model.text_encoder", m.text_encoder, need="config.json")
     check_model_ref("model.tokenizer", m.tokenizer)
+    validate_style(cfg.style)
+
+
+def validate_style(s: StyleConfig) -> None:
+    if not s.enabled:
+        return
+    _choice("style.backbone", s.backbone, ["conv", "clip"])
+    _choice("style.reference", s.reference, ["augment", "metadata"])
+    _choice("style.init_weights", s.init_weights, ["ema", "raw"])
+    _positive("style.num_tokens", s.num_tokens)
+    _positive("style.beta", s.beta, allow_zero=True)
+    _positive("style.beta_warmup_steps", s.beta_warmup_steps, allow_zero=True)
+    _positive("style.pair_window", s.pair_window)
+    _positive("style.shuffle_grid", s.shuffle_grid)
+    if not 0.0 <= s.dropout < 1.0:
+        raise ConfigError(f"style.dropout={s.dropout} must be in [0, 1)")
+    lo, hi = s.crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"style.crop_scale={list(s.crop_scale)} must satisfy 0 < low <= high <= 1")
+    if s.backbone == "clip":
+        if not s.vision_model:
+            raise ConfigError("style.backbone=clip needs style.vision_model (a CLIPVisionModel folder or hub id)")
+        check_model_ref("style.vision_model", s.vision_model, need="config.json")
+    elif not s.conv_channels or any(c <= 0 for c in s.conv_channels):
+        raise ConfigError(f"style.conv_channels={s.conv_channels} must be a non-empty list of positive widths")
+    if s.reference == "metadata" and not s.metadata_key:
+        raise ConfigError("style.reference=metadata needs style.metadata_key (the json field naming the style)")
+    if s.init_from and not Path(os.path.expanduser(s.init_from)).exists():
+        raise ConfigError(f"style.init_from={s.init_from!r}: no such run dir or checkpoint folder")

@@ -34,7 +34,7 @@ from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 from ldmscale import storage
-from ldmscale.config import DataConfig, FilterConfig
+from ldmscale.config import DataConfig, FilterConfig, StyleConfig
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         micro_batch: int,
         batches_per_worker: int,
         position: DataPosition,
+        style: StyleConfig | None = None,
     ) -> None:
         super().__init__()
+        self.style = style if style is not None and style.enabled else None
         self.cfg, self.urls, self.tokenizer = cfg, urls, tokenizer
         self.seed, self.rank, self.world, self.micro_batch = seed, rank, world, micro_batch
         self.batches_per_worker, self.position = batches_per_worker, position
@@ -216,8 +218,15 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._raw(role), bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer,
             rng=_rng(self.seed, self.position.epoch, self.rank, role, -1),
         )
+        if self.style is not None and self.style.reference == "metadata":
+            from ldmscale.style_refs import pair_by_style
+
+            # before the skip: a replayed stream rebuilds the same pairs without decoding what it skips
+            stream = pair_by_style(stream, self.style.metadata_key, self.style.pair_window,
+                                   _rng(self.seed, self.position.epoch, self.rank, role, -2), IMAGE_EXTS, self.counts)
         stream = itertools.islice(stream, consumed, None)  # exact resume: skip before any decode
         images: list[np.ndarray] = []
+        refs: list[np.ndarray] = []
         captions: list[str] = []
         keys: list[str] = []
         for _ in range(self.batches_per_worker - done):
@@ -226,7 +235,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 consumed += 1
                 ext = next(e for e in IMAGE_EXTS if e in sample)
                 try:
-                    images.append(decode_image(sample[ext], self.cfg.resolution, self.cfg.center_crop))
+                    image = decode_image(sample[ext], self.cfg.resolution, self.cfg.center_crop)
+                    if self.style is not None:
+                        refs.append(self._reference(sample, image))
+                    images.append(image)
                 except Exception as exc:  # a corrupt image is data, not a bug: count it and go on
                     self._skip_error("decode_error")(exc)
                     continue
@@ -242,8 +254,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             }
             if self.tokenizer is not None:  # the autoencoder stage has no text
                 batch["input_ids"] = self._tokenize(captions)
+            if self.style is not None:
+                batch["style_pixels"] = to_tensor(refs)
             yield batch
-            images, captions, keys = [], [], []
+            images, captions, keys, refs = [], [], [], []
+
+    def _reference(self, sample: dict[str, Any], image: np.ndarray) -> np.ndarray:
+        """The style reference of a sample: its metadata partner, else an augmented view of itself."""
+        from ldmscale.style_refs import REF_BYTES, augment_view
+
+        assert self.style is not None
+        if REF_BYTES in sample:
+            return decode_image(sample[REF_BYTES], self.cfg.resolution, self.cfg.center_crop)
+        return augment_view(image, self.seed, sample["__key__"], self.style.crop_scale, self.style.shuffle_grid)
 
     def _skip_error(self, reason: str) -> Any:
         """A webdataset-style handler: count the error, warn at most once per 10 s per worker, go on."""
@@ -278,9 +301,10 @@ class ResumableLoader:
         micro_batch: int,
         samples_per_epoch: int,
         position: DataPosition | None = None,
+        style: StyleConfig | None = None,
     ) -> None:
         storage.register_gopen_schemes(cfg.storage_options)
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg, self.tokenizer, self.style = cfg, tokenizer, style
         self.seed, self.rank, self.world, self.micro_batch = seed, rank, world, micro_batch
         self.urls = storage.expand_shard_urls(cfg.shards, cfg.storage_options)
         self.workers = max(1, cfg.num_workers)
@@ -310,7 +334,7 @@ class ResumableLoader:
         ds = ShardStream(
             self.cfg, self.urls, self.tokenizer, seed=self.seed, rank=self.rank, world=self.world,
             micro_batch=self.micro_batch, batches_per_worker=self.batches_per_worker,
-            position=DataPosition.from_dict(self.position.to_dict()),
+            position=DataPosition.from_dict(self.position.to_dict()), style=self.style,
         )
         if self.cfg.num_workers == 0:
             return iter(ds)

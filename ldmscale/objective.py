@@ -26,9 +26,12 @@ def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 
 
 class LatentDiffusion(torch.nn.Module):
-    def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, snr_gamma: float = 0.0) -> None:
+    def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, snr_gamma: float = 0.0,
+                 style: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.unet = unet
+        if style is not None:  # parameters named "style.*": checkpoints and EMA tell the encoder from the U-Net
+            self.style = style
         self.scheduler = scheduler
         self.snr_gamma = snr_gamma
 
@@ -53,14 +56,37 @@ class LatentDiffusion(torch.nn.Module):
         context: torch.Tensor,
         noise: torch.Tensor,
         timesteps: torch.Tensor,
+        style_input: torch.Tensor | None = None,
+        style_noise: torch.Tensor | None = None,
+        style_keep: torch.Tensor | None = None,
+        beta: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """latents [B,C,h,w] (scaled), context [B,L,D] cross-attention tokens, noise like latents,
-        timesteps [B] int64 -> (loss, parts)."""
+        timesteps [B] int64 -> (loss, parts). With a style encoder: style_input (reference pixels or frozen
+        backbone features), style_noise [B,K,D] for the reparameterisation, style_keep [B] (0 = style dropped:
+        all-zero tokens) and the KL weight beta."""
         dtype = next(self.unet.parameters()).dtype
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        pred = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype)).sample.float()
+        kwargs, parts = {}, {}
+        kl = None
+        if style_input is not None:
+            from ldmscale.style import kl_to_standard_normal
+
+            mu, logvar = self.style(style_input.to(dtype))
+            mu, logvar = mu.float(), logvar.float()
+            keep = style_keep.to(mu).view(-1, 1, 1)
+            tokens = (mu + (0.5 * logvar).exp() * style_noise.to(mu)) * keep
+            kwargs["cross_attention_kwargs"] = {"style_tokens": tokens.to(dtype)}
+            # dropped references have no denoising signal; a KL on them would only pull toward the prior
+            kl = (kl_to_standard_normal(mu, logvar) * keep.flatten()).sum() / keep.sum().clamp(min=1.0)
+            parts["kl"] = kl.detach()
+        pred = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype), **kwargs).sample.float()
         per_sample = F.mse_loss(pred, self.target(latents, noise, timesteps), reduction="none").mean(dim=(1, 2, 3))
         weights = self.loss_weights(timesteps)
         mse = per_sample.mean()
         loss = (per_sample * weights).mean() if weights is not None else mse
-        return loss, {"mse": mse.detach()}
+        if kl is not None:
+            parts["denoise"] = loss.detach()
+            parts["beta"] = torch.tensor(float(beta))
+            loss = loss + beta * kl
+        return loss, {"mse": mse.detach(), **parts}

@@ -42,15 +42,21 @@ def absolutize_model_paths(cfg: Config) -> None:
         if ref and Path(ref).exists():
             setattr(m, key, str(Path(ref).resolve()))
     cfg.data.shards = [str(Path(s).resolve()) if Path(s).exists() else s for s in cfg.data.shards]
+    for key in ("vision_model", "init_from"):
+        ref = getattr(cfg.style, key)
+        if ref and Path(ref).exists():
+            setattr(cfg.style, key, str(Path(ref).resolve()))
 
 
 class Task:
     """What differs between the stages: the module DeepSpeed trains and how a micro-batch becomes a loss."""
 
-    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.encoders = None
         self.tokenizer = None
+        self.style_frozen = None
+        self.init_note = ""
         if cfg.train.stage == "diffusion":
             from ldmscale.encoders import FrozenEncoders
             from ldmscale.models import build_unet, vae_downsample_factor
@@ -61,7 +67,16 @@ class Task:
             size = cfg.data.resolution // vae_downsample_factor(self.encoders.vae.config)
             self.latent_shape = (self.encoders.latent_channels, size, size)
             unet = build_unet(cfg.model.unet, self.encoders.latent_channels, self.encoders.text_dim, size)
-            self.module: torch.nn.Module = LatentDiffusion(unet, build_noise_scheduler(cfg.model), cfg.model.snr_gamma)
+            style_encoder = None
+            if cfg.style.enabled:
+                from ldmscale.style import build_style
+                from ldmscale.style_init import init_from_step1
+
+                if cfg.style.init_from and fresh:  # a resume takes every weight from its own checkpoint
+                    self.init_note = init_from_step1(cfg.style, unet)
+                style_encoder, self.style_frozen = build_style(cfg.style, self.encoders.text_dim, device, dtype)
+            self.module: torch.nn.Module = LatentDiffusion(unet, build_noise_scheduler(cfg.model), cfg.model.snr_gamma,
+                                                           style_encoder)
             self.empty_ids = self._tokenize([""])
             self.trained = unet
         else:
@@ -80,6 +95,11 @@ class Task:
             from diffusers.models.attention_processor import AttnProcessor
 
             self.trained.set_attn_processor(AttnProcessor())
+        if cfg.style.enabled and self.encoders is not None:
+            from ldmscale.style_attention import add_style_path
+
+            # last: after step 1's weights are in (to_k_style copies to_k) and the attention kind is chosen
+            add_style_path(self.trained, self.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
 
     def _tokenize(self, captions: list[str]) -> torch.Tensor:
         from ldmscale.encoders import tokenize
@@ -108,7 +128,21 @@ class Task:
         if self.cfg.model.noise_offset:
             c = self.latent_shape[0]
             eps = eps + self.cfg.model.noise_offset * noise.randn(seed, ids, (c, 1, 1), noise.Stream.NOISE_OFFSET)
-        return engine(latents, context, eps.to(self.device), timesteps.to(self.device))
+        if not self.cfg.style.enabled:
+            return engine(latents, context, eps.to(self.device), timesteps.to(self.device))
+        return engine(latents, context, eps.to(self.device), timesteps.to(self.device), *self._style_args(batch, ids))
+
+    def _style_args(self, batch: dict[str, Any], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                         float]:
+        """(style input, reparameterisation noise, keep mask, beta): all from the sample ids, so resume is exact."""
+        from ldmscale.style import beta_at, style_input
+
+        s, seed = self.cfg.style, self.cfg.train.seed
+        refs = style_input(self.style_frozen, batch["style_pixels"].to(self.device, non_blocking=True))
+        z = noise.randn(seed, ids, (s.num_tokens, self.encoders.text_dim), noise.Stream.STYLE)
+        keep = (noise.rand(seed, ids, noise.Stream.STYLE_DROP) >= s.dropout).float()
+        step = ids[0] // self.cfg.train.global_batch_size  # ids are step * global_batch + slot
+        return refs, z.to(self.device), keep.to(self.device), beta_at(s, step)
 
 
 def main(cfg: Config, resume: str = "auto") -> TrainResult:
@@ -123,7 +157,8 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         (out / "config.yaml").write_text(config_yaml)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     dtype = precision_dtype(cfg)
-    task = Task(cfg, info.device, dtype)
+    tag_dir = resolve_resume(ck.root, resume)
+    task = Task(cfg, info.device, dtype, fresh=tag_dir is None)
     flops = task.flops_per_sample()
     trainable = [(n, p) for n, p in task.module.named_parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
@@ -131,7 +166,6 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     )
     ema = EMA(trainable, cfg.train.ema_decay, keep=info.is_main) if cfg.train.ema_decay > 0 else None
     state: dict[str, Any] = {"step": 0, "samples_seen": 0, "data": None}
-    tag_dir = resolve_resume(ck.root, resume)
     if tag_dir is not None:
         state = ck.load(engine, tag_dir)
         if ema is not None:
@@ -139,10 +173,12 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     monitor = Monitor(cfg, out, info.is_main)
     if tag_dir is not None:
         monitor.event(f"resumed from {tag_dir} at step {state['step']}")
+    elif task.init_note:
+        monitor.event(f"style step 2: U-Net initialised from {task.init_note}")
     loader = ResumableLoader(
         cfg.data, task.tokenizer, seed=cfg.train.seed, rank=info.rank, world=info.world_size,
         micro_batch=cfg.train.micro_batch_size, samples_per_epoch=count_samples(cfg.data),
-        position=DataPosition.from_dict(state["data"]) if state.get("data") else None,
+        position=DataPosition.from_dict(state["data"]) if state.get("data") else None, style=cfg.style,
     )
     gas = accumulation_steps(cfg, info.world_size)
     keys_log = None
@@ -248,14 +284,15 @@ def trained_weights(task: Task, engine: Any, ema: EMA | None) -> dict[str, torch
     """Full fp32 weights of the trained network on rank 0 (EMA if kept). Collective under ZeRO-3."""
     prefix = "unet." if task.encoders is not None else "vae."
     if ema is not None:
-        return {k[len(prefix):]: v for k, v in ema.state_dict().items()}
+        return {k[len(prefix):]: v for k, v in ema.state_dict().items() if k.startswith(prefix)}
     params = list(engine.module.parameters())
     with gathered(params):
         if dist.rank() != 0:
             return {}
-        full = {n[len(prefix):]: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters()}
+        full = {n[len(prefix):]: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters()
+                if n.startswith(prefix)}
     # buffers are not partitioned and not trained; take them from the module as they are
-    return {**{n[len(prefix):]: b for n, b in engine.module.named_buffers()}, **full}
+    return {**{n[len(prefix):]: b for n, b in engine.module.named_buffers() if n.startswith(prefix)}, **full}
 
 
 def sample_grid(cfg: Config, task: Task, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
@@ -268,6 +305,10 @@ def sample_grid(cfg: Config, task: Task, engine: Any, ema: EMA | None, monitor: 
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_config(task.trained.config).to(task.device)
+        if cfg.style.enabled:  # grids during style training are text-only: the style path adds nothing
+            from ldmscale.style_attention import add_style_path
+
+            add_style_path(unet, task.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
         unet.load_state_dict(weights, strict=True)
         unet.eval()
         s = cfg.sample

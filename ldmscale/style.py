@@ -1,0 +1,112 @@
+"""The variational style encoder: reference image -> K style tokens in the U-Net's cross-attention space.
+
+q(s | ref) = N(mu, diag(exp(logvar))) per token channel; training samples s = mu + sigma * eps with eps
+drawn per sample id (noise.Stream.STYLE, so resume stays bitwise), sampling uses mu. The KL to N(0, I)
+keeps the style space smooth and small enough that the encoder cannot smuggle the reference's content.
+
+Backbones: `conv` is a small net trained from scratch and lives inside the DeepSpeed engine with its head;
+`clip` is a frozen CLIPVisionModel that runs outside the engine under no_grad (like the VAE and text
+encoder: ZeRO would only add traffic for weights that never change) and feeds its pooled feature to a
+trainable head inside the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ldmscale.config import StyleConfig
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConvBackbone(torch.nn.Module):
+    """Stride-2 conv stages with GroupNorm and SiLU, then global average and max pooling (colour statistics
+    and the strongest local texture both survive)."""
+
+    def __init__(self, channels: list[int]) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers += [torch.nn.Conv2d(c_in, c, 3, stride=2, padding=1), torch.nn.GroupNorm(min(8, c), c),
+                       torch.nn.SiLU()]
+            c_in = c
+        self.net = torch.nn.Sequential(*layers)
+        self.out_dim = 2 * c_in
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        h = self.net(pixels)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+
+
+class StyleEncoder(torch.nn.Module):
+    """The trainable part: (conv backbone +) a head to mean and log-variance of K tokens of width D."""
+
+    def __init__(self, cfg: StyleConfig, token_dim: int, feature_dim: int | None = None) -> None:
+        super().__init__()
+        self.num_tokens, self.token_dim = cfg.num_tokens, token_dim
+        self.backbone = ConvBackbone(cfg.conv_channels) if cfg.backbone == "conv" else None
+        in_dim = self.backbone.out_dim if self.backbone is not None else feature_dim
+        if in_dim is None:
+            raise ValueError("a clip-backbone StyleEncoder needs the vision model's feature_dim")
+        self.norm = torch.nn.LayerNorm(in_dim)
+        self.head = torch.nn.Linear(in_dim, 2 * cfg.num_tokens * token_dim)
+        with torch.no_grad():  # start with a small posterior variance: early tokens carry the mean's signal
+            self.head.bias[cfg.num_tokens * token_dim :].fill_(-4.0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels [B,3,H,W] in [-1, 1] (conv) or backbone features [B,F] (clip) -> (mu, logvar) [B,K,D]."""
+        h = self.backbone(x) if self.backbone is not None else x
+        out = self.head(self.norm(h)).view(-1, 2, self.num_tokens, self.token_dim)
+        return out[:, 0], out[:, 1].clamp(-20.0, 10.0)
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) in nats per sample, summed over tokens and channels -> [B]."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
+
+
+def beta_at(cfg: StyleConfig, step: int) -> float:
+    """Linear warm-up of the KL weight from 0 (the denoiser first learns to use the tokens) to cfg.beta."""
+    if cfg.beta_warmup_steps <= 0:
+        return cfg.beta
+    return cfg.beta * min(1.0, step / cfg.beta_warmup_steps)
+
+
+class FrozenVisionBackbone:
+    """A frozen CLIPVisionModel (from_pretrained) outside the engine: reference pixels -> pooled features."""
+
+    def __init__(self, ref: str, device: torch.device, dtype: torch.dtype) -> None:
+        from transformers import CLIPVisionModel
+
+        self.model = CLIPVisionModel.from_pretrained(ref).requires_grad_(False).eval().to(device=device, dtype=dtype)
+        self.size = int(self.model.config.image_size)
+        self.dtype = dtype
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.float() + 1) / 2  # [-1, 1] -> [0, 1], then CLIP's own normalisation at its input size
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
+        mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+        x = ((x - mean) / std).to(self.model.device, self.dtype)
+        return self.model(pixel_values=x).pooler_output.float()
+
+
+def build_style(cfg: StyleConfig, token_dim: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[StyleEncoder, FrozenVisionBackbone | None]:
+    """The trainable encoder (for the engine) and the frozen backbone (outside it; None for conv)."""
+    frozen = FrozenVisionBackbone(cfg.vision_model, device, dtype) if cfg.backbone == "clip" else None
+    enc = StyleEncoder(cfg, token_dim, frozen.feature_dim if frozen is not None else None)
+    return enc, frozen
+
+
+def style_input(frozen: FrozenVisionBackbone | None, pixels: torch.Tensor) -> torch.Tensor:
+    """What the trainable encoder takes: the pixels themselves (conv) or the frozen backbone's features."""
+    return pixels if frozen is None else frozen.features(pixels)
