@@ -60,6 +60,7 @@ class TrainedModel:
     encoders: FrozenEncoders
     scheduler_config: dict[str, Any]
     extra: dict[str, Any]
+    style: Any = None  # ldmscale.style.StyleReference for style-conditioned checkpoints
 
 
 def load_trained(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
@@ -87,16 +88,30 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
     f = vae_downsample_factor(enc.vae.config)
     unet = build_unet(cfg.model.unet, enc.latent_channels, enc.text_dim, cfg.data.resolution // f)
     state = load_ema(tag_dir) if weights == "ema" else raw_state_dict(tag_dir)
+    style = None
+    if cfg.style.enabled:  # the style path and encoder as trained: "unet.*processor.to_*_style.*", "style.*"
+        from ldmscale.style import StyleReference, build_style
+        from ldmscale.style_attention import add_style_path
+
+        add_style_path(unet, enc.text_dim, sdpa=cfg.model.attention == "sdpa")
+        encoder, frozen = build_style(cfg.style, enc.text_dim, device, dtype)
+        encoder.load_state_dict(strip_prefix(state, "style."), strict=True)
+        style = StyleReference(encoder.to(device, dtype), frozen)
     unet.load_state_dict(strip_prefix(state, "unet."), strict=True)
     sched = dict(build_noise_scheduler(cfg.model).config)
     extra = {k[len("style."):]: v for k, v in state.items() if k.startswith("style.")}
-    return TrainedModel(cfg, unet.to(device, dtype).eval(), enc, sched, extra)
+    return TrainedModel(cfg, unet.to(device, dtype).eval(), enc, sched, extra, style)
 
 
 def export_pipeline(path: str | Path, out: str | Path, weights: str = "ema") -> Path:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     m = load_trained(path, weights)
+    if m.style is not None:
+        raise CheckpointError(
+            f"{path} is a style-conditioned checkpoint: StableDiffusionPipeline has no style path; sample it with "
+            f"ldmscale-sample --style-image, or export its step-1 (text-only) run"
+        )
     pipe = StableDiffusionPipeline(
         vae=m.encoders.vae, text_encoder=m.encoders.text_encoder, tokenizer=m.encoders.tokenizer, unet=m.unet,
         scheduler=DDIMScheduler.from_config(m.scheduler_config), safety_checker=None, feature_extractor=None,

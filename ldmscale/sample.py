@@ -66,8 +66,16 @@ def generate(
     batch_size: int = 16,
     first_index: int = 0,
     progress: bool = False,
+    style_tokens: torch.Tensor | None = None,
+    style_scale: float = 1.0,
 ) -> torch.Tensor:
-    """One image per prompt -> float [N, 3, H, W] in [0, 1]."""
+    """One image per prompt -> float [N, 3, H, W] in [0, 1].
+
+    With `style_tokens` [N,K,D] (one row per prompt; a U-Net with the style path), dual classifier-free
+    guidance: eps = e(0,0) + g_text (e(t,0) - e(0,0)) + g_style (e(t,s) - e(t,0)), where a dropped style is
+    all-zero tokens as in training. An empty prompt gives style-only guidance, no tokens text-only."""
+    if style_tokens is not None and len(style_tokens) != len(prompts):
+        raise ValueError(f"style_tokens has {len(style_tokens)} rows for {len(prompts)} prompts")
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     f = vae_downsample_factor(encoders.vae.config)
@@ -86,6 +94,12 @@ def generate(
         latents = noise.randn(seed, ids, shape, noise.Stream.SAMPLING).to(device) * sched.init_noise_sigma
         cond = encoders.embed_prompts(batch).to(device, dtype)
         context = torch.cat([encoders.embed_prompts([""] * n).to(device, dtype), cond]) if guidance_scale != 1 else cond
+        if style_tokens is not None:
+            s = style_tokens[start : start + n].to(device, dtype)
+            latents = _sample_dual(unet, sched, latents, context if guidance_scale != 1 else torch.cat([cond, cond]),
+                                   s, guidance_scale, style_scale, dtype, bar)
+            out.append((encoders.decode_latents(latents).cpu() + 1) / 2)
+            continue
         for t in sched.timesteps:
             x = torch.cat([latents] * 2) if guidance_scale != 1 else latents
             x = sched.scale_model_input(x, t)
@@ -98,6 +112,32 @@ def generate(
         out.append((encoders.decode_latents(latents).cpu() + 1) / 2)
     bar.close()
     return torch.cat(out)
+
+
+def _sample_dual(unet: UNet2DConditionModel, sched: object, latents: torch.Tensor, context: torch.Tensor,
+                 style: torch.Tensor, g_text: float, g_style: float, dtype: torch.dtype, bar: tqdm) -> torch.Tensor:
+    """The denoising loop with three branches per step: (no text, no style), (text, no style), (text, style).
+    `context` is [uncond; cond] (2n rows)."""
+    n = len(latents)
+    uncond, cond = context.chunk(2)
+    ctx = torch.cat([uncond, cond, cond])
+    tokens = torch.cat([torch.zeros_like(style), torch.zeros_like(style), style])
+    for t in sched.timesteps:  # type: ignore[attr-defined]
+        x = sched.scale_model_input(torch.cat([latents] * 3), t)  # type: ignore[attr-defined]
+        pred = unet(x.to(dtype), t, encoder_hidden_states=ctx,
+                    cross_attention_kwargs={"style_tokens": tokens}).sample.float()
+        e00, et0, ets = pred.chunk(3)
+        eps = e00 + g_text * (et0 - e00) + g_style * (ets - et0)
+        latents = sched.step(eps, t, latents).prev_sample  # type: ignore[attr-defined]
+        bar.update(n)
+    return latents
+
+
+def load_style_image(path: str | Path, resolution: int) -> torch.Tensor:
+    """A reference image as the loader would decode it -> [1,3,R,R] in [-1, 1]."""
+    from ldmscale.data import decode_image, to_tensor
+
+    return to_tensor([decode_image(Path(path).read_bytes(), resolution, center_crop=True)])
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -160,6 +200,10 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--style-image", action="append",
+                   help="style reference image (style checkpoints); repeat for several: every prompt x every style")
+    p.add_argument("--style-scale", type=float, default=None,
+                   help="style guidance scale (default: the checkpoint's style.guidance_scale)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmsolver++", "euler", "ddpm"])
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
     p.add_argument("--batch-size", type=int, default=16)
@@ -171,15 +215,28 @@ def cli(argv: list[str] | None = None) -> None:
         m = load_trained(a.checkpoint, a.weights, a.device)
     except (CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"ldmscale-sample: {e}") from None
-    all_prompts = [q for q in prompts for _ in range(a.num_images)]
     res = m.cfg.data.resolution if m.cfg else None
+    tokens, labels, style_scale = None, [q for q in prompts for _ in range(a.num_images)], 1.0
+    if a.style_image:
+        if m.style is None:
+            raise SystemExit(f"ldmscale-sample: {a.checkpoint} is not a style-conditioned checkpoint (style.enabled)")
+        assert m.cfg is not None
+        style_scale = a.style_scale if a.style_scale is not None else m.cfg.style.guidance_scale
+        refs = torch.cat([load_style_image(f, m.cfg.data.resolution) for f in a.style_image])
+        per_style = m.style.tokens(refs)
+        pairs = [(q, i) for q in prompts for i in range(len(a.style_image)) for _ in range(a.num_images)]
+        tokens = torch.stack([per_style[i] for _, i in pairs])
+        labels = [f"{q} | style {Path(a.style_image[i]).name}" for q, i in pairs]
+    all_prompts = [lb.split(" | style ")[0] for lb in labels] if tokens is not None else labels
     images = generate(
         m.unet, m.encoders, m.scheduler_config, all_prompts, seed=a.seed, steps=a.steps,
         guidance_scale=a.guidance_scale, sampler=a.sampler, resolution=res, batch_size=a.batch_size,
-        progress=sys.stderr.isatty() or True,
+        progress=sys.stderr.isatty() or True, style_tokens=tokens, style_scale=style_scale,
     )
     meta = {"seed": a.seed, "steps": a.steps, "guidance_scale": a.guidance_scale, "sampler": a.sampler}
-    grid = write_samples(to_pil(images), all_prompts, Path(a.out), a.num_images, meta)
+    if tokens is not None:
+        meta["style_scale"] = style_scale
+    grid = write_samples(to_pil(images), labels, Path(a.out), a.num_images, meta)
     print(f"wrote {len(all_prompts)} images and {grid}")
 
 

@@ -110,3 +110,17 @@ def build_style(cfg: StyleConfig, token_dim: int, device: torch.device,
 def style_input(frozen: FrozenVisionBackbone | None, pixels: torch.Tensor) -> torch.Tensor:
     """What the trainable encoder takes: the pixels themselves (conv) or the frozen backbone's features."""
     return pixels if frozen is None else frozen.features(pixels)
+
+
+class StyleReference:
+    """Sampling-time style encoding: reference pixels -> the posterior mean tokens (no sampling noise)."""
+
+    def __init__(self, encoder: StyleEncoder, frozen: FrozenVisionBackbone | None) -> None:
+        self.encoder, self.frozen = encoder.eval(), frozen
+
+    @torch.no_grad()
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] in [-1, 1] at the training resolution -> [B,K,D] float."""
+        p = next(self.encoder.parameters())
+        mu, _ = self.encoder(style_input(self.frozen, pixels.to(p.device)).to(p.dtype))
+        return mu.float()
