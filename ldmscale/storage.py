@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import socket
 import time
@@ -78,7 +79,8 @@ class RetryPolicy:
     max_delay: float = 10.0
 
     def delay(self, attempt: int) -> float:
-        return min(self.base_delay * 2**attempt, self.max_delay)
+        # Jitter: after an outage, thousands of loader workers should not all come back in the same instant.
+        return min(self.base_delay * 2**attempt, self.max_delay) * random.uniform(0.5, 1.0)
 
 
 # ---------------------------------------------------------------- options and secrets
@@ -111,7 +113,8 @@ def _secret_values(options: dict | None) -> set[str]:
 
 def scrub(text: str, options: dict | None = None) -> str:
     """Remove credentials from free text (server error messages may echo the access key id)."""
-    for secret in sorted(_secret_values(options), key=len, reverse=True):
+    # Very short values would mangle ordinary words; real keys are long.
+    for secret in sorted((v for v in _secret_values(options) if len(v) >= 4), key=len, reverse=True):
         text = text.replace(secret, "***")
     # user:password@host in URLs
     return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
@@ -135,6 +138,9 @@ def storage_options_for(url: str, options: dict | None) -> dict:
     known = set(fsspec.available_protocols())
     per_protocol = {k: flat.pop(k) for k in list(flat) if k in known and isinstance(flat[k], dict)}
     opts = {**flat, **per_protocol.get(protocol, {})}
+    if protocol in ("http", "https"):
+        # Flat options hold object-store credentials: never send them to an arbitrary web server.
+        opts = dict(per_protocol.get(protocol, {}))
     if protocol in S3_PROTOCOLS:
         if protocol == "s3a":
             opts = {**per_protocol.get("s3", {}), **opts}

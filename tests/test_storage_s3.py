@@ -3,8 +3,12 @@ out of DataLoader workers, resume across a radosgw restart, and the startup chec
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +21,7 @@ from ldmscale import storage
 
 # s3_fixtures is both a plugin (below) and a helper module: register its assert rewriting before importing it.
 pytest.register_assert_rewrite("tests.s3_fixtures")
-from tests.s3_fixtures import make_laion_tar, shard_keys, upload_laion_shards  # noqa: E402
+from tests.s3_fixtures import REPO, make_laion_tar, shard_keys, upload_laion_shards  # noqa: E402
 
 # The s3_server / s3_fs / s3_bucket fixtures (conftest.py may import them too).
 pytest_plugins = ["tests.s3_fixtures"]
@@ -202,11 +206,11 @@ def test_unreachable_endpoint_fails_fast(shards, opts):
 
 
 def test_redact_nested():
-    opts = {"endpoint_url": "http://h", "key": "AK", "secret": "SK", "anon": False,
-            "client_kwargs": {"aws_secret_access_key": "SK2", "region_name": "x"}}
+    opts = {"endpoint_url": "http://h", "key": "AKEY1", "secret": "SKEY1", "anon": False,
+            "client_kwargs": {"aws_secret_access_key": "SKEY2", "region_name": "x"}}
     assert storage.redact(opts) == {"endpoint_url": "http://h", "key": "***", "secret": "***", "anon": False,
                                     "client_kwargs": {"aws_secret_access_key": "***", "region_name": "x"}}
-    assert storage.scrub("denied for AK/SK2 at http://u:pw@h/x", opts) == "denied for ***/*** at http://***@h/x"
+    assert storage.scrub("denied for AKEY1/SKEY2 at http://u:pw@h/x", opts) == "denied for ***/*** at http://***@h/x"
 
 
 def test_storage_options_for_env_endpoint(monkeypatch):
@@ -219,3 +223,14 @@ def test_storage_options_for_env_endpoint(monkeypatch):
     explicit = storage.storage_options_for("s3://b/x.tar", {"endpoint_url": "http://cfg:2"})
     assert explicit["endpoint_url"] == "http://cfg:2"
     assert storage.storage_options_for("/data/x.tar", {"key": "k"}) == {}
+    assert storage.storage_options_for("https://h/x.tar", {"key": "k", "https": {"headers": {}}}) == {"headers": {}}
+
+
+def test_fresh_interpreter_registers_from_env():
+    # What a spawned DataLoader worker does: import ldmscale.storage with only the environment to go on.
+    code = ("from webdataset.gopen import gopen_schemes as h; import ldmscale.storage; "
+            "print(type(h['s3']).__name__, h['s3'].storage_options['endpoint_url'], type(h['gs']).__name__)")
+    env = {**os.environ, storage.OPTIONS_ENV: json.dumps({"endpoint_url": "http://from-env:1"}),
+           "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["FsspecGopen", "http://from-env:1", "FsspecGopen"]
