@@ -236,6 +236,10 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(mean_loss)
         mean_loss = mean_loss.item() / info.world_size
+        if parts and torch.distributed.is_initialized():  # loss parts as global means, like the loss itself
+            vec = torch.tensor(list(parts.values()), dtype=torch.float64, device=info.device)
+            torch.distributed.all_reduce(vec)
+            parts = dict(zip(parts, (vec / info.world_size).tolist()))
         if keys_log is not None:
             keys_log.write(json.dumps({"step": step, "keys": step_keys}) + "\n")
             keys_log.flush()
