@@ -207,6 +207,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # spawned workers (the GPU default) start without the parent's registered openers and options
+        storage.register_gopen_schemes(self.cfg.storage_options)
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
         role = (self.position.batches + wid) % self.workers
