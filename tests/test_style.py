@@ -192,3 +192,24 @@ def test_bad_style_config_is_rejected(assets: Path, tmp_path: Path, override: st
 def test_style_noise_is_per_sample() -> None:
     a = noise.randn(0, [5, 6], (2, 3), noise.Stream.STYLE)
     assert torch.equal(a[1], noise.randn(0, [6], (2, 3), noise.Stream.STYLE)[0])
+
+
+def test_clip_backbone_is_loaded_with_from_pretrained_frozen_outside_with_a_trainable_head(tmp_path: Path) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from ldmscale.style import StyleReference, build_style, style_input
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(tmp_path / "vision")
+    cfg = StyleConfig(enabled=True, backbone="clip", vision_model=str(tmp_path / "vision"), num_tokens=3)
+    enc, frozen = build_style(cfg, TEXT_DIM, torch.device("cpu"), torch.float32)
+    assert frozen is not None and enc.backbone is None
+    assert not any(p.requires_grad for p in frozen.model.parameters())
+    assert not set(map(id, frozen.model.parameters())) & set(map(id, enc.parameters()))  # not in the engine
+    refs = torch.rand(2, 3, 16, 16) * 2 - 1  # resized to the vision model's 32 px inside
+    mu, logvar = enc(style_input(frozen, refs))
+    assert mu.shape == logvar.shape == (2, 3, TEXT_DIM)
+    (mu.sum() + logvar.sum()).backward()
+    assert enc.head.weight.grad is not None
+    assert torch.equal(StyleReference(enc, frozen).tokens(refs), mu.detach())  # sampling uses the mean
