@@ -25,6 +25,7 @@ from ldmscale.data import DataPosition, ResumableLoader, count_samples
 from ldmscale.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.ema import EMA, gathered
 from ldmscale.monitor import Monitor, StepTimer, peak_tflops, rank_keys_file, training_flops_per_sample
+from ldmscale.storage import StorageError
 
 
 @dataclass
@@ -145,7 +146,19 @@ class Task:
         return refs, z.to(self.device), keep.to(self.device), beta_at(s, step)
 
 
+def check_data_reachable(cfg: Config) -> None:
+    """Before any process group: an empty shard list, a wrong endpoint or bad credentials fail here, fast."""
+    from ldmscale import storage
+
+    try:
+        urls = storage.expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
+    except ValueError as e:
+        raise storage.StorageError(str(e)) from None
+    storage.check_shards_reachable(urls, cfg.data.storage_options)
+
+
 def main(cfg: Config, resume: str = "auto") -> TrainResult:
+    check_data_reachable(cfg)
     info = dist.init_distributed()
     validate(cfg, world_size=info.world_size, device_type=info.device.type)
     absolutize_model_paths(cfg)
@@ -364,7 +377,11 @@ def cli(argv: list[str] | None = None) -> None:
         print(f"ldmscale-train: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main(cfg, args.resume)  # prints FINISHED step=N or PREEMPTED step=N
+    try:
+        main(cfg, args.resume)  # prints FINISHED step=N or PREEMPTED step=N
+    except StorageError as e:  # raised by the first check in main(), before any process group
+        print(f"ldmscale-train: data error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     dist.cleanup()
 
 
