@@ -47,8 +47,8 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         latent_channels=4,
         norm_num_groups=16,
     ),
-    # the SD autoencoder (factor 8, 4 latent channels, ~84 M params)
-    "sd": dict(
+    # Stable Diffusion 1.x's autoencoder architecture (factor 8, 4 latent channels, ~84 M params)
+    "sd15": dict(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,

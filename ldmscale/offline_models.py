@@ -18,6 +18,9 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldmscale.models import VAE_PRESETS as _MODEL_VAE_PRESETS
+from ldmscale.models import build_vae
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 # CLIP's own word splitter (from transformers' CLIPTokenizer), so training sees the words CLIP will see.
@@ -25,29 +28,8 @@ CLIP_SPLIT = (
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 )
 
-VAE_PRESETS: dict[str, dict] = {
-    # 32x32 images -> 8x8x4 latents (two downsamples); ~1 M params, fast on CPU.
-    "tiny": {
-        "block_out_channels": (32, 64, 64),
-        "down_block_types": ("DownEncoderBlock2D",) * 3,
-        "up_block_types": ("UpDecoderBlock2D",) * 3,
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 16,
-        "sample_size": 32,
-    },
-    # Stable Diffusion 1.x's VAE architecture (random init here), for shape and memory checks.
-    "sd15": {
-        "block_out_channels": (128, 256, 512, 512),
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "layers_per_block": 2,
-        "latent_channels": 4,
-        "norm_num_groups": 32,
-        "sample_size": 512,
-        "scaling_factor": 0.18215,
-    },
-}
+# one table of autoencoder architectures for the whole project (the autoencoder stage trains the same ones)
+VAE_PRESETS = _MODEL_VAE_PRESETS
 
 
 def captions_from_shards(tar_paths: Iterable[str | Path]) -> Iterator[str]:
@@ -139,7 +121,7 @@ def write_vae(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Autoe
     if preset not in VAE_PRESETS:
         raise ValueError(f"unknown VAE preset {preset!r}; choose from {sorted(VAE_PRESETS)}")
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, **VAE_PRESETS[preset]).eval()
+    vae = build_vae(preset, resolution=32 if preset == "tiny" else 512).eval()
     vae.save_pretrained(out_dir, safe_serialization=True)
     return vae
 
