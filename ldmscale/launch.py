@@ -32,8 +32,17 @@ import submitit
 
 # Slurm job states after which the job will not run again by itself (a requeued job is PENDING).
 TERMINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-    "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+    "REVOKED",
 }
 
 
@@ -83,8 +92,11 @@ def _export_rendezvous(env: Any) -> None:
     hosts = list(env.hostnames) if env.cluster == "slurm" else ["127.0.0.1"]
     job_num = int("".join(ch for ch in str(env.job_id).split("_")[0] if ch.isdigit()) or "0")
     os.environ.update(
-        RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
-        MASTER_ADDR=hosts[0], MASTER_PORT=str(20000 + job_num % 20000),
+        RANK=str(env.global_rank),
+        WORLD_SIZE=str(env.num_tasks),
+        LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=hosts[0],
+        MASTER_PORT=str(20000 + job_num % 20000),
     )
     if not os.environ.get("CUDA_VISIBLE_DEVICES"):
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share cores: one BLAS thread each
@@ -92,8 +104,15 @@ def _export_rendezvous(env: Any) -> None:
 
 # Pending reasons that no amount of waiting fixes (clusters without EnforcePartLimits accept such jobs).
 HOPELESS_REASONS = {
-    "PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "BadConstraints", "InvalidAccount",
-    "InvalidQOS", "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit", "AccountNotAllowed",
+    "PartitionNodeLimit",
+    "PartitionTimeLimit",
+    "PartitionConfig",
+    "BadConstraints",
+    "InvalidAccount",
+    "InvalidQOS",
+    "QOSMaxNodePerJobLimit",
+    "QOSMaxWallDurationPerJobLimit",
+    "AccountNotAllowed",
 }
 
 
@@ -103,7 +122,9 @@ class JobReport:
     state: str
     restarts: int
     reason: str
-    outcome: dict[str, Any] | None  # rank 0's return value (or {"status": "error", ...}), None if it wrote none
+    outcome: (
+        dict[str, Any] | None
+    )  # rank 0's return value (or {"status": "error", ...}), None if it wrote none
 
 
 def slurm_job_fields(job_id: str) -> dict[str, str]:
@@ -111,8 +132,9 @@ def slurm_job_fields(job_id: str) -> dict[str, str]:
 
     Works without accounting (sacct), unlike submitit's own job state, which then reads UNKNOWN.
     """
-    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=False, capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], check=False, capture_output=True, text=True, timeout=30
+    )
     if proc.returncode != 0:
         return {}
     return dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
@@ -166,14 +188,21 @@ def build_executor(args: argparse.Namespace) -> submitit.Executor:
     folder = Path(args.log_dir) / "%j"
     if args.local:
         ex: submitit.Executor = submitit.LocalExecutor(folder=folder)
-        ex.update_parameters(tasks_per_node=args.tasks_per_node or max(args.gpus_per_node, 1),
-                             timeout_min=args.time, gpus_per_node=args.gpus_per_node)
+        ex.update_parameters(
+            tasks_per_node=args.tasks_per_node or max(args.gpus_per_node, 1),
+            timeout_min=args.time,
+            gpus_per_node=args.gpus_per_node,
+        )
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_timeouts)
     tasks = args.tasks_per_node or max(args.gpus_per_node, 1)  # one task per GPU
     params: dict[str, Any] = {
-        "job_name": args.job_name, "nodes": args.nodes, "ntasks_per_node": tasks, "time": args.time,
-        "signal_delay_s": args.signal_delay, "stderr_to_stdout": True,
+        "job_name": args.job_name,
+        "nodes": args.nodes,
+        "ntasks_per_node": tasks,
+        "time": args.time,
+        "signal_delay_s": args.signal_delay,
+        "stderr_to_stdout": True,
         # a rank that dies ends the step, so the others never sit in a collective until NCCL's timeout
         "srun_args": ["--kill-on-bad-exit=1"],
     }
@@ -208,9 +237,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time", type=int, default=60, help="minutes per job run")
     p.add_argument("--signal-delay", type=int, default=120, help="USR2 this many seconds before the limit")
     p.add_argument("--job-name", default="ldmscale")
-    p.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE", help="more sbatch options")
+    p.add_argument(
+        "--slurm-extra", action="append", default=[], metavar="KEY=VALUE", help="more sbatch options"
+    )
     p.add_argument("--log-dir", default="", help="submitit logs (default: <out_dir>/slurm)")
-    p.add_argument("--max-submissions", type=int, default=3, help="resubmit a failed job up to this many times")
+    p.add_argument(
+        "--max-submissions", type=int, default=3, help="resubmit a failed job up to this many times"
+    )
     p.add_argument("--max-timeouts", type=int, default=20, help="requeues on time limit within one job")
     p.add_argument("--no-wait", action="store_true", help="submit and print the job id, then exit")
     return p.parse_intermixed_args(argv)  # overrides may come after options
@@ -235,19 +268,26 @@ def run(args: argparse.Namespace) -> int:
         except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
             print(f"ldmscale-launch: Slurm rejected the job:\n{slurm_error_text(exc)}", file=sys.stderr)
             return 3
-        print(f"submitted job {job.job_id} (submission {attempt}/{args.max_submissions}); "
-              f"log {job.paths.stdout}; out_dir {out_dir}", flush=True)
+        print(
+            f"submitted job {job.job_id} (submission {attempt}/{args.max_submissions}); "
+            f"log {job.paths.stdout}; out_dir {out_dir}",
+            flush=True,
+        )
         if args.no_wait:
             return 0
         report = wait_for_job(job)
         if report.state == "UNSCHEDULABLE":
-            print(f"ldmscale-launch: Slurm cannot run job {report.job_id} ({report.reason}); cancelled it",
-                  file=sys.stderr)
+            print(
+                f"ldmscale-launch: Slurm cannot run job {report.job_id} ({report.reason}); cancelled it",
+                file=sys.stderr,
+            )
             return 3
         _print_wandb(out_dir)
         status = (report.outcome or {}).get("status")
-        print(f"job {report.job_id}: state={report.state} restarts={report.restarts} outcome={report.outcome}",
-              flush=True)
+        print(
+            f"job {report.job_id}: state={report.state} restarts={report.restarts} outcome={report.outcome}",
+            flush=True,
+        )
         if status == "finished":
             print(f"FINISHED step={report.outcome.get('step')}", flush=True)
             return 0

@@ -22,7 +22,9 @@ SLURM_LOCAL = REPO / "tools" / "slurm_local"
 # their own cache, built once before the first job: other callers sharing a cache were seen to trigger
 # rebuilds, and a job killed mid-build (a preemption test) would leave a stale lock that hangs the next one.
 EXTENSIONS_DIR = REPO / ".cache" / "torch_extensions_slurm"
-PREBUILD = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
+PREBUILD = (
+    "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
+)
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,13 @@ class SlurmCluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment for sbatch/launcher subprocesses; sbatch passes it on to the job's tasks."""
-        return {**os.environ, "SLURM_CONF": str(self.conf), "PYTHONPATH": str(REPO),
-                "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR), **extra}
+        return {
+            **os.environ,
+            "SLURM_CONF": str(self.conf),
+            "PYTHONPATH": str(REPO),
+            "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
+            **extra,
+        }
 
 
 def _skip_reason() -> str | None:
@@ -61,11 +68,15 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     state_dir = Path(os.environ.get("LDMSCALE_SLURM_DIR", "/tmp/ldmscale-slurm"))
     started_here = not _running(state_dir)
     # apt-get install on a fresh machine is the slow part (~10-60 s); the daemons take seconds.
-    proc = subprocess.run(["bash", str(SLURM_LOCAL / "start.sh")], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(SLURM_LOCAL / "start.sh")], capture_output=True, text=True, timeout=900
+    )
     if proc.returncode != 0:
         pytest.fail(f"tools/slurm_local/start.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     cluster = SlurmCluster(conf=state_dir / "slurm.conf", state_dir=state_dir)
-    subprocess.run([sys.executable, "-c", PREBUILD], env=cluster.env(), check=True, capture_output=True, timeout=900)
+    subprocess.run(
+        [sys.executable, "-c", PREBUILD], env=cluster.env(), check=True, capture_output=True, timeout=900
+    )
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster.conf)  # so ldmscale.launch's scontrol calls in-process find it too
     try:

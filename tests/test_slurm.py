@@ -61,7 +61,7 @@ def steps_after_event(out_dir: Path, prefix: str) -> list[tuple[int, float]]:
     """(step, loss) rows logged after the last event starting with `prefix`."""
     rows = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     start = max(i for i, r in enumerate(rows) if r.get("event", "").startswith(prefix))
-    return [(r["step"], r["loss"]) for r in rows[start + 1:] if "step" in r and "loss" in r]
+    return [(r["step"], r["loss"]) for r in rows[start + 1 :] if "step" in r and "loss" in r]
 
 
 def events(out_dir: Path) -> list[str]:
@@ -89,7 +89,9 @@ def assert_same_trajectory(out_dir: Path, reference: dict[int, float], context: 
     """Exactly the steps of an uninterrupted run, each once, in order, with bitwise-equal losses."""
     rows = step_losses(out_dir)
     steps = [s for s, _ in rows]
-    assert steps == list(range(1, MAX_STEPS + 1)), f"steps not 1..{MAX_STEPS} exactly once: {steps}\n{context}"
+    assert steps == list(range(1, MAX_STEPS + 1)), (
+        f"steps not 1..{MAX_STEPS} exactly once: {steps}\n{context}"
+    )
     bad = [(s, loss, reference[s]) for s, loss in rows if loss != reference[s]]
     assert not bad, f"loss differs from the uninterrupted run at (step, got, want) {bad[:5]}\n{context}"
 
@@ -97,12 +99,22 @@ def assert_same_trajectory(out_dir: Path, reference: dict[int, float], context: 
 def sbatch_train(cluster: SlurmCluster, assets: Path, out_dir: Path, **extra: object) -> str:
     """Submit slurm/train.sbatch (self-submitting mode) on 2 nodes x 1 CPU task; returns the job id."""
     env = cluster.env(
-        CONFIG="configs/tiny.yaml", OVERRIDES=" ".join(tiny_overrides(assets, out_dir, **{**NO_PERIODIC, **extra})),
-        NODES="2", GPUS_PER_NODE="0", PYTHON=sys.executable, LDMSCALE_ROOT=str(REPO),
+        CONFIG="configs/tiny.yaml",
+        OVERRIDES=" ".join(tiny_overrides(assets, out_dir, **{**NO_PERIODIC, **extra})),
+        NODES="2",
+        GPUS_PER_NODE="0",
+        PYTHON=sys.executable,
+        LDMSCALE_ROOT=str(REPO),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["bash", "slurm/train.sbatch", f"--output={out_dir}/job-%j.out"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", "slurm/train.sbatch", f"--output={out_dir}/job-%j.out"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
 
@@ -114,8 +126,13 @@ class Launcher:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.log = out_dir.parent / f"{out_dir.name}-launch.log"
         self._fh = open(self.log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ldmscale.launch", *args], cwd=REPO,
-                                     env=cluster.env(), stdout=self._fh, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ldmscale.launch", *args],
+            cwd=REPO,
+            env=cluster.env(),
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+        )
 
     def text(self) -> str:
         return self.log.read_text()
@@ -139,8 +156,14 @@ class Launcher:
 
 
 def launch_args(assets: Path, out_dir: Path, *more: str, **extra: object) -> list[str]:
-    return ["--config", "configs/tiny.yaml", *tiny_overrides(assets, out_dir, **{**NO_PERIODIC, **extra}),
-            "--nodes", "2", *more]
+    return [
+        "--config",
+        "configs/tiny.yaml",
+        *tiny_overrides(assets, out_dir, **{**NO_PERIODIC, **extra}),
+        "--nodes",
+        "2",
+        *more,
+    ]
 
 
 def rank_pid(job_id: str, rank: int) -> int | None:
@@ -149,9 +172,12 @@ def rank_pid(job_id: str, rank: int) -> int | None:
     Data-loader workers are forks with the same command line and environment: take the one whose parent
     is not itself a task process.
     """
+
     def task_of(pid: str) -> bool:
         try:
-            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+            env = dict(
+                kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv
+            )
             cmd = Path(f"/proc/{pid}/cmdline").read_text()
         except OSError:
             return False
@@ -177,7 +203,7 @@ def slurm_text(job_out: Path) -> str:
 
 @pytest.fixture
 def jobs(slurm_cluster: SlurmCluster) -> Iterator[list[str]]:
-    """Job ids a test submitted; whatever still runs at teardown is cancelled so the next test starts clean."""
+    """Job ids a test submitted; what still runs at teardown is cancelled so the next test starts clean."""
     ids: list[str] = []
     yield ids
     for job_id in ids:
@@ -185,7 +211,9 @@ def jobs(slurm_cluster: SlurmCluster) -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def reference(slurm_cluster: SlurmCluster, assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+def reference(
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[int, float]:
     """Loss per step of an uninterrupted run through the same sbatch script (same world size, same config)."""
     out = tmp_path_factory.mktemp("slurm") / "reference"
     job_id = sbatch_train(slurm_cluster, assets, out)
@@ -212,7 +240,7 @@ def test_sbatch_usr1_saves_on_every_rank_requeues_and_resumes(
     jobs.append(job_id)
     job_out = out / f"job-{job_id}.out"
     wait_until(lambda: last_step(out) >= 10, JOB_TIMEOUT_S, "step 10", poll_s=0.2)
-    # `--batch`: only the batch shell gets USR1 (as with --signal=B:USR1@grace); its trap forwards it to the ranks.
+    # `--batch`: only the batch shell gets USR1 (as with --signal=B:USR1@grace); its trap forwards it.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
     fields = wait_until(lambda: job_done(job_id), JOB_TIMEOUT_S, f"job {job_id} to end")
     text = slurm_text(job_out)
@@ -239,7 +267,7 @@ def test_launch_usr2_preemption_every_rank_saves_then_requeue(
         job_id = launcher.first_job()
         jobs.append(job_id)
         wait_until(lambda: last_step(out) >= 10, JOB_TIMEOUT_S, "step 10", poll_s=0.2)
-        # What Slurm does before a preemption or time limit with submitit's --signal=USR2@N: USR2 to every task.
+        # What Slurm does before a preemption / time limit with submitit's --signal=USR2@N: USR2 to all tasks.
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
         rc = launcher.wait(JOB_TIMEOUT_S)
     finally:
@@ -256,7 +284,9 @@ def test_launch_usr2_preemption_every_rank_saves_then_requeue(
     # ... and rank 0 requeued only after the collective save.
     preempted = int(re.search(r"^PREEMPTED step=(\d+)", rank0, re.M).group(1))
     assert rank0.index(f"PREEMPTED step={preempted}") < rank0.index(f"Requeued job {job_id}"), rank0
-    assert f"resumed from {out / 'checkpoints'}/step_{preempted:08d} at step {preempted}" in events(out), rank0
+    assert f"resumed from {out / 'checkpoints'}/step_{preempted:08d} at step {preempted}" in events(out), (
+        rank0
+    )
     assert_same_trajectory(out, reference, rank0)
     assert final_checkpoint_step(out) == MAX_STEPS
 
@@ -269,18 +299,25 @@ def test_launch_time_limit_signal_requeues_and_finishes(
     the trainer's start-up). After the requeue the limit is restored, so the second run can finish."""
     out = tmp_path / "run"
     steps = 300  # > 30 s of training after step 10: still running when the next 30-s limit check comes
-    launcher = Launcher(slurm_cluster, out, launch_args(assets, out, "--time", "10", "--signal-delay", "120",
-                                                        **{"train.max_steps": steps}))
+    launcher = Launcher(
+        slurm_cluster,
+        out,
+        launch_args(assets, out, "--time", "10", "--signal-delay", "120", **{"train.max_steps": steps}),
+    )
     try:
         job_id = launcher.first_job()
         jobs.append(job_id)
         wait_until(lambda: last_step(out) >= 10, JOB_TIMEOUT_S, "step 10", poll_s=0.2)
         started = slurm_job_fields(job_id)["RunTime"]  # H:MM:SS or MM:SS
         elapsed_s = sum(int(x) * 60**i for i, x in enumerate(reversed(started.split(":"))))
-        # remaining time in (60, 120] s <= signal delay: the warning comes at the next check, the kill never does
+        # remaining time in (60, 120] s <= signal delay: the warning comes at the next check, the kill never
         new_limit = math.ceil(elapsed_s / 60) + 1
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={new_limit}"], check=True, timeout=30)
-        wait_until(lambda: int(slurm_job_fields(job_id).get("Restarts", "0")) >= 1, 120, "the time-limit requeue")
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job_id}", f"TimeLimit={new_limit}"], check=True, timeout=30
+        )
+        wait_until(
+            lambda: int(slurm_job_fields(job_id).get("Restarts", "0")) >= 1, 120, "the time-limit requeue"
+        )
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True, timeout=30)
         rc = launcher.wait(JOB_TIMEOUT_S)
     finally:
@@ -300,8 +337,11 @@ def test_launch_killed_rank_fails_job_and_resubmission_resumes(
     slurm_cluster: SlurmCluster, assets: Path, reference: dict[int, float], tmp_path: Path, jobs: list[str]
 ) -> None:
     out = tmp_path / "run"
-    launcher = Launcher(slurm_cluster, out, launch_args(assets, out, "--time", "10", "--max-submissions", "2",
-                                                        **{"train.ckpt_every": 10}))
+    launcher = Launcher(
+        slurm_cluster,
+        out,
+        launch_args(assets, out, "--time", "10", "--max-submissions", "2", **{"train.ckpt_every": 10}),
+    )
     try:
         first = launcher.first_job()
         jobs.append(first)
@@ -327,36 +367,61 @@ def test_launch_killed_rank_fails_job_and_resubmission_resumes(
     assert final_checkpoint_step(out) == MAX_STEPS
 
 
-def test_launch_config_error_is_reported_before_submission(slurm_cluster: SlurmCluster, assets: Path,
-                                                           tmp_path: Path) -> None:
+def test_launch_config_error_is_reported_before_submission(
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     before = slurm_last_job_id()
-    proc = subprocess.run([sys.executable, "-m", "ldmscale.launch", *launch_args(assets, out, "train.bogus_key=1")],
-                          cwd=REPO, env=slurm_cluster.env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ldmscale.launch", *launch_args(assets, out, "train.bogus_key=1")],
+        cwd=REPO,
+        env=slurm_cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "config error, nothing submitted" in proc.stderr and "bogus_key" in proc.stderr, proc.stderr
     assert slurm_last_job_id() == before and not (out / "slurm").exists()
 
 
-def test_launch_missing_partition_passes_slurms_message(slurm_cluster: SlurmCluster, assets: Path,
-                                                        tmp_path: Path) -> None:
+def test_launch_missing_partition_passes_slurms_message(
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "ldmscale.launch", *launch_args(assets, out, "--partition", "nosuch")],
-                          cwd=REPO, env=slurm_cluster.env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ldmscale.launch", *launch_args(assets, out, "--partition", "nosuch")],
+        cwd=REPO,
+        env=slurm_cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "Slurm rejected the job" in proc.stderr and "invalid partition specified: nosuch" in proc.stderr, proc.stderr
+    assert "Slurm rejected the job" in proc.stderr and "invalid partition specified: nosuch" in proc.stderr, (
+        proc.stderr
+    )
 
 
-def test_launch_impossible_node_count_passes_slurms_message(slurm_cluster: SlurmCluster, assets: Path,
-                                                            tmp_path: Path) -> None:
+def test_launch_impossible_node_count_passes_slurms_message(
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "ldmscale.launch", *launch_args(assets, out), "--nodes", "3"],
-                          cwd=REPO, env=slurm_cluster.env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ldmscale.launch", *launch_args(assets, out), "--nodes", "3"],
+        cwd=REPO,
+        env=slurm_cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Node count specification invalid" in proc.stderr, proc.stderr
 
 
 def slurm_last_job_id() -> str:
     """slurmctld's next job id: it moves if anything at all was submitted."""
-    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True, timeout=30)
+    proc = subprocess.run(
+        ["scontrol", "show", "config"], capture_output=True, text=True, check=True, timeout=30
+    )
     return re.search(r"NEXT_JOB_ID\s*=\s*(\d+)", proc.stdout).group(1)

@@ -23,11 +23,13 @@ if [ -f "$DIR/slurm.conf" ]; then
   sleep 1
 fi
 for f in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid"; do stop_pidfile "$f"; done
-# Job processes whose slurmstepd outlived slurmd (only those started from this cluster's spool dir).
-for pid in $(pgrep -f "slurmstepd" 2>/dev/null); do
-  if tr '\0' ' ' < "/proc/$pid/environ" 2>/dev/null | grep -q "SLURM_CONF=$DIR/slurm.conf"; then
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
+# A slurmstepd that outlived scancel and slurmd (it runs in this cluster's log dir), with its job's processes.
+children() { for s in /proc/[0-9]*/stat; do read -r -a f 2>/dev/null < "$s" && [ "${f[3]:-}" = "$1" ] && echo "${f[0]}"; done; }
+kill_tree() { local c; for c in $(children "$1"); do kill_tree "$c"; done; kill -KILL "$1" 2>/dev/null || true; }
+for p in /proc/[0-9]*; do
+  case "$(tr '\0' ' ' 2>/dev/null < "$p/cmdline")" in
+    slurmstepd*) [[ "$(readlink "$p/cwd" 2>/dev/null)" == "$DIR"* ]] && kill_tree "${p#/proc/}" ;;
+  esac
 done
 stop_pidfile "$DIR/munge/munged.pid"
 
