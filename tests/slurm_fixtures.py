@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "tools" / "slurm_local"
-# DeepSpeed JIT-builds its CPU shared-memory comm op in every process that finds no build (45-100 s). Jobs get
-# their own cache, built once before the first job: other callers sharing a cache were seen to trigger
-# rebuilds, and a job killed mid-build (a preemption test) would leave a stale lock that hangs the next one.
+# Jobs get their own torch-extensions cache: a job killed mid-way through a JIT build (a preemption test) must
+# not leave a lock that hangs the next one. (ldmscale.dist skips DeepSpeed's CPU shm op, the usual such build.)
 EXTENSIONS_DIR = REPO / ".cache" / "torch_extensions_slurm"
-PREBUILD = (
-    "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
-)
 
 
 @dataclass(frozen=True)
@@ -74,9 +69,6 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     if proc.returncode != 0:
         pytest.fail(f"tools/slurm_local/start.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     cluster = SlurmCluster(conf=state_dir / "slurm.conf", state_dir=state_dir)
-    subprocess.run(
-        [sys.executable, "-c", PREBUILD], env=cluster.env(), check=True, capture_output=True, timeout=900
-    )
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster.conf)  # so ldmscale.launch's scontrol calls in-process find it too
     try:
