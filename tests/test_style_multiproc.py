@@ -106,7 +106,7 @@ def test_sample_cli_with_style_image(style_runs: dict, tmp_path: Path, assets: P
     assert r.returncode == 0, r.stderr[-3000:]
     records = json.loads((out / "samples.json").read_text())
     assert len(records) == 4 and all(rec["style_scale"] == 2 for rec in records)
-    r = subprocess.run(cmd[:4] + ["--out", str(tmp_path / "s1"), "--steps", "2"], env=train_env(),
+    r = subprocess.run(cmd[:6] + ["--out", str(tmp_path / "s1"), "--steps", "2"], env=train_env(),
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]  # text-only sampling of a style checkpoint
     step1 = subprocess.run([*cmd[:3], str(style_runs["step1"]), *cmd[4:]], env=train_env(), capture_output=True,
