@@ -110,25 +110,31 @@ def decode_image(data: bytes, resolution: int, center_crop: bool) -> np.ndarray:
     if img.format == "JPEG" and scale < 1:
         # draft picks the largest 1/2^k reduction that keeps both sides >= the requested size
         img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-    img = img.convert("RGB")
+    if img.mode != "RGB":  # convert() of an RGB image would only copy it
+        img = img.convert("RGB")
     w, h = img.size
     scale = resolution / min(w, h)
     new = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if new != img.size:
-        img = img.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    w, h = img.size
     if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (new[0] - resolution) // 2, (new[1] - resolution) // 2
     else:
         left, top = 0, 0
-    img = img.crop((left, top, left + resolution, top + resolution))
+    if new == img.size:
+        img = img.crop((left, top, left + resolution, top + resolution))
+    else:
+        # Resample only the square that the crop keeps (the same pixel grid as resizing the whole image to
+        # `new` and cropping it): a 3:2 photo's discarded third costs nothing. Profiled on 0.8 MP q95 photos.
+        sx, sy = w / new[0], h / new[1]
+        box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
     return np.asarray(img, dtype=np.uint8)
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     """uint8 HWC list -> float [-1, 1] BCHW."""
     arr = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return arr / 127.5 - 1.0
+    # in place: the same float ops (bitwise the same result) without two more batch-sized allocations
+    return arr.div_(127.5).sub_(1.0)
 
 
 # ---------------------------------------------------------------- the per-worker stream
