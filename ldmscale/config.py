@@ -263,7 +263,13 @@ def parse_override(item: str) -> dict[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form section.key=value")
     path, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote strings that "
+            f"hold braces or colons inside a list, e.g. 'data.shards=[\"s3://b/{{00000..00099}}.tar\"]'"
+        ) from None
     out: dict[str, Any] = {}
     node = out
     parts = path.strip().split(".")
@@ -310,8 +316,28 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return conv(dataclasses.asdict(cfg))
 
 
+SECRET_WORDS = ("secret", "key", "token", "password", "credential", "session")
+
+
+def _redacted(options: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out[k] = _redacted(v)
+        else:
+            out[k] = "***" if any(w in k.lower() for w in SECRET_WORDS) else v
+    return out
+
+
+def public_dict(cfg: Config) -> dict[str, Any]:
+    """The config as saved and logged (config.yaml, checkpoints, W&B): storage credentials masked."""
+    d = to_dict(cfg)
+    d["data"]["storage_options"] = _redacted(d["data"]["storage_options"])
+    return d
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(public_dict(cfg), sort_keys=False)
 
 
 def config_from_yaml_text(text: str) -> Config:

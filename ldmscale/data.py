@@ -130,11 +130,20 @@ def decode_image(data: bytes, resolution: int, center_crop: bool) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def stack_uint8(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC list -> uint8 BCHW. Batches cross from loader workers to the trainer as uint8: a quarter of
+    float32's bytes through shared memory, and the normalisation runs on the accelerator (normalize_pixels)."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]; in place after the cast, so no extra batch-sized allocations."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     """uint8 HWC list -> float [-1, 1] BCHW."""
-    arr = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    # in place: the same float ops (bitwise the same result) without two more batch-sized allocations
-    return arr.div_(127.5).sub_(1.0)
+    return normalize_pixels(stack_uint8(images))
 
 
 # ---------------------------------------------------------------- the per-worker stream
@@ -253,7 +262,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 captions.append(sample["txt"].decode("utf-8", "replace").strip())
                 keys.append(sample["__key__"])
             batch = {
-                "pixels": to_tensor(images),
+                "pixels": stack_uint8(images),
                 "captions": captions,
                 "keys": keys,
                 "role": role,
@@ -263,7 +272,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             if self.tokenizer is not None:  # the autoencoder stage has no text
                 batch["input_ids"] = self._tokenize(captions)
             if self.style is not None:
-                batch["style_pixels"] = to_tensor(refs)
+                batch["style_pixels"] = stack_uint8(refs)
             yield batch
             images, captions, keys, refs = [], [], [], []
 
@@ -384,13 +393,23 @@ class ResumableLoader:
         return self.position.to_dict()
 
 
-def count_samples(cfg: DataConfig) -> int:
-    """Samples per epoch: the config's, else the sum of img2dataset's `successes` in NNNNN_stats.json."""
+STATS_SAMPLED = 16
+
+
+def count_samples(cfg: DataConfig, urls: list[str] | None = None) -> int:
+    """Samples per epoch: the config's, else from img2dataset's `successes` in NNNNN_stats.json.
+
+    With many shards only STATS_SAMPLED evenly spaced stats files are read and the mean is scaled up: every
+    rank computes this, and 41,455 reads per rank at start-up would be a storm. An epoch is only where the
+    shard order is reshuffled, so an estimate is enough, and every rank reads the same files (same result).
+    """
     if cfg.samples_per_epoch:
         return cfg.samples_per_epoch
+    urls = urls if urls is not None else storage.expand_shard_urls(cfg.shards, cfg.storage_options)
+    n = len(urls)
+    picked = urls if n <= STATS_SAMPLED else [urls[i * n // STATS_SAMPLED] for i in range(STATS_SAMPLED)]
     total = 0
-    urls = storage.expand_shard_urls(cfg.shards, cfg.storage_options)
-    for url in urls:
+    for url in picked:
         stats_url = url[: -len(".tar")] + "_stats.json"
         try:
             with fsspec.open(stats_url, "rt", **storage.storage_options_for(stats_url, cfg.storage_options)) as f:
@@ -399,5 +418,5 @@ def count_samples(cfg: DataConfig) -> int:
             raise ValueError(
                 f"cannot count samples: {stats_url} is missing or unreadable ({exc}); set data.samples_per_epoch"
             ) from None
-    return total
+    return total * len(urls) // len(picked)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ldmscale.config import Config, to_dict
+from ldmscale.config import Config, public_dict
 
 # dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, SXM parts)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -60,7 +60,7 @@ class Monitor:
             self.run = wandb.init(
                 project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=cfg.wandb.name or None,
                 tags=cfg.wandb.tags or None, id=run_id, resume="allow", mode=cfg.wandb.mode,
-                dir=str(out_dir), config=to_dict(cfg),
+                dir=str(out_dir), config=public_dict(cfg),
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

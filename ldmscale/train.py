@@ -21,7 +21,7 @@ import torch
 from ldmscale import dist, noise, preemption
 from ldmscale.checkpoint import Checkpointer, load_ema, resolve_resume
 from ldmscale.config import Config, ConfigError, dump_config, load_config, validate
-from ldmscale.data import DataPosition, ResumableLoader, count_samples
+from ldmscale.data import DataPosition, ResumableLoader, count_samples, normalize_pixels
 from ldmscale.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.ema import EMA, gathered
 from ldmscale.monitor import Monitor, StepTimer, peak_tflops, rank_keys_file, training_flops_per_sample
@@ -115,7 +115,7 @@ class Task:
 
     def loss(self, engine: Any, batch: dict[str, Any], ids: list[int]) -> tuple[torch.Tensor, dict[str, Any]]:
         seed = self.cfg.train.seed
-        pixels = batch["pixels"].to(self.device, non_blocking=True)
+        pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True))
         post = noise.randn(seed, ids, self.latent_shape, noise.Stream.POSTERIOR)
         if self.encoders is None:
             return engine(pixels, post.to(self.device))
@@ -139,26 +139,29 @@ class Task:
         from ldmscale.style import beta_at, style_input
 
         s, seed = self.cfg.style, self.cfg.train.seed
-        refs = style_input(self.style_frozen, batch["style_pixels"].to(self.device, non_blocking=True))
+        style_pixels = normalize_pixels(batch["style_pixels"].to(self.device, non_blocking=True))
+        refs = style_input(self.style_frozen, style_pixels)
         z = noise.randn(seed, ids, (s.num_tokens, self.encoders.text_dim), noise.Stream.STYLE)
         keep = (noise.rand(seed, ids, noise.Stream.STYLE_DROP) >= s.dropout).float()
         step = ids[0] // self.cfg.train.global_batch_size  # ids are step * global_batch + slot
         return refs, z.to(self.device), keep.to(self.device), beta_at(s, step)
 
 
-def check_data_reachable(cfg: Config) -> None:
-    """Before any process group: an empty shard list, a wrong endpoint or bad credentials fail here, fast."""
+def check_data(cfg: Config) -> int:
+    """Before any process group: an empty shard list, a wrong endpoint, bad credentials or uncountable shards
+    fail here, fast, on every rank alike. Returns the samples per epoch."""
     from ldmscale import storage
 
     try:
         urls = storage.expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
+        storage.check_shards_reachable(urls, cfg.data.storage_options)
+        return count_samples(cfg.data, urls)
     except ValueError as e:
         raise storage.StorageError(str(e)) from None
-    storage.check_shards_reachable(urls, cfg.data.storage_options)
 
 
 def main(cfg: Config, resume: str = "auto") -> TrainResult:
-    check_data_reachable(cfg)
+    samples_per_epoch = check_data(cfg)
     info = dist.init_distributed()
     validate(cfg, world_size=info.world_size, device_type=info.device.type)
     absolutize_model_paths(cfg)
@@ -190,7 +193,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         monitor.event(f"style step 2: U-Net initialised from {task.init_note}")
     loader = ResumableLoader(
         cfg.data, task.tokenizer, seed=cfg.train.seed, rank=info.rank, world=info.world_size,
-        micro_batch=cfg.train.micro_batch_size, samples_per_epoch=count_samples(cfg.data),
+        micro_batch=cfg.train.micro_batch_size, samples_per_epoch=samples_per_epoch,
         position=DataPosition.from_dict(state["data"]) if state.get("data") else None, style=cfg.style,
     )
     gas = accumulation_steps(cfg, info.world_size)
@@ -351,7 +354,7 @@ def finish_autoencoder(cfg: Config, task: Task, engine: Any, ema: EMA | None, lo
         vae.eval()
         probe = ResumableLoader(cfg.data, None, seed=cfg.train.seed + 1, rank=0, world=1,
                                 micro_batch=cfg.train.micro_batch_size, samples_per_epoch=count_samples(cfg.data))
-        factor = measure_scaling_factor(vae, (next(probe)["pixels"] for _ in range(10**9)),
+        factor = measure_scaling_factor(vae, (normalize_pixels(next(probe)["pixels"]) for _ in range(10**9)),
                                         cfg.autoencoder.scaling_samples)
         save_vae(vae, weights, factor, out / "vae")
         print(f"autoencoder: exported {out / 'vae'} with scaling_factor={factor:.4f}", flush=True)
