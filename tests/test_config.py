@@ -72,3 +72,20 @@ def test_cli_reports_config_error_before_starting(assets: Path, tmp_path: Path) 
     assert r.returncode == 2
     assert "config error: deepspeed.zero_stage=5 is not allowed" in r.stderr
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_unquoted_braces_in_a_list_get_a_clear_error(assets: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML.*quote strings"):
+        load_config(TINY, tiny_overrides(assets, tmp_path) + ["data.shards=[s3://b/{00000..00009}.tar]"])
+
+
+def test_saved_config_masks_storage_credentials(assets: Path, tmp_path: Path) -> None:
+    from ldmscale.config import dump_config
+
+    cfg = load_config(TINY, tiny_overrides(assets, tmp_path) + [
+        "data.storage_options.key=AKIAEXAMPLE", "data.storage_options.secret=hunter2",
+        "data.storage_options.endpoint_url=http://127.0.0.1:7480"])
+    text = dump_config(cfg)
+    assert "hunter2" not in text and "AKIAEXAMPLE" not in text
+    assert "http://127.0.0.1:7480" in text
+    assert cfg.data.storage_options["secret"] == "hunter2"  # the live config keeps what the loader needs
