@@ -130,6 +130,7 @@ class TrainConfig:
     micro_batch_size: int = 32  # per rank; accumulation = global / (ranks * micro)
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_start_step: int = 0
+    ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) after n updates, so random init fades fast
     ckpt_every: int = 1000
     keep_last: int = 3
     log_every: int = 10

@@ -28,6 +28,13 @@ def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
         yield
 
 
+def warmup_decay(decay: float, updates: int) -> float:
+    """The usual EMA warm-up (as diffusers' EMAModel): (1 + n) / (10 + n), capped at `decay`. Without it a
+    0.9999 average still holds e^-1 of the random initialisation after 10k steps, and features learned late
+    (text conditioning, first of all) show in the EMA weights long after they show in the raw ones."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
 class EMA:
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float, keep: bool) -> None:
         """`keep` is True on the one rank that stores the average (rank 0); the others only join gathers."""

@@ -23,7 +23,7 @@ from ldmscale.checkpoint import Checkpointer, load_ema, resolve_resume
 from ldmscale.config import Config, ConfigError, dump_config, load_config, validate
 from ldmscale.data import DataPosition, ResumableLoader, count_samples, normalize_pixels
 from ldmscale.ds_config import accumulation_steps, build_ds_config, precision_dtype
-from ldmscale.ema import EMA, gathered
+from ldmscale.ema import EMA, gathered, warmup_decay
 from ldmscale.monitor import Monitor, StepTimer, peak_tflops, rank_keys_file
 from ldmscale.storage import StorageError
 from ldmscale.task import Task
@@ -150,7 +150,8 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         state["samples_seen"] += cfg.train.global_batch_size
         timer.samples += cfg.train.global_batch_size
         if ema is not None and step > cfg.train.ema_start_step:
-            ema.update()
+            n = step - cfg.train.ema_start_step - 1  # a function of the step: resumes exactly
+            ema.update(warmup_decay(cfg.train.ema_decay, n) if cfg.train.ema_warmup else None)
         mean_loss = torch.stack(losses).mean().to(info.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(mean_loss)

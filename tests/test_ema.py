@@ -38,3 +38,13 @@ def test_non_keeping_rank_holds_nothing() -> None:
     ema = EMA([("w", p)], decay=0.9, keep=False)
     ema.update()
     assert ema.state_dict() == {}
+
+
+def test_warmup_decay_starts_low_and_reaches_the_cap() -> None:
+    from ldmscale.ema import warmup_decay
+
+    assert warmup_decay(0.9999, 0) == 0.1  # the first update nearly copies the weights
+    assert warmup_decay(0.9999, 90) == 0.91
+    assert warmup_decay(0.99, 10**6) == 0.99
+    decays = [warmup_decay(0.999, n) for n in range(5000)]
+    assert decays == sorted(decays)
