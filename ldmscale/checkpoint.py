@@ -76,16 +76,24 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
     if resume == "auto":
         tag = latest_tag(root)
         return root / tag if tag else None
-    p = Path(resume)
-    if (p / "latest").exists():
-        tag = latest_tag(p)
+    return find_tag_dir(Path(resume))
+
+
+def find_tag_dir(path: Path) -> Path:
+    """A checkpoint root (with `latest`), a run dir (with checkpoints/), or a tag folder -> the tag folder."""
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / "latest").exists():
+        tag = latest_tag(path)
         assert tag is not None
-        p = p / tag
-    if not p.is_dir():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
-    if not is_complete(p):
-        raise CheckpointError(f"--resume {resume}: {p} has no {COMPLETE} marker; the save was interrupted")
-    return p
+        path = path / tag
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint; give a run dir, its checkpoints/ or a step_* folder")
+    if not is_complete(path):
+        raise CheckpointError(
+            f"{path} is a partial checkpoint (no COMPLETE marker: its save was interrupted); use an earlier step"
+        )
+    return path
 
 
 def read_trainer_state(tag_dir: Path) -> dict[str, Any]:

@@ -14,28 +14,11 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from ldmscale.checkpoint import CheckpointError, is_complete, latest_tag, load_ema
+from ldmscale.checkpoint import CheckpointError, find_tag_dir, load_ema
 from ldmscale.config import Config, config_from_yaml_text
 from ldmscale.encoders import FrozenEncoders
 from ldmscale.models import build_unet, vae_downsample_factor
 from ldmscale.objective import build_noise_scheduler
-
-
-def find_tag_dir(path: Path) -> Path:
-    """A checkpoint root (with `latest`), a run dir (with checkpoints/), or a tag folder -> the tag folder."""
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if (path / "latest").exists():
-        tag = latest_tag(path)
-        assert tag is not None
-        path = path / tag
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint; give a run dir, its checkpoints/ or a step_* folder")
-    if not is_complete(path):
-        raise CheckpointError(
-            f"{path} is a partial checkpoint (no COMPLETE marker: its save was interrupted); use an earlier step"
-        )
-    return path
 
 
 def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
