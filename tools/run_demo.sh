@@ -5,13 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-demo_out}
-bash tools/setup_env.sh
-. .venv/bin/activate
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
-start=$(date +%s)
-stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
+. tools/demo_env.sh demo
 
 [ -f "$OUT/shards/train/00000.tar" ] || python tools/make_digit_shards.py --out "$OUT/shards"
 [ -d "$OUT/models/tokenizer" ] || python tools/make_offline_models.py --shards "$OUT/shards/train/*.tar" --out "$OUT/models"

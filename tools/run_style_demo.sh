@@ -6,13 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-demo_style}
-bash tools/setup_env.sh
-. .venv/bin/activate
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
-start=$(date +%s)
-stamp() { echo "[style demo $(( $(date +%s) - start ))s] $*"; }
+. tools/demo_env.sh "style demo"
 AE=(train.max_steps=400) S1=() S2=() BENCH=(--per-cell 2 --steps 20)
 if [ "${QUICK:-0}" = 1 ]; then
   SMALL=(model.unet=tiny train.global_batch_size=32 train.micro_batch_size=32 train.log_every=25)
