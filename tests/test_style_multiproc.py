@@ -69,7 +69,7 @@ def test_style_run_starts_from_step1_and_logs_both_loss_parts(style_runs: dict) 
     assert any("U-Net initialised from" in r.get("event", "") and "ema weights" in r["event"] for r in lines)
     steps = [r for r in lines if "step" in r]
     assert all({"kl", "denoise", "beta"} <= r.keys() for r in steps)
-    assert [r["beta"] for r in steps[:5]] == pytest.approx([0.0, 0.25e-3, 0.5e-3, 0.75e-3, 1e-3])  # warm-up
+    assert [r["beta"] for r in steps[:5]] == pytest.approx([0.0, 0.25e-5, 0.5e-5, 0.75e-5, 1e-5])  # warm-up
     assert all(abs(r["loss"] - (r["denoise"] + r["beta"] * r["kl"])) < 1e-4 * max(1.0, r["loss"]) for r in steps)
 
 
