@@ -298,7 +298,9 @@ def test_launch_time_limit_signal_requeues_and_finishes(
     before the end falls inside training (slurmctld checks limits every 30 s, so a 1-minute job would race
     the trainer's start-up). After the requeue the limit is restored, so the second run can finish."""
     out = tmp_path / "run"
-    steps = 300  # > 30 s of training after step 10: still running when the next 30-s limit check comes
+    # training must outlast the next 30-s limit check after step 10 even on an idle machine (300 tiny steps took
+    # only 27 s there and finished before the warning); the long tail is paid once, after the requeue
+    steps = 1000
     launcher = Launcher(
         slurm_cluster,
         out,
@@ -319,7 +321,7 @@ def test_launch_time_limit_signal_requeues_and_finishes(
             lambda: int(slurm_job_fields(job_id).get("Restarts", "0")) >= 1, 120, "the time-limit requeue"
         )
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True, timeout=30)
-        rc = launcher.wait(JOB_TIMEOUT_S)
+        rc = launcher.wait(3 * JOB_TIMEOUT_S)
     finally:
         launcher.kill()
     text = launcher.text()
