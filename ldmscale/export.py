@@ -28,7 +28,7 @@ def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     if any(tag_dir.glob("*optim_states.pt")):
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     # ZeRO stage 0 without a ZeRO optimizer: the whole module sits in the model-states file
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
 
 
