@@ -369,19 +369,18 @@ def test_launch_killed_rank_fails_job_and_resubmission_resumes(
     assert final_checkpoint_step(out) == MAX_STEPS
 
 
+def run_launch_cli(cluster: SlurmCluster, args: list[str]) -> subprocess.CompletedProcess:
+    """`ldmscale-launch ARGS` to completion: for the cases that fail before or at submission."""
+    return subprocess.run([sys.executable, "-m", "ldmscale.launch", *args], cwd=REPO, env=cluster.env(),
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_launch_config_error_is_reported_before_submission(
     slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
     before = slurm_last_job_id()
-    proc = subprocess.run(
-        [sys.executable, "-m", "ldmscale.launch", *launch_args(assets, out, "train.bogus_key=1")],
-        cwd=REPO,
-        env=slurm_cluster.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_launch_cli(slurm_cluster, launch_args(assets, out, "train.bogus_key=1"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "config error, nothing submitted" in proc.stderr and "bogus_key" in proc.stderr, proc.stderr
     assert slurm_last_job_id() == before and not (out / "slurm").exists()
@@ -391,14 +390,7 @@ def test_launch_missing_partition_passes_slurms_message(
     slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ldmscale.launch", *launch_args(assets, out, "--partition", "nosuch")],
-        cwd=REPO,
-        env=slurm_cluster.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_launch_cli(slurm_cluster, launch_args(assets, out, "--partition", "nosuch"))
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Slurm rejected the job" in proc.stderr and "invalid partition specified: nosuch" in proc.stderr, (
         proc.stderr
@@ -409,14 +401,7 @@ def test_launch_impossible_node_count_passes_slurms_message(
     slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ldmscale.launch", *launch_args(assets, out), "--nodes", "3"],
-        cwd=REPO,
-        env=slurm_cluster.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_launch_cli(slurm_cluster, [*launch_args(assets, out), "--nodes", "3"])
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Node count specification invalid" in proc.stderr, proc.stderr
 
