@@ -79,7 +79,7 @@ class AutoencoderConfig:
 @dataclass
 class StyleConfig:
     """Style conditioning (step 2 of a two-step run): a KL-regularised style encoder whose tokens reach the
-    U-Net through a separate, zero-initialised cross-attention path (ldmscale/style_attention.py)."""
+    U-Net through a separate, zero-initialised cross-attention path (ldmscale/style/attention.py)."""
 
     enabled: bool = False
     backbone: str = "conv"  # conv (small net trained from scratch) | clip (frozen CLIPVisionModel + trainable head)

@@ -73,8 +73,8 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
     state = load_ema(tag_dir) if weights == "ema" else raw_state_dict(tag_dir)
     style = None
     if cfg.style.enabled:  # the style path and encoder as trained: "unet.*processor.to_*_style.*", "style.*"
-        from ldmscale.style import StyleReference, build_style
-        from ldmscale.style_attention import add_style_path
+        from ldmscale.style.attention import add_style_path
+        from ldmscale.style.encoder import StyleReference, build_style
 
         add_style_path(unet, enc.text_dim, sdpa=cfg.model.attention == "sdpa")
         encoder, frozen = build_style(cfg.style, enc.text_dim, device, dtype)

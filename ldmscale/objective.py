@@ -70,7 +70,7 @@ class LatentDiffusion(torch.nn.Module):
         kwargs, parts = {}, {}
         kl = None
         if style_input is not None:
-            from ldmscale.style import kl_to_standard_normal
+            from ldmscale.style.encoder import kl_to_standard_normal
 
             mu, logvar = self.style(style_input.to(dtype))
             mu, logvar = mu.float(), logvar.float()

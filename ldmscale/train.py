@@ -22,11 +22,11 @@ from ldmscale import dist, preemption
 from ldmscale.checkpoint import Checkpointer, load_ema, resolve_resume
 from ldmscale.config import Config, ConfigError, dump_config, load_config, validate
 from ldmscale.data import DataPosition, ResumableLoader, count_samples, normalize_pixels
+from ldmscale.data.storage import StorageError
 from ldmscale.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.ema import EMA, gathered, warmup_decay
 from ldmscale.monitor import Monitor, StepTimer, peak_tflops, rank_keys_file
-from ldmscale.storage import StorageError
-from ldmscale.task import Task
+from ldmscale.stages import Task
 
 
 @dataclass
@@ -53,14 +53,14 @@ def absolutize_model_paths(cfg: Config) -> None:
 def check_data(cfg: Config) -> int:
     """Before any process group: an empty shard list, a wrong endpoint, bad credentials or uncountable shards
     fail here, fast, on every rank alike. Returns the samples per epoch."""
-    from ldmscale import storage
+    from ldmscale.data import check_shards_reachable, expand_shard_urls
 
     try:
-        urls = storage.expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
-        storage.check_shards_reachable(urls, cfg.data.storage_options)
+        urls = expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
+        check_shards_reachable(urls, cfg.data.storage_options)
         return count_samples(cfg.data, urls)
     except ValueError as e:
-        raise storage.StorageError(str(e)) from None
+        raise StorageError(str(e)) from None
 
 
 def main(cfg: Config, resume: str = "auto") -> TrainResult:
@@ -230,7 +230,7 @@ def sample_grid(cfg: Config, task: Task, engine: Any, ema: EMA | None, monitor: 
 
         unet = UNet2DConditionModel.from_config(task.trained.config).to(task.device)
         if cfg.style.enabled:  # grids during style training are text-only: the style path adds nothing
-            from ldmscale.style_attention import add_style_path
+            from ldmscale.style.attention import add_style_path
 
             add_style_path(unet, task.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
         unet.load_state_dict(weights, strict=True)

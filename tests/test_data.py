@@ -13,7 +13,7 @@ from PIL import Image
 
 from ldmscale.config import DataConfig, FilterConfig
 from ldmscale.data import DataPosition, ResumableLoader, decode_image, reject_reason
-from ldmscale.shards import ShardSample, write_laion_shards
+from ldmscale.data.shard_writer import ShardSample, write_laion_shards
 
 
 def _samples(n: int, seed: int, size: int = 40) -> list[ShardSample]:

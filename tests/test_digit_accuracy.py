@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 from PIL import Image
 
-from ldmscale.shards import iter_tar_samples
+from ldmscale.data.shard_writer import iter_tar_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 

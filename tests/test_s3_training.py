@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ldmscale import storage
+from ldmscale.data import shardlist, storage
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
 from tests.s3_fixtures import S3Server, upload_laion_shards
 
@@ -164,9 +164,9 @@ def test_streamed_run_survives_radosgw_restart_and_matches_local_run(
 
 def test_prefix_lists_only_the_tar_shards(digits_s3: dict, s3_server: S3Server) -> None:
     opts = s3_server.storage_options
-    listed = storage.expand_shard_urls(digits_s3["prefix"], opts)
+    listed = shardlist.expand_shard_urls(digits_s3["prefix"], opts)
     assert listed == digits_s3["urls"]  # sorted; no .parquet or _stats.json
-    assert storage.expand_shard_urls(digits_s3["pattern"], opts) == listed
+    assert shardlist.expand_shard_urls(digits_s3["pattern"], opts) == listed
 
 
 @pytest.mark.parametrize("fault", ["wrong_secret", "unreachable_endpoint"])

@@ -15,7 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ldmscale.shards import ShardSample, border_resize, iter_tar_samples, read_shard_index, write_laion_shards
+from ldmscale.data.shard_writer import (
+    ShardSample,
+    border_resize,
+    iter_tar_samples,
+    read_shard_index,
+    write_laion_shards,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 JSON_FIELDS = {

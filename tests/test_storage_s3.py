@@ -17,7 +17,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from ldmscale import storage
+from ldmscale.data import shardlist, storage
 
 # s3_fixtures is both a plugin (below) and a helper module: register its assert rewriting before importing it.
 pytest.register_assert_rewrite("tests.s3_fixtures")
@@ -55,14 +55,14 @@ def _check_sample(sample: dict) -> None:
 
 def test_expand_braces_and_prefix(shards, opts, s3_bucket):
     urls = list(shards)
-    by_brace = storage.expand_shard_urls(f"s3://{s3_bucket}/laion/{{00000..{N_SHARDS - 1:05d}}}.tar", opts)
+    by_brace = shardlist.expand_shard_urls(f"s3://{s3_bucket}/laion/{{00000..{N_SHARDS - 1:05d}}}.tar", opts)
     assert by_brace == urls
-    by_prefix = storage.expand_shard_urls(f"s3://{s3_bucket}/laion/", opts)
+    by_prefix = shardlist.expand_shard_urls(f"s3://{s3_bucket}/laion/", opts)
     assert by_prefix == urls  # sorted, .tar only (no .parquet / _stats.json)
-    assert storage.expand_shard_urls([urls[1], urls[0]], opts) == [urls[1], urls[0]]
-    assert storage.expand_shard_urls(f"s3://{s3_bucket}/laion/0000[01].tar", opts) == urls[:2]
+    assert shardlist.expand_shard_urls([urls[1], urls[0]], opts) == [urls[1], urls[0]]
+    assert shardlist.expand_shard_urls(f"s3://{s3_bucket}/laion/0000[01].tar", opts) == urls[:2]
     with pytest.raises(ValueError, match=r"nothing-here/.*\.tar objects under prefix"):
-        storage.expand_shard_urls(f"s3://{s3_bucket}/nothing-here/", opts)
+        shardlist.expand_shard_urls(f"s3://{s3_bucket}/nothing-here/", opts)
 
 
 def test_expand_local(tmp_path):
@@ -70,11 +70,11 @@ def test_expand_local(tmp_path):
         (tmp_path / f"{s:05d}.tar").write_bytes(make_laion_tar(shard_keys(s, 1)))
     (tmp_path / "00000.parquet").write_bytes(b"PAR1")
     expected = [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
-    assert storage.expand_shard_urls(str(tmp_path)) == expected
-    assert storage.expand_shard_urls(str(tmp_path / "*.tar")) == expected
-    assert storage.expand_shard_urls(str(tmp_path / "{00000..00001}.tar")) == expected
+    assert shardlist.expand_shard_urls(str(tmp_path)) == expected
+    assert shardlist.expand_shard_urls(str(tmp_path / "*.tar")) == expected
+    assert shardlist.expand_shard_urls(str(tmp_path / "{00000..00001}.tar")) == expected
     with pytest.raises(ValueError, match="no shards found"):
-        storage.expand_shard_urls(str(tmp_path / "missing-*.tar"))
+        shardlist.expand_shard_urls(str(tmp_path / "missing-*.tar"))
 
 
 def test_webdataset_reads_every_sample(shards, opts):
@@ -176,9 +176,9 @@ def test_missing_object_is_not_retried(s3_bucket, opts, caplog):
 
 
 def test_check_ok_and_missing_first_shard(shards, opts, s3_bucket):
-    storage.check_shards_reachable(list(shards), opts)
+    shardlist.check_shards_reachable(list(shards), opts)
     with pytest.raises(storage.StorageError, match=r"99999\.tar: not found — check data\.shards"):
-        storage.check_shards_reachable([f"s3://{s3_bucket}/laion/99999.tar"], opts)
+        shardlist.check_shards_reachable([f"s3://{s3_bucket}/laion/99999.tar"], opts)
 
 
 @pytest.mark.parametrize("field", ["key", "secret"])
@@ -187,7 +187,7 @@ def test_wrong_credentials_fail_fast_and_quietly(shards, opts, field, caplog):
     bad = {**opts, field: f"wrong-{field}-Zq9xK2"}
     t0 = time.monotonic()
     with pytest.raises(storage.StorageError) as err:
-        storage.check_shards_reachable(list(shards), bad)
+        shardlist.check_shards_reachable(list(shards), bad)
     assert time.monotonic() - t0 < 5
     msg = str(err.value)
     assert "access denied" in msg and "AWS_SECRET_ACCESS_KEY" in msg
@@ -201,7 +201,7 @@ def test_unreachable_endpoint_fails_fast(shards, opts):
     t0 = time.monotonic()
     expected = r"cannot reach http://127\.0\.0\.1:9 — check AWS_ENDPOINT_URL"
     with pytest.raises(storage.StorageError, match=expected):
-        storage.check_shards_reachable(list(shards), bad)
+        shardlist.check_shards_reachable(list(shards), bad)
     assert time.monotonic() - t0 < 5
 
 
@@ -227,8 +227,8 @@ def test_storage_options_for_env_endpoint(monkeypatch):
 
 
 def test_fresh_interpreter_registers_from_env():
-    # What a spawned DataLoader worker does: import ldmscale.storage with only the environment to go on.
-    code = ("from webdataset.gopen import gopen_schemes as h; import ldmscale.storage; "
+    # What a spawned DataLoader worker does: import ldmscale.data.storage with only the environment to go on.
+    code = ("from webdataset.gopen import gopen_schemes as h; import ldmscale.data.storage; "
             "print(type(h['s3']).__name__, h['s3'].storage_options['endpoint_url'], type(h['gs']).__name__)")
     env = {**os.environ, storage.OPTIONS_ENV: json.dumps({"endpoint_url": "http://from-env:1"}),
            "PYTHONPATH": str(REPO)}

@@ -15,9 +15,9 @@ from ldmscale import noise
 from ldmscale.config import ConfigError, ModelConfig, StyleConfig, load_config
 from ldmscale.models import build_unet
 from ldmscale.objective import LatentDiffusion, build_noise_scheduler
-from ldmscale.style import StyleEncoder, beta_at, kl_to_standard_normal
-from ldmscale.style_attention import StyleAttnProcessor, add_style_path, is_style_key
-from ldmscale.style_refs import REF_BYTES, REF_KEY, augment_view, pair_by_style
+from ldmscale.style.attention import StyleAttnProcessor, add_style_path, is_style_key
+from ldmscale.style.encoder import StyleEncoder, beta_at, kl_to_standard_normal
+from ldmscale.style.refs import REF_BYTES, REF_KEY, augment_view, pair_by_style
 from tests.conftest import REPO, tiny_overrides
 
 TEXT_DIM = 32
@@ -197,7 +197,7 @@ def test_style_noise_is_per_sample() -> None:
 def test_clip_backbone_is_loaded_with_from_pretrained_frozen_outside_with_a_trainable_head(tmp_path: Path) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from ldmscale.style import StyleReference, build_style, style_input
+    from ldmscale.style.encoder import StyleReference, build_style, style_input
 
     torch.manual_seed(0)
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -93,7 +93,7 @@ def test_sample_cli_with_style_image(style_runs: dict, tmp_path: Path, assets: P
 
     m = load_trained(style_runs["reference"], "raw")  # ZeRO-3 shards consolidated, style path rebuilt
     assert m.style is not None and any(".to_v_style." in k for k in m.unet.state_dict())
-    from ldmscale.shards import iter_tar_samples
+    from ldmscale.data.shard_writer import iter_tar_samples
 
     sample = next(iter_tar_samples(sorted((assets / "digits/train").glob("*.tar"))[0]))
     ref = tmp_path / "ref.jpg"

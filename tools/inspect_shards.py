@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldmscale.shards import iter_tar_samples
+from ldmscale.data.shard_writer import iter_tar_samples
 
 NUMERIC_FIELDS = ("width", "height", "original_width", "original_height", "similarity")
 # Fields every img2dataset row has; anything else (label, style, ...) is reported as a category if small.

@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldmscale.shards import ShardSample, write_laion_shards
+from ldmscale.data.shard_writer import ShardSample, write_laion_shards
 
 IMAGE_SIZE = 64
 

@@ -25,7 +25,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.svm import SVC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from ldmscale.shards import iter_tar_samples
+from ldmscale.data.shard_writer import iter_tar_samples
 
 DIGIT_IN_PROMPT = re.compile(r"digit\D{0,3}(\d)\b|\b(\d)\b")
 

@@ -6,7 +6,7 @@
 Data: a few hundred distinct, real-sized photos made from scikit-learn's two offline sample photos
 (load_sample_images, 427x640) by seeded random crops, upscaling (short side 512-1024 px), flips, rotations,
 colour jitter and a little sensor-like grain (an upscaled photo alone lacks the fine detail, and hence the
-JPEG size and decode cost, of a real one), written as LAION-layout shards (ldmscale.shards, JPEG quality 95)
+JPEG size and decode cost, of a real one), written as LAION-layout shards (ldmscale.data.shard_writer, JPEG quality 95)
 and uploaded to an S3 server: LDMSCALE_S3_ENDPOINT (+ AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) if set,
 else the local Ceph radosgw of tools/s3_local/start.sh (started if needed, left running).
 
@@ -48,10 +48,14 @@ from PIL import Image, ImageEnhance
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from ldmscale import storage  # noqa: E402
 from ldmscale.config import DataConfig  # noqa: E402
-from ldmscale.data import ResumableLoader, decode_image, to_tensor  # noqa: E402
-from ldmscale.shards import ShardSample, write_laion_shards  # noqa: E402
+from ldmscale.data import (  # noqa: E402
+    ResumableLoader,
+    decode_image,
+    storage,  # noqa: E402
+    to_tensor,
+)
+from ldmscale.data.shard_writer import ShardSample, write_laion_shards  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9)
@@ -255,7 +259,7 @@ def measure(make: Callable[[], Iterator[Any]], workers: int, batches: int) -> di
 
 def decode_table(tars: list[Path], resolution: int, count: int) -> dict[str, float]:
     """ms per image of each decode path in this process (no I/O, no workers): where the time goes."""
-    from ldmscale.shards import iter_tar_samples
+    from ldmscale.data.shard_writer import iter_tar_samples
 
     jpgs = [s["jpg"] for t in tars for s in iter_tar_samples(t)][:count]
     sizes = [Image.open(io.BytesIO(j)).size for j in jpgs]

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench.digit_accuracy import digit_features  # noqa: E402
 from make_style_digit_shards import PALETTES  # noqa: E402
 
-from ldmscale.shards import iter_tar_samples  # noqa: E402
+from ldmscale.data.shard_writer import iter_tar_samples  # noqa: E402
 
 
 def colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

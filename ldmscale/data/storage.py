@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import glob
 import io
 import json
 import logging
@@ -25,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import braceexpand
 import fsspec
 
 # `import webdataset.gopen` would give the gopen function (the package re-exports it), not the module.
@@ -38,7 +36,7 @@ log = logging.getLogger(__name__)
 OPTIONS_ENV = "LDMSCALE_STORAGE_OPTIONS"
 S3_PROTOCOLS = ("s3", "s3a")
 # webdataset opens local paths itself; these fsspec protocols must not be rerouted.
-_LOCAL_PROTOCOLS = ("file", "local")
+LOCAL_PROTOCOLS = ("file", "local")
 _READER_KEYS = ("read_block_size", "read_retries", "read_retry_max_delay")
 # Sequential tar streaming: each GET fetches this much ahead, so a shard costs size/8 MiB requests.
 DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
@@ -46,7 +44,7 @@ DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
 # backoff, which can resume mid-shard, does the rest.
 _S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2, "mode": "standard"}}
 # The startup check must answer in seconds, so it neither waits long nor retries much.
-_S3_FAST_CONFIG = {
+S3_FAST_CONFIG = {
     "connect_timeout": 2, "read_timeout": 5, "retries": {"total_max_attempts": 1, "mode": "standard"},
 }
 _SECRET_KEY_RE = re.compile(r"(secret|token|password|passwd|credential|^key$|access_key|private)", re.I)
@@ -120,7 +118,7 @@ def scrub(text: str, options: dict | None = None) -> str:
     return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
 
 
-def _protocol(url: str) -> str:
+def protocol_of(url: str) -> str:
     proto, _ = fsspec.core.split_protocol(url)
     return proto or "file"
 
@@ -131,8 +129,8 @@ def storage_options_for(url: str, options: dict | None) -> dict:
     Credentials are not copied from the environment: s3fs/botocore find AWS_ACCESS_KEY_ID etc. and
     profiles themselves. Only the endpoint is taken from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL.
     """
-    protocol = _protocol(url)
-    if protocol in _LOCAL_PROTOCOLS:
+    protocol = protocol_of(url)
+    if protocol in LOCAL_PROTOCOLS:
         return {}
     flat = {k: v for k, v in (options or {}).items() if k not in _READER_KEYS}
     known = set(fsspec.available_protocols())
@@ -164,7 +162,7 @@ def _retry_policy(options: dict | None) -> RetryPolicy:
 # ---------------------------------------------------------------- error classification
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
@@ -177,7 +175,7 @@ def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying (connection reset/refused, timeouts, 5xx, throttling); False for
     permanent ones (missing object, access denied, bad request) anywhere in the exception chain."""
     permanent = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
-    links = list(_chain(exc))
+    links = list(exception_chain(exc))
     if isinstance(links[0], permanent):
         return False
     for e in links:
@@ -325,7 +323,7 @@ def register_gopen_schemes(storage_options: dict | None = None) -> None:
     worker_init_fn (or set LDMSCALE_STORAGE_OPTIONS, which is read when this module is imported)."""
     opener = FsspecGopen(storage_options)
     protocols = set(fsspec.available_protocols()) | {"s3", "s3a", "gs", "gcs", "http", "https"}
-    for proto in protocols - set(_LOCAL_PROTOCOLS):
+    for proto in protocols - set(LOCAL_PROTOCOLS):
         gopen_schemes[proto] = opener
 
 
@@ -361,107 +359,6 @@ def _options_from_env() -> dict:
     if not isinstance(opts, dict):
         raise StorageError(f"{OPTIONS_ENV} must be a JSON object")
     return opts
-
-
-# ---------------------------------------------------------------- shard lists
-
-
-def _is_local(url: str) -> bool:
-    return _protocol(url) in _LOCAL_PROTOCOLS
-
-
-def _strip_file(url: str) -> str:
-    return re.sub(r"^file://", "", url)
-
-
-def _expand_one(spec: str, storage_options: dict | None) -> tuple[list[str], str]:
-    """Expand one spec; returns (urls, what was looked for) for the error message."""
-    spec = spec.strip()
-    if _is_local(spec):
-        path = _strip_file(spec)
-        if os.path.isdir(path):
-            found = glob.glob(os.path.join(path, "**", "*.tar"), recursive=True)
-            return sorted(found), f".tar files under directory {path}"
-        if "{" in path:
-            return list(braceexpand.braceexpand(path)), "brace expansion"
-        if glob.has_magic(path):
-            return sorted(glob.glob(path)), f"files matching {path}"
-        return ([path] if os.path.exists(path) else []), f"file {path}"
-    fs, path = fsspec.core.url_to_fs(spec, **storage_options_for(spec, storage_options))
-    if spec.endswith("/"):
-        # Listings are cached per filesystem instance; shards may have been written since.
-        fs.invalidate_cache(path)
-        keys = [k for k in fs.find(path) if k.endswith(".tar")]
-        return sorted(fs.unstrip_protocol(k) for k in keys), f".tar objects under prefix {spec}"
-    if "{" in spec:
-        # No existence checks: 41k HEADs would take minutes; check_shards_reachable tests the first.
-        return list(braceexpand.braceexpand(spec)), "brace expansion"
-    if glob.has_magic(path):
-        return sorted(fs.unstrip_protocol(k) for k in fs.glob(path)), f"objects matching {spec}"
-    return [spec], spec
-
-
-def expand_shard_urls(spec: str | list[str], storage_options: dict | None = None) -> list[str]:
-    """Shard URLs from a brace pattern, a list, a local glob or directory, or an object-store prefix
-    ending in '/' (its .tar objects, sorted). Raises ValueError when nothing is found."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    looked: list[str] = []
-    for s in specs:
-        found, what = _expand_one(s, storage_options)
-        urls.extend(found)
-        looked.append(what)
-    if not urls:
-        raise ValueError(f"no shards found for {spec!r}: looked for {'; '.join(looked) or 'nothing'}")
-    return urls
-
-
-# ---------------------------------------------------------------- startup check
-
-
-def _fix_hint(url: str, exc: BaseException, endpoint: str | None) -> str:
-    names = {type(e).__name__ for e in _chain(exc)}
-    if isinstance(exc, FileNotFoundError):
-        return "not found — check data.shards (bucket, prefix, shard numbers) and that the shards exist"
-    if isinstance(exc, PermissionError):
-        return ("access denied — check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or data.storage_options.key/"
-                "secret, and that this key may read the bucket")
-    if "NoCredentialsError" in names:
-        return ("no credentials found — set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
-                "data.storage_options.key/secret, or data.storage_options.anon=true for a public bucket")
-    if is_transient(exc):
-        where = endpoint or "the default AWS endpoint"
-        return (f"cannot reach {where} — check AWS_ENDPOINT_URL or data.storage_options.endpoint_url "
-                "and that the server is up and reachable from this node")
-    return "unexpected storage error — check data.storage_options"
-
-
-def check_shards_reachable(urls: list[str], storage_options: dict | None) -> None:
-    """Fail fast at startup (rank 0): open the first shard's metadata with short timeouts and no
-    long retries, and raise StorageError saying what failed and how to fix it."""
-    if not urls:
-        raise StorageError("no shard URLs to check — data.shards expanded to an empty list")
-    url = urls[0]
-    if _is_local(url):
-        path = _strip_file(url)
-        if not os.path.isfile(path):
-            raise StorageError(f"{path}: no such shard file — check data.shards")
-        return
-    opts = storage_options_for(url, storage_options)
-    if _protocol(url) in S3_PROTOCOLS:
-        opts["config_kwargs"] = {**opts["config_kwargs"], **_S3_FAST_CONFIG}
-    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
-    try:
-        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **opts)
-        if hasattr(fs, "retries"):
-            fs.retries = 1  # s3fs's own retry loop (a class attribute, not a constructor argument)
-        info = fs.info(path)
-    except Exception as e:
-        detail = scrub(f"{type(e).__name__}: {e}", storage_options)[:300]
-        hint = _fix_hint(url, e, endpoint)
-        raise StorageError(f"{scrub(url)}: {hint} ({detail})") from None
-    if info.get("type") == "directory":
-        raise StorageError(f"{scrub(url)}: is a prefix, not a shard — end it with '/' to list its .tar files")
 
 
 register_gopen_schemes(_options_from_env())

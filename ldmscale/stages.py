@@ -37,8 +37,8 @@ class Task:
             unet = build_unet(cfg.model.unet, self.encoders.latent_channels, self.encoders.text_dim, size)
             style_encoder = None
             if cfg.style.enabled:
-                from ldmscale.style import build_style
-                from ldmscale.style_init import init_from_step1
+                from ldmscale.style.encoder import build_style
+                from ldmscale.style.step1_init import init_from_step1
 
                 if cfg.style.init_from and fresh:  # a resume takes every weight from its own checkpoint
                     self.init_note = init_from_step1(cfg.style, unet)
@@ -64,7 +64,7 @@ class Task:
 
             self.trained.set_attn_processor(AttnProcessor())
         if cfg.style.enabled and self.encoders is not None:
-            from ldmscale.style_attention import add_style_path
+            from ldmscale.style.attention import add_style_path
 
             # last: after step 1's weights are in (to_k_style copies to_k) and the attention kind is chosen
             add_style_path(self.trained, self.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
@@ -103,7 +103,7 @@ class Task:
     def _style_args(self, batch: dict[str, Any], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                          float]:
         """(style input, reparameterisation noise, keep mask, beta): all from the sample ids, so resume is exact."""
-        from ldmscale.style import beta_at, style_input
+        from ldmscale.style.encoder import beta_at, style_input
 
         s, seed = self.cfg.style, self.cfg.train.seed
         style_pixels = normalize_pixels(batch["style_pixels"].to(self.device, non_blocking=True))
