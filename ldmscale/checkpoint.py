@@ -13,16 +13,18 @@ write is turned off for that reason.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ldmscale import dist
+from ldmscale.atomic import atomic_save_tensors, atomic_write_text
 
 COMPLETE = "COMPLETE"
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -34,21 +36,6 @@ class CheckpointError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -100,7 +87,9 @@ def read_trainer_state(tag_dir: Path) -> dict[str, Any]:
     return json.loads((tag_dir / "trainer_state.json").read_text())
 
 
-class Checkpointer:
+class CheckpointStore:
+    """The files of checkpoints under one root: an atomic, all-rank save, a checked load, keep-last-K."""
+
     def __init__(self, root: Path, keep_last: int) -> None:
         self.root = root
         self.keep_last = keep_last
@@ -158,6 +147,53 @@ class Checkpointer:
         for t in tags:
             if t not in survivors and t < newest:
                 shutil.rmtree(self.root / t, ignore_errors=True)
+
+
+@dataclass
+class TrainState:
+    """The loop's own counters, saved in trainer_state.json."""
+
+    step: int = 0
+    samples_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.step, self.samples_seen = int(d["step"]), int(d["samples_seen"])
+
+
+class Checkpointer:
+    """Built once with everything a checkpoint holds: the DeepSpeed engine (weights, optimizer, LR schedule),
+    the EMA, the loader's data position and the train state. It decides when to save (`maybe_save`) and
+    restores all of them (`restore`). Every rank calls both: DeepSpeed's save and load are collectives."""
+
+    def __init__(self, root: Path, *, keep_last: int, every: int, engine: Any, ema: Any, loader: Any,
+                 train_state: TrainState, config_yaml: str, world_size: int) -> None:
+        self.store = CheckpointStore(root, keep_last)
+        self.every, self.engine, self.ema, self.loader = every, engine, ema, loader
+        self.train_state, self.config_yaml, self.world_size = train_state, config_yaml, world_size
+        self.saved_step = -1
+
+    def restore(self, tag_dir: Path) -> None:
+        state = self.store.load(self.engine, tag_dir)
+        self.train_state.load_state_dict(state)
+        if self.ema is not None:
+            self.ema.load_state_dict(load_ema(tag_dir) if dist.rank() == 0 else {})
+        if state.get("data"):
+            self.loader.load_state_dict(state["data"])
+        self.saved_step = self.train_state.step  # that step is on disk already
+
+    def maybe_save(self, step: int, force: bool = False) -> Path | None:
+        """Save at every `every`-th step, or now with force (preemption, the end); never the same step twice."""
+        if step == self.saved_step or not (force or step % self.every == 0):
+            return None
+        state = {**self.train_state.state_dict(), "data": self.loader.state_dict(), "world_size": self.world_size,
+                 "time": time.time()}
+        ema = self.ema.state_dict() if self.ema is not None and dist.rank() == 0 else None
+        tag_dir = self.store.save(self.engine, step, state, ema, self.config_yaml)
+        self.saved_step = step
+        return tag_dir
 
 
 def load_ema(tag_dir: Path) -> dict[str, torch.Tensor]:

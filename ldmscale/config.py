@@ -12,13 +12,30 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from ldmscale.redact import redact
 
 
 class ConfigError(ValueError):
     """A configuration problem, with the key at fault and what is allowed."""
+
+
+# Sampler names, in one place: the config's choice, ldmscale-sample's --sampler, ldmscale.samplers' table.
+SamplerName = Literal["ddim", "dpmsolver++", "euler", "ddpm"]
+SAMPLERS: tuple[str, ...] = typing.get_args(SamplerName)
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _probability(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{key}={value} must be in [0, 1)")
 
 
 @dataclass
@@ -41,14 +58,26 @@ class FilterConfig:
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # URLs, brace patterns, globs, dirs, prefixes ending "/"
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, key, ...)
-    resolution: int = 256
-    center_crop: bool = True
+    resolution: int = 256  # square training size in pixels; a multiple of 8
+    center_crop: bool = True  # else the top-left square
     random_flip: bool = False
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
+    num_workers: int = 2  # DataLoader workers per rank (0 = decode in the training process)
+    shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
     samples_per_epoch: int = 0  # 0 = count from the shards' *_stats.json files
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     filters: FilterConfig = field(default_factory=FilterConfig)
+
+    def check(self) -> None:
+        _positive("data.resolution", self.resolution)
+        if self.resolution % 8:
+            raise ConfigError(f"data.resolution={self.resolution} must be a multiple of 8")
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
+        _probability("data.caption_dropout", self.caption_dropout)
+        if not self.shards:
+            raise ConfigError(
+                "data.shards is empty; give shard URLs, e.g. data.shards='[s3://bucket/{00000..00099}.tar]'"
+            )
 
 
 @dataclass
@@ -59,13 +88,18 @@ class ModelConfig:
     tokenizer: str = ""  # overrides <pretrained>/tokenizer
     unet: str = "tiny"  # a preset name (see models.UNET_PRESETS) or a folder/hub id to fine-tune from
     vae_preset: str = "tiny"  # autoencoder stage: the architecture to train when model.vae is empty
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the U-Net predicts
     num_train_timesteps: int = 1000
-    beta_schedule: str = "scaled_linear"
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"  # DDPMScheduler's
     snr_gamma: float = 0.0  # >0 enables min-SNR-gamma loss weighting
-    noise_offset: float = 0.0
-    gradient_checkpointing: bool = False
-    attention: str = "sdpa"  # sdpa | default
+    noise_offset: float = 0.0  # per-channel offset noise (brighter/darker images); 0 = off
+    gradient_checkpointing: bool = False  # recompute activations in backward: memory for compute
+    attention: Literal["sdpa", "default"] = "sdpa"  # torch's scaled_dot_product_attention | the math path
+
+    def check(self) -> None:
+        _positive("model.num_train_timesteps", self.num_train_timesteps)
+        _positive("model.snr_gamma", self.snr_gamma, allow_zero=True)
+        _positive("model.noise_offset", self.noise_offset, allow_zero=True)
 
 
 @dataclass
@@ -75,6 +109,11 @@ class AutoencoderConfig:
     l2_weight: float = 0.0
     scaling_samples: int = 512  # images encoded to measure the latent scaling factor (1 / std)
 
+    def check(self) -> None:
+        for key in ("kl_weight", "l1_weight", "l2_weight"):
+            _positive(f"autoencoder.{key}", getattr(self, key), allow_zero=True)
+        _positive("autoencoder.scaling_samples", self.scaling_samples)
+
 
 @dataclass
 class StyleConfig:
@@ -82,7 +121,7 @@ class StyleConfig:
     U-Net through a separate, zero-initialised cross-attention path (ldmscale/style/attention.py)."""
 
     enabled: bool = False
-    backbone: str = "conv"  # conv (small net trained from scratch) | clip (frozen CLIPVisionModel + trainable head)
+    backbone: Literal["conv", "clip"] = "conv"  # conv: small net trained from scratch; clip: frozen CLIP + head
     vision_model: str = ""  # backbone=clip: a CLIPVisionModel folder or hub id (from_pretrained)
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # backbone=conv: stride-2 stages
     num_tokens: int = 4  # K style tokens in the U-Net's cross-attention space
@@ -90,41 +129,72 @@ class StyleConfig:
     # 1e-3 collapsed the posterior in the style demo (KL 0.009 nats, style followed at chance), 1e-5 did not
     beta: float = 1e-5
     beta_warmup_steps: int = 0  # beta rises linearly from 0 to `beta` over these steps (0 = constant)
-    reference: str = "augment"  # augment (another view of the same image) | metadata (another image, same style)
+    # augment: another view of the same image | metadata: another image of the same style (json field)
+    reference: Literal["augment", "metadata"] = "augment"
     metadata_key: str = "style"  # reference=metadata: the json field naming a sample's style
     pair_window: int = 64  # reference=metadata: partners are drawn from the last N samples of the same style
     crop_scale: tuple[float, float] = (0.5, 1.0)  # reference=augment: crop area range of the view
     shuffle_grid: int = 4  # reference=augment: the view's tiles are permuted on a g x g grid (1 = off)
     dropout: float = 0.1  # probability the style tokens are zeroed (classifier-free guidance on style)
     init_from: str = ""  # step-1 run dir, checkpoints/ folder or step_* folder: U-Net weights to start from
-    init_weights: str = "ema"  # ema | raw: which step-1 weights
+    init_weights: Literal["ema", "raw"] = "ema"  # which step-1 weights
     guidance_scale: float = 3.0  # in-training sample grids and the CLI default
+
+    def check(self) -> None:
+        if not self.enabled:
+            return
+        _positive("style.num_tokens", self.num_tokens)
+        _positive("style.beta", self.beta, allow_zero=True)
+        _positive("style.beta_warmup_steps", self.beta_warmup_steps, allow_zero=True)
+        _positive("style.pair_window", self.pair_window)
+        _positive("style.shuffle_grid", self.shuffle_grid)
+        _probability("style.dropout", self.dropout)
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"style.crop_scale={list(self.crop_scale)} must satisfy 0 < low <= high <= 1")
+        if self.backbone == "clip" and not self.vision_model:
+            raise ConfigError("style.backbone=clip needs style.vision_model (a CLIPVisionModel folder or hub id)")
+        if self.backbone == "conv" and (not self.conv_channels or any(c <= 0 for c in self.conv_channels)):
+            raise ConfigError(f"style.conv_channels={self.conv_channels} must be a non-empty list of positive widths")
+        if self.reference == "metadata" and not self.metadata_key:
+            raise ConfigError("style.reference=metadata needs style.metadata_key (the json field naming the style)")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | sgd (DeepSpeed optimizers; offload uses DeepSpeedCPUAdam)
+    name: Literal["adamw", "adam", "sgd"] = "adamw"  # DeepSpeed optimizers; offload uses DeepSpeedCPUAdam
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    warmup_steps: int = 500
+    warmup_steps: int = 500  # linear warm-up of the LR, then cosine (DeepSpeed's WarmupCosineLR)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+
+    def check(self) -> None:
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2
-    precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
-    offload_optimizer: bool = False
-    offload_param: bool = False  # ZeRO-3 only
+    zero_stage: Literal[0, 1, 2, 3] = 2  # 0: DDP-like; 1: optimizer; 2: + gradients; 3: + parameters sharded
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # fp16 needs a GPU
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU (stages 1-3)
+    offload_param: bool = False  # ZeRO-3 only: parameters on the CPU between uses
     extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed config
+
+    def check(self) -> None:
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage 1, 2 or 3")
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "diffusion"  # diffusion | autoencoder
+    stage: Literal["diffusion", "autoencoder"] = "diffusion"  # what this run trains (ldmscale.stages)
     out_dir: str = "runs/default"
     seed: int = 0
     max_steps: int = 1000
@@ -140,19 +210,29 @@ class TrainConfig:
     log_sample_keys: bool = False  # write every rank's sample keys per step (resume audits, tests)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the GPU, none on CPU
 
+    def check(self) -> None:
+        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last", "ckpt_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.sample_every", self.sample_every, allow_zero=True)
+        _probability("train.ema_decay", self.ema_decay)
+
 
 @dataclass
 class SampleConfig:
     prompts: list[str] = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
     num_steps: int = 50
     guidance_scale: float = 7.5
-    sampler: str = "ddim"  # ddim | dpmsolver++ | euler | ddpm
+    sampler: SamplerName = "ddim"
     images_per_prompt: int = 1
+
+    def check(self) -> None:
+        _positive("sample.num_steps", self.num_steps)
+        _positive("sample.images_per_prompt", self.images_per_prompt)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"  # online | offline | disabled
+    mode: Literal["online", "offline", "disabled"] = "disabled"
     project: str = "ldmscale"
     entity: str = ""
     name: str = ""
@@ -171,6 +251,13 @@ class Config:
     style: StyleConfig = field(default_factory=StyleConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
+    def check(self) -> None:
+        """Every range check that needs neither the world size, the device nor the filesystem."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "check"):
+                section.check()
+
 
 # ---------------------------------------------------------------- building from dicts
 
@@ -182,6 +269,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _from_dict(tp, value, key + ".")
+    if origin is Literal:
+        allowed = list(typing.get_args(tp))
+        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {allowed}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -319,23 +411,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return conv(dataclasses.asdict(cfg))
 
 
-SECRET_WORDS = ("secret", "key", "token", "password", "credential", "session")
-
-
-def _redacted(options: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in options.items():
-        if isinstance(v, dict):
-            out[k] = _redacted(v)
-        else:
-            out[k] = "***" if any(w in k.lower() for w in SECRET_WORDS) else v
-    return out
-
-
 def public_dict(cfg: Config) -> dict[str, Any]:
     """The config as saved and logged (config.yaml, checkpoints, W&B): storage credentials masked."""
     d = to_dict(cfg)
-    d["data"]["storage_options"] = _redacted(d["data"]["storage_options"])
+    d["data"]["storage_options"] = redact(d["data"]["storage_options"])
     return d
 
 
@@ -349,17 +428,6 @@ def config_from_yaml_text(text: str) -> Config:
 
 
 # ---------------------------------------------------------------- validation
-
-
-def _choice(key: str, value: Any, allowed: typing.Iterable[Any]) -> None:
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {allowed}")
-
-
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 def _looks_local(ref: str) -> bool:
@@ -391,54 +459,30 @@ def world_size_from_env() -> int:
 
 
 def validate(cfg: Config, world_size: int | None = None, device_type: str | None = None) -> None:
-    """Reject impossible combinations before any process group starts."""
+    """What needs the world: the number of ranks, the device, the model folders. Runs before any process
+    group (from the environment's WORLD_SIZE) and again once the group is up."""
     from ldmscale.models import UNET_PRESETS, VAE_PRESETS  # local: keep config import light
 
+    cfg.check()
     world = world_size or world_size_from_env()
-    t, d, m, o, ds = cfg.train, cfg.data, cfg.model, cfg.optim, cfg.deepspeed
-    _choice("train.stage", t.stage, ["diffusion", "autoencoder"])
-    _choice("deepspeed.zero_stage", ds.zero_stage, [0, 1, 2, 3])
-    _choice("deepspeed.precision", ds.precision, ["fp32", "bf16", "fp16"])
-    _choice("model.prediction_type", m.prediction_type, ["epsilon", "v_prediction"])
-    _choice("model.attention", m.attention, ["sdpa", "default"])
-    _choice("optim.name", o.name, ["adamw", "adam", "sgd"])
-    _choice("sample.sampler", cfg.sample.sampler, ["ddim", "dpmsolver++", "euler", "ddpm"])
-    _choice("wandb.mode", cfg.wandb.mode, ["online", "offline", "disabled"])
+    t, m, ds = cfg.train, cfg.model, cfg.deepspeed
     if device_type is None:
         import torch
 
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if ds.precision == "fp16" and device_type == "cpu":
         raise ConfigError("deepspeed.precision=fp16 is not supported on CPU; use bf16 or fp32")
-    if ds.offload_param and ds.zero_stage != 3:
-        raise ConfigError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage 1, 2 or 3")
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last", "ckpt_every"):
-        _positive(f"train.{key}", getattr(t, key))
-    _positive("train.sample_every", t.sample_every, allow_zero=True)
-    _positive("optim.lr", o.lr)
-    _positive("data.resolution", d.resolution)
-    _positive("data.num_workers", d.num_workers, allow_zero=True)
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1); 0 disables EMA")
-    if not 0.0 <= d.caption_dropout < 1.0:
-        raise ConfigError(f"data.caption_dropout={d.caption_dropout} must be in [0, 1)")
     per_step = world * t.micro_batch_size
     if t.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by ranks ({world}) x "
             f"train.micro_batch_size ({t.micro_batch_size}) = {per_step}; make it a multiple of {per_step}"
         )
-    if not d.shards:
-        raise ConfigError("data.shards is empty; give shard URLs, e.g. data.shards='[s3://bucket/{00000..00099}.tar]'")
-    if d.resolution % 8:
-        raise ConfigError(f"data.resolution={d.resolution} must be a multiple of 8")
     if m.unet not in UNET_PRESETS:
         check_model_ref("model.unet", m.unet, need="config.json")
     if t.stage == "autoencoder":
         if not m.vae and m.vae_preset not in VAE_PRESETS:
-            _choice("model.vae_preset", m.vae_preset, VAE_PRESETS)
+            raise ConfigError(f"model.vae_preset={m.vae_preset!r} is not allowed; choose one of {list(VAE_PRESETS)}")
         check_model_ref("model.vae", m.vae, need="config.json")
         return
     if not (m.pretrained or (m.vae and m.text_encoder and m.tokenizer)):
@@ -450,32 +494,8 @@ def validate(cfg: Config, world_size: int | None = None, device_type: str | None
     check_model_ref("model.vae", m.vae, need="config.json")
     check_model_ref("model.text_encoder", m.text_encoder, need="config.json")
     check_model_ref("model.tokenizer", m.tokenizer)
-    validate_style(cfg.style)
-
-
-def validate_style(s: StyleConfig) -> None:
-    if not s.enabled:
-        return
-    _choice("style.backbone", s.backbone, ["conv", "clip"])
-    _choice("style.reference", s.reference, ["augment", "metadata"])
-    _choice("style.init_weights", s.init_weights, ["ema", "raw"])
-    _positive("style.num_tokens", s.num_tokens)
-    _positive("style.beta", s.beta, allow_zero=True)
-    _positive("style.beta_warmup_steps", s.beta_warmup_steps, allow_zero=True)
-    _positive("style.pair_window", s.pair_window)
-    _positive("style.shuffle_grid", s.shuffle_grid)
-    if not 0.0 <= s.dropout < 1.0:
-        raise ConfigError(f"style.dropout={s.dropout} must be in [0, 1)")
-    lo, hi = s.crop_scale
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ConfigError(f"style.crop_scale={list(s.crop_scale)} must satisfy 0 < low <= high <= 1")
-    if s.backbone == "clip":
-        if not s.vision_model:
-            raise ConfigError("style.backbone=clip needs style.vision_model (a CLIPVisionModel folder or hub id)")
+    s = cfg.style
+    if s.enabled and s.backbone == "clip":
         check_model_ref("style.vision_model", s.vision_model, need="config.json")
-    elif not s.conv_channels or any(c <= 0 for c in s.conv_channels):
-        raise ConfigError(f"style.conv_channels={s.conv_channels} must be a non-empty list of positive widths")
-    if s.reference == "metadata" and not s.metadata_key:
-        raise ConfigError("style.reference=metadata needs style.metadata_key (the json field naming the style)")
-    if s.init_from and not Path(os.path.expanduser(s.init_from)).exists():
+    if s.enabled and s.init_from and not Path(os.path.expanduser(s.init_from)).exists():
         raise ConfigError(f"style.init_from={s.init_from!r}: no such run dir or checkpoint folder")

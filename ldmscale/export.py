@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 from ldmscale.checkpoint import CheckpointError, find_tag_dir, load_ema
 from ldmscale.config import Config, config_from_yaml_text
 from ldmscale.encoders import FrozenEncoders
-from ldmscale.models import build_unet, vae_downsample_factor
+from ldmscale.models import build_unet, strip_prefix, vae_downsample_factor
 from ldmscale.objective import build_noise_scheduler
 
 
@@ -32,17 +32,12 @@ def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 @dataclass
 class TrainedModel:
     cfg: Config | None
     unet: UNet2DConditionModel
     encoders: FrozenEncoders
     scheduler_config: dict[str, Any]
-    extra: dict[str, Any]
     style: Any = None  # ldmscale.style.StyleReference for style-conditioned checkpoints
 
 
@@ -60,7 +55,7 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
         mcfg = ModelConfig(pretrained=str(path))
         enc = FrozenEncoders.load(mcfg, device, dtype)
         sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler").config
-        return TrainedModel(None, unet.to(device, dtype).eval(), enc, dict(sched), {})
+        return TrainedModel(None, unet.to(device, dtype).eval(), enc, dict(sched))
     tag_dir = find_tag_dir(path)
     cfg = config_from_yaml_text((tag_dir / "config.yaml").read_text())
     if cfg.train.stage != "diffusion":
@@ -82,8 +77,7 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
         style = StyleReference(encoder.to(device, dtype), frozen)
     unet.load_state_dict(strip_prefix(state, "unet."), strict=True)
     sched = dict(build_noise_scheduler(cfg.model).config)
-    extra = {k[len("style."):]: v for k, v in state.items() if k.startswith("style.")}
-    return TrainedModel(cfg, unet.to(device, dtype).eval(), enc, sched, extra, style)
+    return TrainedModel(cfg, unet.to(device, dtype).eval(), enc, sched, style)
 
 
 def export_pipeline(path: str | Path, out: str | Path, weights: str = "ema") -> Path:

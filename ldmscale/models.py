@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 # Presets give the architecture only; in/cross-attention sizes come from the VAE and text encoder.
@@ -93,5 +94,6 @@ def _has_subfolder(ref: str, name: str) -> bool:
     return (Path(ref) / name / "config.json").exists()
 
 
-def count_params(module: Any, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix` ("unet.", "style.", "vae."), renamed as the sub-module knows them."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

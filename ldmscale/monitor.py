@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -84,11 +83,62 @@ class Monitor:
             self.jsonl.write(json.dumps({"event": text, "time": time.time()}) + "\n")
             self.jsonl.flush()
 
+    def log_step(self, step: int, stats: StepStats, *, stop_requested: bool, engine: Any, loader: Any,
+                 timer: StepTimer, samples_seen: int, max_steps: int, log_every: int, world: int,
+                 flops_per_sample: float, peak: float) -> bool:
+        """Every rank calls it once per step: one all-reduce carries the step's loss, its parts and this rank's
+        stop request; rank 0 logs the global means (every step) and prints a console line every `log_every`
+        steps. Returns True when any rank asked to stop (preemption), so all ranks stop at the same step."""
+        vec = torch.cat([stats.vector().double(), torch.tensor([float(stop_requested)], dtype=torch.float64,
+                                                                 device=stats.losses[0].device)])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(vec)
+        values = vec.tolist()  # the step's one host sync
+        stop = values[-1] > 0
+        loss, *parts = (v / world for v in values[:-1])
+        metrics: dict[str, Any] = {"loss": loss, "lr": engine.get_lr()[0], "samples_seen": samples_seen,
+                                   "epoch": loader.position.epoch, **dict(zip(stats.parts, parts))}
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if step % log_every == 0 or step == max_steps:
+            metrics.update(timer.summary(world, flops_per_sample, peak))
+            metrics.update({f"data/dropped_{k}": v for k, v in loader.dropped_counts().items()})
+            if self.is_main:
+                print(
+                    f"step {step}/{max_steps} | loss {loss:.4f} | lr {metrics['lr']:.2e}"
+                    + (f" | gnorm {metrics['grad_norm']:.3f}" if "grad_norm" in metrics else "")
+                    + f" | {metrics['images_per_s']:.1f} img/s | data wait {100 * metrics['data_wait_frac']:.0f}%"
+                    + (f" | MFU {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""),
+                    flush=True,
+                )
+            timer.reset()
+        self.log(metrics, step)
+        return stop
+
     def finish(self) -> None:
         if self.is_main:
             self.jsonl.close()
             if self.run is not None:
                 self.run.finish()
+
+
+class StepStats:
+    """One optimizer step's loss and loss parts, kept on the device as tensors: no host sync per micro-batch."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, loss: torch.Tensor, parts: dict[str, Any]) -> None:
+        self.losses.append(loss.detach().float())
+        for k, v in parts.items():
+            self.parts.setdefault(k, []).append(torch.as_tensor(v).detach().float().to(loss.device))
+
+    def vector(self) -> torch.Tensor:
+        """[mean loss, mean part...] over the step's micro-batches."""
+        means = [torch.stack(self.losses).mean()] + [torch.stack(v).mean() for v in self.parts.values()]
+        return torch.stack(means)
 
 
 class StepTimer:
@@ -131,7 +181,3 @@ class _Wait:
 
 def rank_keys_file(out_dir: Path, rank: int) -> Path:
     return out_dir / "sample_keys" / f"rank{rank:05d}.jsonl"
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false")

@@ -15,32 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    UNet2DConditionModel,
-)
+from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ldmscale import noise
+from ldmscale.config import SAMPLERS
 from ldmscale.encoders import FrozenEncoders
 from ldmscale.models import vae_downsample_factor
-
-
-def make_scheduler(name: str, train_config: dict) -> object:
-    cfg = {k: v for k, v in train_config.items() if not k.startswith("_")}
-    if name == "ddim":
-        return DDIMScheduler.from_config(cfg, set_alpha_to_one=False, steps_offset=1)
-    if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(cfg)
-    if name == "ddpm":
-        return DDPMScheduler.from_config(cfg)
-    raise ValueError(f"unknown sampler {name!r}; choose ddim, dpmsolver++, euler or ddpm")
+from ldmscale.samplers import make_scheduler
 
 
 def warn_long_prompts(tokenizer: object, prompts: list[str]) -> None:
@@ -204,7 +187,7 @@ def cli(argv: list[str] | None = None) -> None:
                    help="style reference image (style checkpoints); repeat for several: every prompt x every style")
     p.add_argument("--style-scale", type=float, default=None,
                    help="style guidance scale (default: the checkpoint's style.guidance_scale)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmsolver++", "euler", "ddpm"])
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,114 +1,210 @@
-"""What differs between the training stages: the module DeepSpeed trains and how a micro-batch becomes a loss.
+"""The training stages (`train.stage`): what DeepSpeed trains, how a micro-batch becomes a loss, what happens
+at the end.
 
-Diffusion: frozen VAE + text encoder (+ optional style path) around the U-Net objective; autoencoder: the VAE
-itself. Every random draw comes from noise.py keyed by the global sample ids, so resume stays bitwise.
+DiffusionStage: frozen VAE + text encoder (+ optional style path) around the U-Net objective; it draws sample
+grids and counts the U-Net's FLOPs. AutoencoderStage: the VAE itself; at the end it exports a diffusers folder
+with the latent scaling factor measured on the data. Every random draw comes from noise.py keyed by the global
+sample ids, so resume stays bitwise.
 """
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ldmscale import noise
+from ldmscale import dist, noise
+from ldmscale.autoencoder import AutoencoderObjective, measure_scaling_factor, save_vae
 from ldmscale.config import Config
-from ldmscale.data import normalize_pixels
-from ldmscale.monitor import training_flops_per_sample
+from ldmscale.data import ResumableLoader, count_samples, normalize_pixels
+from ldmscale.ema import EMA, gathered
+from ldmscale.encoders import FrozenEncoders, load_vae, tokenize
+from ldmscale.models import build_unet, build_vae, strip_prefix, vae_downsample_factor
+from ldmscale.monitor import Monitor, training_flops_per_sample
+from ldmscale.objective import LatentDiffusion, build_noise_scheduler
+from ldmscale.style.attention import add_style_path
+from ldmscale.style.encoder import beta_at, build_style, style_input
+from ldmscale.style.step1_init import init_from_step1
 
 
-class Task:
-    """What differs between the stages: the module DeepSpeed trains and how a micro-batch becomes a loss."""
+def _prepare(trained: torch.nn.Module, cfg: Config) -> None:
+    """Options that apply to whichever network is trained."""
+    if cfg.model.gradient_checkpointing:
+        trained.enable_gradient_checkpointing()
+    if cfg.model.attention == "default":
+        from diffusers.models.attention_processor import AttnProcessor
 
-    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True) -> None:
+        trained.set_attn_processor(AttnProcessor())
+
+
+class Stage:
+    """What both stages share: the wrapped module (`module`), the network it trains (`trained`, its parameters
+    named `<prefix>*` inside `module`), and the full trained weights for sampling or export."""
+
+    prefix = ""
+    module: torch.nn.Module
+    trained: torch.nn.Module
+    tokenizer: Any = None
+    init_note = ""
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.encoders = None
-        self.tokenizer = None
-        self.style_frozen = None
-        self.init_note = ""
-        if cfg.train.stage == "diffusion":
-            from ldmscale.encoders import FrozenEncoders
-            from ldmscale.models import build_unet, vae_downsample_factor
-            from ldmscale.objective import LatentDiffusion, build_noise_scheduler
-
-            self.encoders = FrozenEncoders.load(cfg.model, device, dtype)
-            self.tokenizer = self.encoders.tokenizer
-            size = cfg.data.resolution // vae_downsample_factor(self.encoders.vae.config)
-            self.latent_shape = (self.encoders.latent_channels, size, size)
-            unet = build_unet(cfg.model.unet, self.encoders.latent_channels, self.encoders.text_dim, size)
-            style_encoder = None
-            if cfg.style.enabled:
-                from ldmscale.style.encoder import build_style
-                from ldmscale.style.step1_init import init_from_step1
-
-                if cfg.style.init_from and fresh:  # a resume takes every weight from its own checkpoint
-                    self.init_note = init_from_step1(cfg.style, unet)
-                style_encoder, self.style_frozen = build_style(cfg.style, self.encoders.text_dim, device, dtype)
-            self.module: torch.nn.Module = LatentDiffusion(unet, build_noise_scheduler(cfg.model), cfg.model.snr_gamma,
-                                                           style_encoder)
-            self.empty_ids = self._tokenize([""])
-            self.trained = unet
-        else:
-            from ldmscale.autoencoder import AutoencoderObjective
-            from ldmscale.encoders import load_vae
-            from ldmscale.models import build_vae, vae_downsample_factor
-
-            vae = load_vae(cfg.model) if cfg.model.vae else build_vae(cfg.model.vae_preset, cfg.data.resolution)
-            size = cfg.data.resolution // vae_downsample_factor(vae.config)
-            self.latent_shape = (int(vae.config.latent_channels), size, size)
-            self.module = AutoencoderObjective(vae, cfg.autoencoder)
-            self.trained = vae
-        if cfg.model.gradient_checkpointing:
-            self.trained.enable_gradient_checkpointing()
-        if cfg.model.attention == "default":
-            from diffusers.models.attention_processor import AttnProcessor
-
-            self.trained.set_attn_processor(AttnProcessor())
-        if cfg.style.enabled and self.encoders is not None:
-            from ldmscale.style.attention import add_style_path
-
-            # last: after step 1's weights are in (to_k_style copies to_k) and the attention kind is chosen
-            add_style_path(self.trained, self.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
-
-    def _tokenize(self, captions: list[str]) -> torch.Tensor:
-        from ldmscale.encoders import tokenize
-
-        return tokenize(self.tokenizer, captions)
 
     def flops_per_sample(self) -> float:
-        if self.encoders is None:
-            return 0.0
+        return 0.0
+
+    def periodic(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+        """Once in a while during training (every train.sample_every steps)."""
+
+    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+        """After the last step."""
+
+    def trained_weights(self, engine: Any, ema: EMA | None) -> dict[str, torch.Tensor]:
+        """Full fp32 weights of the trained network on rank 0 (EMA if kept). Collective under ZeRO-3."""
+        if ema is not None:
+            return strip_prefix(ema.state_dict(), self.prefix)
+        params = list(engine.module.parameters())
+        with gathered(params):
+            if dist.rank() != 0:
+                return {}
+            full = {n: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters()}
+        # buffers are not partitioned and not trained; take them from the module as they are
+        return strip_prefix({**dict(engine.module.named_buffers()), **full}, self.prefix)
+
+
+class DiffusionStage(Stage):
+    prefix = "unet."
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True) -> None:
+        super().__init__(cfg, device, dtype)
+        self.encoders = FrozenEncoders.load(cfg.model, device, dtype)
+        self.tokenizer = self.encoders.tokenizer
+        size = cfg.data.resolution // vae_downsample_factor(self.encoders.vae.config)
+        self.latent_shape = (self.encoders.latent_channels, size, size)
+        unet = build_unet(cfg.model.unet, self.encoders.latent_channels, self.encoders.text_dim, size)
+        style_encoder, self.style_frozen = None, None
+        if cfg.style.enabled:
+            if cfg.style.init_from and fresh:  # a resume takes every weight from its own checkpoint
+                self.init_note = init_from_step1(cfg.style, unet)
+            style_encoder, self.style_frozen = build_style(cfg.style, self.encoders.text_dim, device, dtype)
+        self.module = LatentDiffusion(unet, build_noise_scheduler(cfg.model), cfg.model.snr_gamma, style_encoder)
+        self.trained = unet
+        _prepare(unet, cfg)
+        if cfg.style.enabled:
+            # last: after step 1's weights are in (to_k_style copies to_k) and the attention kind is chosen
+            add_style_path(unet, self.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
+        self.empty_ids = tokenize(self.tokenizer, [""])
+
+    def flops_per_sample(self) -> float:
         ctx = (self.tokenizer.model_max_length, self.encoders.text_dim)
         return training_flops_per_sample(self.trained, self.latent_shape, ctx, self.device, torch.float32)
 
-    def loss(self, engine: Any, batch: dict[str, Any], ids: list[int]) -> tuple[torch.Tensor, dict[str, Any]]:
-        seed = self.cfg.train.seed
+    def loss(self, engine: Any, batch: dict[str, Any], ids: list[int], step: int) -> tuple[torch.Tensor, dict]:
+        """One micro-batch -> (loss, parts). `ids` are the global sample indices, `step` the optimizer step."""
+        seed, m = self.cfg.train.seed, self.cfg.model
         pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True))
-        post = noise.randn(seed, ids, self.latent_shape, noise.Stream.POSTERIOR)
-        if self.encoders is None:
-            return engine(pixels, post.to(self.device))
-        latents = self.encoders.encode_images(pixels, post)
+        latents = self.encoders.encode_images(pixels, noise.randn(seed, ids, self.latent_shape, noise.Stream.POSTERIOR))
+        # classifier-free guidance: a per-sample share of captions becomes ""
         input_ids = batch["input_ids"].clone()
-        drop = noise.rand(seed, ids, noise.Stream.CAPTION_DROP) < self.cfg.data.caption_dropout
-        input_ids[drop] = self.empty_ids
+        input_ids[noise.rand(seed, ids, noise.Stream.CAPTION_DROP) < self.cfg.data.caption_dropout] = self.empty_ids
         context = self.encoders.encode_text(input_ids)
-        timesteps = noise.randint(seed, ids, self.cfg.model.num_train_timesteps, noise.Stream.TIMESTEP)
+        timesteps = noise.randint(seed, ids, m.num_train_timesteps, noise.Stream.TIMESTEP)
         eps = noise.randn(seed, ids, self.latent_shape, noise.Stream.NOISE)
-        if self.cfg.model.noise_offset:
-            c = self.latent_shape[0]
-            eps = eps + self.cfg.model.noise_offset * noise.randn(seed, ids, (c, 1, 1), noise.Stream.NOISE_OFFSET)
-        if not self.cfg.style.enabled:
-            return engine(latents, context, eps.to(self.device), timesteps.to(self.device))
-        return engine(latents, context, eps.to(self.device), timesteps.to(self.device), *self._style_args(batch, ids))
+        if m.noise_offset:
+            offset = noise.randn(seed, ids, (self.latent_shape[0], 1, 1), noise.Stream.NOISE_OFFSET)
+            eps = eps + m.noise_offset * offset
+        args = [latents, context, eps.to(self.device), timesteps.to(self.device)]
+        if self.cfg.style.enabled:
+            args += self._style_args(batch, ids, step)
+        return engine(*args)
 
-    def _style_args(self, batch: dict[str, Any], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                         float]:
+    def _style_args(self, batch: dict[str, Any], ids: list[int], step: int) -> list[Any]:
         """(style input, reparameterisation noise, keep mask, beta): all from the sample ids, so resume is exact."""
-        from ldmscale.style.encoder import beta_at, style_input
-
         s, seed = self.cfg.style, self.cfg.train.seed
-        style_pixels = normalize_pixels(batch["style_pixels"].to(self.device, non_blocking=True))
-        refs = style_input(self.style_frozen, style_pixels)
+        pixels = normalize_pixels(batch["style_pixels"].to(self.device, non_blocking=True))
+        refs = style_input(self.style_frozen, pixels)
         z = noise.randn(seed, ids, (s.num_tokens, self.encoders.text_dim), noise.Stream.STYLE)
         keep = (noise.rand(seed, ids, noise.Stream.STYLE_DROP) >= s.dropout).float()
-        step = ids[0] // self.cfg.train.global_batch_size  # ids are step * global_batch + slot
-        return refs, z.to(self.device), keep.to(self.device), beta_at(s, step)
+        return [refs, z.to(self.device), keep.to(self.device), beta_at(s, step)]
+
+    def periodic(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+        if self.cfg.train.sample_every and step % self.cfg.train.sample_every == 0:
+            self.sample_grid(engine, ema, monitor, out, step)
+
+    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+        every = self.cfg.train.sample_every
+        if not (every and step % every == 0):  # else periodic() drew this step's grid already
+            self.sample_grid(engine, ema, monitor, out, step)
+
+    def sample_grid(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+        """Rank 0 draws the configured prompts with the EMA weights; the others wait (a short, timed job)."""
+        from diffusers import UNet2DConditionModel
+
+        from ldmscale.sample import generate, to_pil, write_samples
+
+        weights = self.trained_weights(engine, ema)
+        if dist.rank() == 0:
+            t0 = time.perf_counter()
+            unet = UNet2DConditionModel.from_config(self.trained.config).to(self.device)
+            if self.cfg.style.enabled:  # grids during style training are text-only: the style path adds nothing
+                add_style_path(unet, self.encoders.text_dim, sdpa=self.cfg.model.attention == "sdpa")
+            unet.load_state_dict(weights, strict=True)
+            unet.eval()
+            s = self.cfg.sample
+            prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]
+            images = generate(unet, self.encoders, dict(self.module.scheduler.config), prompts,
+                              seed=self.cfg.train.seed, steps=s.num_steps, guidance_scale=s.guidance_scale,
+                              sampler=s.sampler)
+            grid = write_samples(to_pil(images), prompts, out / "samples" / f"step_{step:08d}",
+                                 s.images_per_prompt, {"step": step})
+            monitor.log_image("samples", grid, step, caption=f"step {step}")
+            monitor.event(f"sample grid {grid} ({time.perf_counter() - t0:.1f}s)")
+        dist.barrier()
+
+
+class AutoencoderStage(Stage):
+    prefix = "vae."
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True) -> None:
+        super().__init__(cfg, device, dtype)
+        vae = load_vae(cfg.model) if cfg.model.vae else build_vae(cfg.model.vae_preset, cfg.data.resolution)
+        size = cfg.data.resolution // vae_downsample_factor(vae.config)
+        self.latent_shape = (int(vae.config.latent_channels), size, size)
+        self.module = AutoencoderObjective(vae, cfg.autoencoder)
+        self.trained = vae
+        _prepare(vae, cfg)
+
+    def loss(self, engine: Any, batch: dict[str, Any], ids: list[int], step: int) -> tuple[torch.Tensor, dict]:
+        pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True))
+        post = noise.randn(self.cfg.train.seed, ids, self.latent_shape, noise.Stream.POSTERIOR)
+        return engine(pixels, post.to(self.device))
+
+    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+        """Export the trained VAE as a diffusers folder with its measured latent scaling factor."""
+        weights = self.trained_weights(engine, ema)
+        if dist.rank() == 0:
+            cfg = self.cfg
+            vae = type(self.trained).from_config(self.trained.config)
+            vae.load_state_dict(weights, strict=True)
+            vae.eval()
+            probe = ResumableLoader(cfg.data, None, seed=cfg.train.seed + 1, rank=0, world=1,
+                                    micro_batch=cfg.train.micro_batch_size, samples_per_epoch=count_samples(cfg.data))
+            batches = (normalize_pixels(next(probe)["pixels"]) for _ in range(10**9))
+            factor = measure_scaling_factor(vae, batches, cfg.autoencoder.scaling_samples)
+            save_vae(vae, weights, factor, out / "vae")
+            monitor.event(f"autoencoder: exported {out / 'vae'} with scaling_factor={factor:.4f}")
+        dist.barrier()
+
+
+STAGES: dict[str, type[DiffusionStage] | type[AutoencoderStage]] = {
+    "diffusion": DiffusionStage,
+    "autoencoder": AutoencoderStage,
+}
+
+
+def build_stage(cfg: Config, device: torch.device, dtype: torch.dtype,
+                fresh: bool = True) -> DiffusionStage | AutoencoderStage:
+    """The stage `train.stage` names. `fresh`: not resuming (a style run then loads its step-1 weights)."""
+    return STAGES[cfg.train.stage](cfg, device, dtype, fresh=fresh)

@@ -21,6 +21,19 @@ pytest_plugins = [
 ]
 
 
+# The fast tier (`tools/run_tests.sh -m unit`): every test that needs no child process, server or second rank.
+# Such tests carry one of these markers (or use the `assets` fixture, which runs two tool scripts); the rest are
+# marked `unit` here, so a new test joins the fast tier unless it says otherwise.
+SLOW_MARKERS = {"multiproc", "s3", "slurm", "subprocess"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        slow = any(item.get_closest_marker(m) for m in SLOW_MARKERS) or "assets" in getattr(item, "fixturenames", ())
+        if not slow:
+            item.add_marker(pytest.mark.unit)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

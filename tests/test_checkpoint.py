@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldmscale import dist
-from ldmscale.checkpoint import Checkpointer, CheckpointError, latest_tag, resolve_resume, tag_for
+from ldmscale.checkpoint import CheckpointError, CheckpointStore, latest_tag, resolve_resume, tag_for
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _weights(eng: object) -> torch.Tensor:
 
 
 def test_interrupted_save_leaves_previous_checkpoint_latest(engine: object, tmp_path: Path) -> None:
-    ck = Checkpointer(tmp_path, keep_last=5)
+    ck = CheckpointStore(tmp_path, keep_last=5)
     _train_step(engine)
     ck.save(engine, 1, {"step": 1}, None, "cfg: 1\n")
     _train_step(engine)
@@ -66,7 +66,7 @@ def test_interrupted_save_leaves_previous_checkpoint_latest(engine: object, tmp_
 
 
 def test_keep_last_prunes_old_complete_checkpoints(engine: object, tmp_path: Path) -> None:
-    ck = Checkpointer(tmp_path, keep_last=2)
+    ck = CheckpointStore(tmp_path, keep_last=2)
     for step in range(1, 5):
         _train_step(engine)
         ck.save(engine, step, {"step": step}, {"w": torch.zeros(1)}, "")
@@ -88,4 +88,4 @@ def test_deepspeed_load_failure_is_not_silent(engine: object, tmp_path: Path) ->
     bad.mkdir()
     (bad / "COMPLETE").write_text("")
     with pytest.raises(CheckpointError, match="lacks DeepSpeed's model states"):
-        Checkpointer(tmp_path, 2).load(engine, bad)
+        CheckpointStore(tmp_path, 2).load(engine, bad)

@@ -42,14 +42,9 @@ class ResumableLoader:
             )
         per_rank = samples_per_epoch // world
         self.batches_per_worker = max(1, per_rank // (micro_batch * self.workers))
-        self.position = position or DataPosition()
-        if not self.position.consumed:
-            self.position.consumed = [0] * self.workers
-        if len(self.position.consumed) != self.workers:
-            raise ValueError(
-                f"the checkpoint's data position was saved with data.num_workers={len(self.position.consumed)}; "
-                f"resume with that value (now {self.workers}) for an exact continuation"
-            )
+        self.position = DataPosition(consumed=[0] * self.workers)
+        if position is not None:
+            self.load_state_dict(position.to_dict())
         self.dropped: dict[int, dict[str, int]] = {}
         self._it: Iterator[dict[str, Any]] | None = None
 
@@ -101,3 +96,16 @@ class ResumableLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return self.position.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position (before the first batch is drawn)."""
+        position = DataPosition.from_dict(state)
+        if not position.consumed:
+            position.consumed = [0] * self.workers
+        if len(position.consumed) != self.workers:
+            raise ValueError(
+                f"the checkpoint's data position was saved with data.num_workers={len(position.consumed)}; "
+                f"resume with that value (now {self.workers}) for an exact continuation"
+            )
+        self.position = position
+        self._it = None

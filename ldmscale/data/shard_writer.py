@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import time
 from collections.abc import Iterable, Iterator
@@ -22,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
+
+from ldmscale.atomic import atomic_write
 
 # img2dataset's key has 4 digits for the index inside a shard; more samples would collide with the next shard.
 MAX_SAMPLES_PER_SHARD = 10_000
@@ -88,17 +89,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> N
     tar.addfile(info, io.BytesIO(data))
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a hidden temp name in the same folder, then rename: readers never see half a shard."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_parquet(path: Path, rows: list[dict]) -> None:
     # Rows may carry different extra keys; use the union so no column is silently dropped.
     columns: dict[str, None] = {}
@@ -119,9 +109,9 @@ def _write_shard(out_dir: Path, shard: int, items: list[tuple[str, bytes, str, d
                 _add_member(tar, f"{key}.txt", caption.encode("utf-8"), start)
                 _add_member(tar, f"{key}.json", json.dumps(meta).encode("utf-8"), start)
 
-    _atomic_write(tar_path, write_tar)
+    atomic_write(tar_path, write_tar)
     rows = [meta for _, _, _, meta in items]
-    _atomic_write(out_dir / f"{name}.parquet", lambda tmp: _write_parquet(tmp, rows))
+    atomic_write(out_dir / f"{name}.parquet", lambda tmp: _write_parquet(tmp, rows))
     end = time.time()
     stats = {
         "count": len(items),
@@ -135,7 +125,7 @@ def _write_shard(out_dir: Path, shard: int, items: list[tuple[str, bytes, str, d
         "status_dict": {"success": len(items)},
     }
     # Stats last: its presence marks a finished shard, as with img2dataset.
-    _atomic_write(out_dir / f"{name}_stats.json", lambda tmp: tmp.write_text(json.dumps(stats, indent=4)))
+    atomic_write(out_dir / f"{name}_stats.json", lambda tmp: tmp.write_text(json.dumps(stats, indent=4)))
     return tar_path
 
 

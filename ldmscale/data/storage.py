@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +27,8 @@ import fsspec
 
 # `import webdataset.gopen` would give the gopen function (the package re-exports it), not the module.
 from webdataset.gopen import gopen_schemes
+
+from ldmscale.redact import redact, scrub  # noqa: F401  (re-exported: storage.redact, storage.scrub)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ _S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempt
 S3_FAST_CONFIG = {
     "connect_timeout": 2, "read_timeout": 5, "retries": {"total_max_attempts": 1, "mode": "standard"},
 }
-_SECRET_KEY_RE = re.compile(r"(secret|token|password|passwd|credential|^key$|access_key|private)", re.I)
-_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _TRANSIENT_ERRNOS = {
     errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBUSY, errno.EAGAIN, getattr(errno, "EREMOTEIO", 121),
@@ -82,40 +81,6 @@ class RetryPolicy:
 
 
 # ---------------------------------------------------------------- options and secrets
-
-
-def redact(options: dict | None) -> dict:
-    """A copy of options safe to log: values of secret-looking keys (also nested) become '***'."""
-    out: dict = {}
-    for k, v in (options or {}).items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif _SECRET_KEY_RE.search(str(k)) and v not in (None, ""):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out
-
-
-def _secret_values(options: dict | None) -> set[str]:
-    vals = {os.environ[k] for k in _SECRET_ENV if os.environ.get(k)}
-    stack = [options or {}]
-    while stack:
-        for k, v in stack.pop().items():
-            if isinstance(v, dict):
-                stack.append(v)
-            elif _SECRET_KEY_RE.search(str(k)) and isinstance(v, str) and v:
-                vals.add(v)
-    return vals
-
-
-def scrub(text: str, options: dict | None = None) -> str:
-    """Remove credentials from free text (server error messages may echo the access key id)."""
-    # Very short values would mangle ordinary words; real keys are long.
-    for secret in sorted((v for v in _secret_values(options) if len(v) >= 4), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    # user:password@host in URLs
-    return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
 
 
 def protocol_of(url: str) -> str:
