@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from ldmscale.checkpoint import CheckpointError, find_tag_dir, load_ema
-from ldmscale.config import Config, config_from_yaml_text
+from ldmscale.config import Config, ModelConfig, config_from_yaml_text
 from ldmscale.encoders import FrozenEncoders
 from ldmscale.models import build_unet, strip_prefix, vae_downsample_factor
 from ldmscale.objective import build_noise_scheduler
+from ldmscale.style.attention import add_style_path
+from ldmscale.style.encoder import StyleReference, build_style
 
 
 def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -47,11 +49,7 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
     path = Path(path)
     device = torch.device(device)
     if (path / "model_index.json").exists():
-        from diffusers import DDPMScheduler
-
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        from ldmscale.config import ModelConfig
-
         mcfg = ModelConfig(pretrained=str(path))
         enc = FrozenEncoders.load(mcfg, device, dtype)
         sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler").config
@@ -68,9 +66,6 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
     state = load_ema(tag_dir) if weights == "ema" else raw_state_dict(tag_dir)
     style = None
     if cfg.style.enabled:  # the style path and encoder as trained: "unet.*processor.to_*_style.*", "style.*"
-        from ldmscale.style.attention import add_style_path
-        from ldmscale.style.encoder import StyleReference, build_style
-
         add_style_path(unet, enc.text_dim, sdpa=cfg.model.attention == "sdpa")
         encoder, frozen = build_style(cfg.style, enc.text_dim, device, dtype)
         encoder.load_state_dict(strip_prefix(state, "style."), strict=True)
@@ -81,8 +76,6 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
 
 
 def export_pipeline(path: str | Path, out: str | Path, weights: str = "ema") -> Path:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     m = load_trained(path, weights)
     if m.style is not None:
         raise CheckpointError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,8 +90,6 @@ def build_vae(preset: str, resolution: int) -> AutoencoderKL:
 
 
 def _has_subfolder(ref: str, name: str) -> bool:
-    from pathlib import Path
-
     return (Path(ref) / name / "config.json").exists()
 
 

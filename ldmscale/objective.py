@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 
 from ldmscale.config import ModelConfig
+from ldmscale.style.encoder import kl_to_standard_normal
 
 
 def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
@@ -70,8 +71,6 @@ class LatentDiffusion(torch.nn.Module):
         kwargs, parts = {}, {}
         kl = None
         if style_input is not None:
-            from ldmscale.style.encoder import kl_to_standard_normal
-
             mu, logvar = self.style(style_input.to(dtype))
             mu, logvar = mu.float(), logvar.float()
             keep = style_keep.to(mu).view(-1, 1, 1)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
 
 from ldmscale import dist, noise
 from ldmscale.autoencoder import AutoencoderObjective, measure_scaling_factor, save_vae
@@ -24,6 +26,7 @@ from ldmscale.encoders import FrozenEncoders, load_vae, tokenize
 from ldmscale.models import build_unet, build_vae, strip_prefix, vae_downsample_factor
 from ldmscale.monitor import Monitor, training_flops_per_sample
 from ldmscale.objective import LatentDiffusion, build_noise_scheduler
+from ldmscale.sample import generate, to_pil, write_samples
 from ldmscale.style.attention import add_style_path
 from ldmscale.style.encoder import beta_at, build_style, style_input
 from ldmscale.style.step1_init import init_from_step1
@@ -34,8 +37,6 @@ def _prepare(trained: torch.nn.Module, cfg: Config) -> None:
     if cfg.model.gradient_checkpointing:
         trained.enable_gradient_checkpointing()
     if cfg.model.attention == "default":
-        from diffusers.models.attention_processor import AttnProcessor
-
         trained.set_attn_processor(AttnProcessor())
 
 
@@ -140,10 +141,6 @@ class DiffusionStage(Stage):
 
     def sample_grid(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
         """Rank 0 draws the configured prompts with the EMA weights; the others wait (a short, timed job)."""
-        from diffusers import UNet2DConditionModel
-
-        from ldmscale.sample import generate, to_pil, write_samples
-
         weights = self.trained_weights(engine, ema)
         if dist.rank() == 0:
             t0 = time.perf_counter()

@@ -9,15 +9,14 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from ldmscale.checkpoint import find_tag_dir, load_ema
 from ldmscale.config import StyleConfig
+from ldmscale.export import raw_state_dict
+from ldmscale.models import strip_prefix
 
 
 def step1_unet_state(ref: str, weights: str) -> dict[str, torch.Tensor]:
     """The U-Net's state dict (keys without the "unet." prefix) from a step-1 run dir or checkpoint."""
-    from ldmscale.checkpoint import find_tag_dir, load_ema
-    from ldmscale.export import raw_state_dict
-    from ldmscale.models import strip_prefix
-
     tag_dir = find_tag_dir(Path(ref).expanduser())
     state = load_ema(tag_dir) if weights == "ema" else raw_state_dict(tag_dir)
     unet = strip_prefix(state, "unet.")
