@@ -4,6 +4,9 @@
 # AWS_ACCESS_KEY_ID=..., AWS_SECRET_ACCESS_KEY=..., AWS_ENDPOINT_URL=...
 # Env: LDMSCALE_S3_PORT (7480), LDMSCALE_S3_DIR (/tmp/ldmscale-s3), LDMSCALE_S3_MON_PORT (3300).
 set -euo pipefail
+# The daemons started here outlive this script: they must not inherit the caller's descriptors beyond
+# stdio (a `flock LOCK cmd` caller's lock would otherwise stay held by munged/radosgw until they stop).
+for fd in /proc/$$/fd/*; do n=${fd##*/}; [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-" 2>/dev/null; done
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"

@@ -9,6 +9,9 @@
 # node advertises, default 4), LDMSCALE_SLURM_PORT (slurmctld port, default 6817; slurmds use +1, +2).
 # Needs root and Debian/Ubuntu apt (installs slurmctld slurmd slurm-client munge when missing).
 set -euo pipefail
+# The daemons started here outlive this script: they must not inherit the caller's descriptors beyond
+# stdio (a `flock LOCK cmd` caller's lock would otherwise stay held by munged/radosgw until they stop).
+for fd in /proc/$$/fd/*; do n=${fd##*/}; [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-" 2>/dev/null; done
 
 DIR="${LDMSCALE_SLURM_DIR:-/tmp/ldmscale-slurm}"
 CPUS="${LDMSCALE_SLURM_CPUS:-4}"
