@@ -18,6 +18,7 @@ import torch
 import torch.distributed as tdist
 
 from ldmscale import dist
+from ldmscale.checkpoint import CheckpointError
 from ldmscale.eval.clip_score import ClipError, build_clip_score, check_clip_model
 from ldmscale.eval.fid import FeatureError, GaussianStats, build_fid, load_stats, parse_features, stats_of
 from ldmscale.eval.generate import (
@@ -35,7 +36,8 @@ from ldmscale.eval.report import log_wandb, plot_sweep, write_json
 
 # the scales of the Stable Diffusion model cards' and NeMo's FID-vs-CLIP curves (30k COCO-2014 val captions)
 DEFAULT_GUIDANCE = "1.5,2,3,4,5,6,7,8"
-INPUT_ERRORS = (PromptError, FeatureError, ReferenceError, ClipError, SettingsMismatch, ValueError, OSError)
+INPUT_ERRORS = (CheckpointError, PromptError, FeatureError, ReferenceError, ClipError, SettingsMismatch, ValueError,
+                OSError)
 
 
 @dataclass
