@@ -128,9 +128,13 @@ def load_style_image(path: str | Path, resolution: int) -> torch.Tensor:
     return to_tensor([decode_image(Path(path).read_bytes(), resolution, center_crop=True)])
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float [N, 3, H, W] in [0, 1] -> uint8 [N, H, W, 3]."""
+    return (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(images)]
 
 
 def labelled_grid(images: list[Image.Image], labels: list[str], cols: int, min_cell: int = 96) -> Image.Image:

@@ -84,8 +84,10 @@ def draw_missing(model: object, prompts: list[str], indices: list[int], out: Pat
 def load_uint8(paths: list[Path]) -> torch.Tensor:
     """PNG files -> uint8 [N, 3, H, W]. Scores are always computed from the files, so a resumed eval and an
     uninterrupted one score the very same pixels."""
+    from ldmscale.data import stack_uint8
+
     arrays = []
     for p in paths:
         with Image.open(p) as img:
             arrays.append(np.asarray(img.convert("RGB")))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return stack_uint8(arrays)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldmscale.data import IMAGE_EXTS, decode_image
+from ldmscale.data import IMAGE_EXTS, decode_image, stack_uint8
 
 FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -36,6 +36,17 @@ def reference_kind(spec: str) -> str:
     raise ReferenceError(f"--reference {spec}: no .tar shards, image files or .npz statistics there")
 
 
+def shard_samples(urls: list[str], storage_options: dict | None = None) -> Iterator[dict]:
+    """Every sample of the shards, in order, on every rank (webdataset, through the project's fsspec openers
+    for object stores). Evaluation sets are small and must be the same whatever the world size."""
+    import webdataset as wds
+
+    from ldmscale.data.storage import register_gopen_schemes
+
+    register_gopen_schemes(storage_options)
+    yield from wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+
+
 def _tars(spec: str) -> list[str]:
     if Path(spec).is_dir():
         return sorted(str(p) for p in Path(spec).glob("*.tar"))
@@ -48,17 +59,14 @@ def _images(folder: Path) -> list[Path]:
 
 def _encoded(spec: str) -> Iterator[bytes]:
     """Every reference image's encoded bytes, in a fixed order."""
-    from ldmscale.data.shard_writer import iter_tar_samples
-
     if reference_kind(spec) == "folder":
         for p in _images(Path(spec)):
             yield p.read_bytes()
         return
-    for tar in _tars(spec):
-        for sample in iter_tar_samples(tar):
-            ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            if ext is not None:
-                yield sample[ext]  # type: ignore[misc]
+    for sample in shard_samples(_tars(spec)):
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is not None:
+            yield sample[ext]
 
 
 def rank_batches(spec: str, resolution: int, rank: int, world: int, batch_size: int,
@@ -72,11 +80,7 @@ def rank_batches(spec: str, resolution: int, rank: int, world: int, batch_size: 
             continue
         batch.append(decode_image(data, resolution, center_crop=True))
         if len(batch) == batch_size:
-            yield _stack(batch)
+            yield stack_uint8(batch)
             batch = []
     if batch:
-        yield _stack(batch)
-
-
-def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        yield stack_uint8(batch)
