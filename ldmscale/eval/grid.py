@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
+from PIL import Image
 
 from ldmscale.eval.prompts import rank_indices
+from ldmscale.sample import generate, to_uint8, write_samples
 
 
 def broadcast_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -34,11 +36,9 @@ def broadcast_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor],
 
 
 def draw_shared(unet: torch.nn.Module, encoders: Any, scheduler_config: dict, prompts: list[str], *, seed: int,
-                steps: int, guidance_scale: float, sampler: str) -> list[np.ndarray] | None:
-    """Every rank draws prompts[i] for its indices; rank 0 gets all images (uint8 HWC, prompt order), the
-    others None."""
-    from ldmscale.sample import generate, to_uint8
-
+                steps: int, guidance_scale: float, sampler: str) -> tuple[list[np.ndarray], list[int]] | None:
+    """Every rank draws prompts[i] for its indices; rank 0 gets all images (uint8 HWC, prompt order) and how
+    many each rank drew, the others None."""
     world = tdist.get_world_size() if tdist.is_initialized() else 1
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     mine = rank_indices(len(prompts), rank, world)
@@ -48,17 +48,14 @@ def draw_shared(unet: torch.nn.Module, encoders: Any, scheduler_config: dict, pr
                           guidance_scale=guidance_scale, sampler=sampler, indices=mine)
         share = list(zip(mine, to_uint8(images)))
     if not tdist.is_initialized():
-        return [a for _, a in share]
+        return [a for _, a in share], [len(share)]
     gathered: list[Any] | None = [None] * world if rank == 0 else None
     tdist.gather_object(share, gathered, dst=0)
     if gathered is None:
         return None
-    return [a for _, a in sorted((pair for part in gathered for pair in part), key=lambda p: p[0])]
+    ordered = sorted((pair for part in gathered for pair in part), key=lambda p: p[0])
+    return [a for _, a in ordered], [len(part) for part in gathered]
 
 
 def write_grid(arrays: list[np.ndarray], prompts: list[str], out: Path, cols: int, step: int) -> Path:
-    from PIL import Image
-
-    from ldmscale.sample import write_samples
-
     return write_samples([Image.fromarray(a) for a in arrays], prompts, out, cols, {"step": step})

@@ -106,3 +106,12 @@ def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     out["val/mse"] = float(sums[:k].sum()) / (k * n)
     out["val/loss"] = float(sums[k : 2 * k].sum()) / (k * n)  # the training objective's weighting (min-SNR)
     return out
+
+
+def build_validator(cfg: Any, stage: Any, rank: int, world: int, device: torch.device) -> Validator:
+    """The Validator of a diffusion run (ldmscale.config: data.val_shards, train.eval_samples)."""
+    d = cfg.data
+    vset = load_validation_set(d.val_shards, d.storage_options, stage.tokenizer, d.resolution, d.center_crop,
+                               cfg.train.eval_samples, rank, world)
+    return Validator(vset, stage.encoders, stage.latent_shape, cfg.model.num_train_timesteps, cfg.train.seed,
+                     cfg.train.micro_batch_size, world, device)
