@@ -121,6 +121,12 @@ def test_prompts_from_txt_json_jsonl_and_parquet(tmp_path: Path) -> None:
     assert read_prompts(tmp_path / "p.json") == captions
     assert read_prompts(tmp_path / "p.jsonl", column="text") == captions
     assert read_prompts(tmp_path / "p.parquet") == captions
+    shards = tmp_path / "shards"  # img2dataset: one parquet per shard, failed downloads included
+    shards.mkdir()
+    pq.write_table(pa.table({"caption": captions[:2], "status": ["success", "failed_to_download"]}),
+                   shards / "00000.parquet")
+    pq.write_table(pa.table({"caption": captions[2:], "status": ["success"]}), shards / "00001.parquet")
+    assert read_prompts(shards) == [captions[0], captions[2]]
     with pytest.raises(PromptError, match="no column 'prompt'"):
         read_prompts(tmp_path / "p.parquet", column="prompt")
     with pytest.raises(PromptError, match="no 'caption' field"):

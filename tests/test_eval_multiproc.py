@@ -83,6 +83,8 @@ def test_one_and_two_ranks_give_the_same_scores(setup: dict[str, Path], one_rank
                                                                                                    rel=1e-5)
     assert a[0]["fid"] != a[1]["fid"]  # the guidance scale reached the sampler
     assert (out / "fid_vs_clip.png").stat().st_size > 0
+    index = json.loads((out / "images" / "guidance_3" / "samples.json").read_text())
+    assert [(e["index"], e["prompt"]) for e in index] == [(i, f"a handwritten digit {i % 4}") for i in range(8)]
 
 
 def test_killed_eval_resumes_and_reuses_its_images(setup: dict[str, Path], one_rank: Path) -> None:
@@ -112,3 +114,17 @@ def test_images_drawn_with_other_settings_are_not_mixed_in(setup: dict[str, Path
                            *_args(setup, one_rank, setup["root"] / "ref_w1.npz", "--sampler", "euler")],
                           env=train_env(), cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "other settings" in proc.stderr and "sampler" in proc.stderr
+
+
+def test_digit_sweep_reads_the_eval_folder(setup: dict[str, Path], one_rank: Path, assets: Path) -> None:
+    """The demo's reading of an eval: digit accuracy per guidance scale beside FID, and the real-vs-real floor."""
+    sys.path.insert(0, str(REPO / "tools" / "bench"))
+    from digit_accuracy import run_sweep
+
+    sweep = run_sweep(one_rank, assets / "digits/heldout", assets / "digits/train", folds=3, seed=0)
+    assert [r["guidance"] for r in sweep["results"]] == [1.0, 3.0]
+    assert all(r["fid"] == e["fid"] for r, e in zip(sweep["results"], _results(one_rank)))
+    assert all(0.0 <= r["digit_accuracy"] <= 1.0 and r["real_accuracy"] > 0.8 for r in sweep["results"])
+    # real training digits are far closer to the held-out ones than a 2-step model's images
+    assert 0 < sweep["floor_fid_real_train_vs_heldout"] < min(r["fid"] for r in sweep["results"]) / 2
+    assert Path(sweep["plot"]).stat().st_size > 0

@@ -67,3 +67,15 @@ def test_grid_drawn_by_all_ranks_is_the_single_process_grid(runs: dict[str, Path
     assert any(e.startswith(f"sample grid {grid_dir}") and "images per rank 2+2" in e for e in events)
     images = [np.asarray(Image.open(grid_dir / e["file"])) for e in got]
     assert not np.array_equal(images[0], images[1])  # each index its own noise
+
+
+def test_loss_curve_png_from_the_log(runs: dict[str, Path]) -> None:
+    from ldmscale.eval.curves import plot_curves, read_log
+
+    train, val = read_log(runs["full"])
+    assert sorted(train) == [1, 2, 3, 4]
+    assert {k: sorted(v) for k, v in val.items()} == {f"val/mse_{b}": [2, 4] for b in ("low", "mid", "high")} | {
+        "val/mse": [2, 4]}
+    png = plot_curves(runs["full"], runs["root"] / "loss_curve.png")
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > img.size[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from ldmscale.eval.generate import (
     draw_missing,
     image_path,
     load_uint8,
+    write_index,
     write_settings,
 )
 from ldmscale.eval.prompts import PromptError, prompt_for, rank_indices, read_prompts
@@ -156,9 +157,12 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
         if clip is not None:
             clip.reset()
         results.append(row)
+        if rank == 0:
+            write_index(out, g, p.prompts, a.num_images)
         dist.print0(f"guidance {g:g}: FID {row['fid']:.3f}" + (f" | CLIP score {row['clip_score']:.3f}"
                                                                 if clip is not None else "") + f" (drew {drawn} here)")
     return {"checkpoint": p.settings.checkpoint, "step": p.settings.step, "results": results,
+            "generation": asdict(p.settings),
             "settings": {**vars(a), "num_images": a.num_images, "num_prompts": len(p.prompts), "world_size": world}}
 
 

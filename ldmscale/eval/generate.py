@@ -81,6 +81,16 @@ def draw_missing(model: object, prompts: list[str], indices: list[int], out: Pat
     return len(todo)
 
 
+def write_index(out: Path, guidance: float, prompts: list[str], num_images: int) -> Path:
+    """samples.json beside one guidance scale's PNGs: {file, prompt, index, guidance} per image, the layout
+    ldmscale-sample writes, so tools that read samples folders (tools/bench/digit_accuracy.py) read these."""
+    folder = image_path(out, guidance, 0).parent
+    rows = [{"file": image_path(out, guidance, i).name, "prompt": prompt_for(prompts, i), "index": i,
+             "guidance": guidance} for i in range(num_images)]
+    (folder / "samples.json").write_text(json.dumps(rows, indent=1))
+    return folder / "samples.json"
+
+
 def load_uint8(paths: list[Path]) -> torch.Tensor:
     """PNG files -> uint8 [N, 3, H, W]. Scores are always computed from the files, so a resumed eval and an
     uninterrupted one score the very same pixels."""

@@ -17,19 +17,17 @@ class PromptError(ValueError):
 def read_prompts(path: str | Path, column: str = "caption") -> list[str]:
     """Prompts from a .txt (one per line), .json (a list of strings or of records), .jsonl or .parquet file."""
     path = Path(path)
-    if not path.is_file():
-        raise PromptError(f"{path}: no such prompts file (give a .txt, .json, .jsonl or .parquet file)")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if column not in table.column_names:
-            raise PromptError(f"{path} has no column {column!r} (columns: {table.column_names}); pass --caption-column")
-        prompts = [str(v) for v in table.column(column).to_pylist() if v is not None]
-    elif suffix in (".json", ".jsonl"):
+    if path.is_dir() and sorted(path.glob("*.parquet")):  # a shard folder's img2dataset parquets, in order
+        prompts = [p for f in sorted(path.glob("*.parquet")) for p in _parquet_captions(f, column)]
+    elif not path.is_file():
+        raise PromptError(f"{path}: no such prompts file (give a .txt, .json, .jsonl or .parquet file, or a folder "
+                          f"of img2dataset .parquet files)")
+    elif path.suffix.lower() == ".parquet":
+        prompts = _parquet_captions(path, column)
+    elif path.suffix.lower() in (".json", ".jsonl"):
         text = path.read_text()
-        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()] if suffix == ".jsonl" else json.loads(text)
+        jsonl = path.suffix.lower() == ".jsonl"
+        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()] if jsonl else json.loads(text)
         if isinstance(rows, dict):  # {"annotations": [...]} as in COCO captions files
             rows = rows.get("annotations", rows.get("prompts", []))
         prompts = [_caption(r, column, path) for r in rows]
@@ -38,6 +36,17 @@ def read_prompts(path: str | Path, column: str = "caption") -> list[str]:
     if not prompts:
         raise PromptError(f"{path} holds no prompts")
     return prompts
+
+
+def _parquet_captions(path: Path, column: str) -> list[str]:
+    """The caption column; in img2dataset parquets only the rows whose download succeeded (status)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if column not in table.column_names:
+        raise PromptError(f"{path} has no column {column!r} (columns: {table.column_names}); pass --caption-column")
+    ok = table.column("status").to_pylist() if "status" in table.column_names else [None] * table.num_rows
+    return [str(v) for v, st in zip(table.column(column).to_pylist(), ok) if v is not None and st in (None, "success")]
 
 
 def _caption(row: object, column: str, path: Path) -> str:

@@ -16,7 +16,8 @@ def write_json(out: Path, report: dict[str, Any]) -> Path:
     return path
 
 
-def plot_sweep(results: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+def plot_sweep(results: list[dict[str, Any]], path: Path, title: str, x_key: str = "clip_score",
+               x_label: str = "CLIP score (100 x cosine)") -> Path:
     """FID (down is better) against CLIP score (right is better), one point per guidance scale, as NeMo and
     the SD papers draw the trade-off. Without a CLIP score: FID against the guidance scale."""
     import matplotlib
@@ -25,13 +26,13 @@ def plot_sweep(results: list[dict[str, Any]], path: Path, title: str) -> Path | 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    has_clip = all(r.get("clip_score") is not None for r in results)
-    xs = [r["clip_score"] if has_clip else r["guidance"] for r in results]
+    has_x = all(r.get(x_key) is not None for r in results)
+    xs = [r[x_key] if has_x else r["guidance"] for r in results]
     ys = [r["fid"] for r in results]
     ax.plot(xs, ys, "o-")
     for x, y, r in zip(xs, ys, results):
         ax.annotate(f"{r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("CLIP score (100 x cosine)" if has_clip else "guidance scale")
+    ax.set_xlabel(x_label if has_x else "guidance scale")
     ax.set_ylabel("FID")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
