@@ -98,6 +98,13 @@ def build_fid(spec: str, device: torch.device) -> object:
 
     kind, arg = parse_features(spec)
     if kind == "inception":
+        # torch-fidelity unpickles the file with weights_only=False; a plain state dict (the published one)
+        # also loads with weights_only=True, so refuse anything else before it gets that far
+        try:
+            torch.load(arg, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise FeatureError(f"--features inception:{arg}: not a plain state dict ({type(e).__name__}); use "
+                               f"torch-fidelity's weights-inception-2015-12-05-6726825d.pth") from None
         metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=arg,
                                           reset_real_features=False)
     else:
