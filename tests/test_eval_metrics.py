@@ -23,7 +23,6 @@ from ldmscale.eval.prompts import PromptError, rank_indices, read_prompts
 from ldmscale.eval.reference import rank_batches
 from tests.eval_assets import write_tiny_clip
 
-pytestmark = pytest.mark.unit
 CPU = torch.device("cpu")
 
 
@@ -169,6 +168,7 @@ def test_bad_input_is_one_line_and_exit_code_2(assets: Path, tmp_path: Path, cap
                                          "--num-images", "4"], capsys)
 
 
+@pytest.mark.subprocess  # wandb starts its service process
 def test_wandb_gets_one_row_per_guidance_scale_and_the_plot(tmp_path: Path) -> None:
     from ldmscale.eval.report import log_wandb, plot_sweep
     from tests.wandb_records import history

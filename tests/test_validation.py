@@ -13,7 +13,6 @@ from ldmscale.eval.validation import BUCKETS, Validator, load_validation_set, me
 from ldmscale.stages import Task
 from tests.conftest import REPO, tiny_overrides
 
-pytestmark = pytest.mark.unit
 CPU = torch.device("cpu")
 
 
