@@ -18,7 +18,8 @@ import torch
 import torch.distributed as tdist
 
 from ldmscale import dist
-from ldmscale.checkpoint import CheckpointError
+from ldmscale.checkpoint import CheckpointError, find_tag_dir, read_trainer_state
+from ldmscale.config import config_from_yaml_text
 from ldmscale.eval.clip_score import ClipError, build_clip_score, check_clip_model
 from ldmscale.eval.fid import FeatureError, GaussianStats, build_fid, load_stats, parse_features, stats_of
 from ldmscale.eval.generate import (
@@ -34,6 +35,7 @@ from ldmscale.eval.generate import (
 from ldmscale.eval.prompts import PromptError, prompt_for, rank_indices, read_prompts
 from ldmscale.eval.reference import ReferenceError, rank_batches, reference_kind
 from ldmscale.eval.report import log_wandb, plot_sweep, write_json
+from ldmscale.export import load_trained
 
 # the scales of the Stable Diffusion model cards' and NeMo's FID-vs-CLIP curves (30k COCO-2014 val captions)
 DEFAULT_GUIDANCE = "1.5,2,3,4,5,6,7,8"
@@ -66,9 +68,6 @@ def parse_guidance(text: str) -> list[float]:
 
 def plan(a: argparse.Namespace, world: int) -> Plan:
     """All input checks; raises one of INPUT_ERRORS with a message naming the problem and the fix."""
-    from ldmscale.checkpoint import find_tag_dir, read_trainer_state
-    from ldmscale.config import config_from_yaml_text
-
     parse_features(a.features)
     ref_kind = reference_kind(a.reference)
     if ref_kind == "stats":
@@ -135,8 +134,6 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
             print(f"ldmscale-eval: wrote {a.save_reference_stats} ({ref.n} reference images, {a.features})", flush=True)
     if p.settings is None:
         return None
-    from ldmscale.export import load_trained
-
     model = load_trained(a.checkpoint, a.weights, device)
     clip = build_clip_score(a.clip_model, device) if a.clip_model else None
     if rank == 0:

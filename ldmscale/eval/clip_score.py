@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchmetrics.multimodal.clip_score import CLIPScore
+from transformers import CLIPModel, CLIPProcessor
 
 
 class ClipError(ValueError):
@@ -56,9 +58,6 @@ class TensorFeatures(nn.Module):
 
 
 def build_clip_score(name_or_path: str, device: torch.device) -> object:
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
-
     def load() -> tuple[TensorFeatures, CLIPProcessor]:
         model = CLIPModel.from_pretrained(name_or_path).eval().requires_grad_(False)
         return TensorFeatures(model), CLIPProcessor.from_pretrained(name_or_path)

@@ -31,7 +31,7 @@ def read_log(run_dir: Path) -> tuple[dict[int, float], dict[str, dict[int, float
 
 
 def plot_curves(run_dir: Path, out: Path) -> Path:
-    import matplotlib
+    import matplotlib  # here: the Agg backend must be chosen before pyplot is first imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -20,6 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from transformers import CLIPImageProcessor, CLIPModel
+
+from ldmscale.eval.clip_score import embedding
 
 
 class FeatureError(ValueError):
@@ -67,8 +71,6 @@ class CLIPImageFeatures(nn.Module):
 
     def __init__(self, name_or_path: str) -> None:
         super().__init__()
-        from transformers import CLIPImageProcessor, CLIPModel
-
         # the whole CLIPModel: a vision-only class would not read the top-level projection_dim of a CLIP folder
         self.model = CLIPModel.from_pretrained(name_or_path).eval().requires_grad_(False)
         proc = CLIPImageProcessor.from_pretrained(name_or_path)
@@ -86,16 +88,12 @@ class CLIPImageFeatures(nn.Module):
                           mode="bicubic", antialias=True, align_corners=False)
         top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
         x = x[..., top : top + self.size, left : left + self.size]
-        from ldmscale.eval.clip_score import embedding
-
         return embedding(self.model.get_image_features(pixel_values=(x - self.mean) / self.std))
 
 
 def build_fid(spec: str, device: torch.device) -> object:
     """A FrechetInceptionDistance that keeps its reference (real) statistics across reset(): one per eval,
     reset between guidance scales."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     kind, arg = parse_features(spec)
     if kind == "inception":
         # torch-fidelity unpickles the file with weights_only=False; a plain state dict (the published one)

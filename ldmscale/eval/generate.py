@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldmscale.data import stack_uint8
 from ldmscale.eval.prompts import prompt_for
+from ldmscale.sample import generate, to_pil
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,6 @@ def save_png(image: Image.Image, path: Path) -> None:
 def draw_missing(model: object, prompts: list[str], indices: list[int], out: Path, guidance: float,
                  settings: GenerationSettings, batch_size: int) -> int:
     """Draw this rank's images that are not on disk yet; returns how many were drawn."""
-    from ldmscale.sample import generate, to_pil
-
     todo = [i for i in indices if not image_path(out, guidance, i).exists()]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -94,8 +94,6 @@ def write_index(out: Path, guidance: float, prompts: list[str], num_images: int)
 def load_uint8(paths: list[Path]) -> torch.Tensor:
     """PNG files -> uint8 [N, 3, H, W]. Scores are always computed from the files, so a resumed eval and an
     uninterrupted one score the very same pixels."""
-    from ldmscale.data import stack_uint8
-
     arrays = []
     for p in paths:
         with Image.open(p) as img:

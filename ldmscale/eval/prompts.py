@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 
 class PromptError(ValueError):
     """A prompts file that cannot be read; the message names the file and the fix."""
@@ -40,8 +42,6 @@ def read_prompts(path: str | Path, column: str = "caption") -> list[str]:
 
 def _parquet_captions(path: Path, column: str) -> list[str]:
     """The caption column; in img2dataset parquets only the rows whose download succeeded (status)."""
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path)
     if column not in table.column_names:
         raise PromptError(f"{path} has no column {column!r} (columns: {table.column_names}); pass --caption-column")

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
 
 from ldmscale.data import IMAGE_EXTS, decode_image, stack_uint8
+from ldmscale.data.storage import register_gopen_schemes
 
 FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -39,10 +41,6 @@ def reference_kind(spec: str) -> str:
 def shard_samples(urls: list[str], storage_options: dict | None = None) -> Iterator[dict]:
     """Every sample of the shards, in order, on every rank (webdataset, through the project's fsspec openers
     for object stores). Evaluation sets are small and must be the same whatever the world size."""
-    import webdataset as wds
-
-    from ldmscale.data.storage import register_gopen_schemes
-
     register_gopen_schemes(storage_options)
     yield from wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
 

@@ -20,7 +20,7 @@ def plot_sweep(results: list[dict[str, Any]], path: Path, title: str, x_key: str
                x_label: str = "CLIP score (100 x cosine)") -> Path:
     """FID (down is better) against CLIP score (right is better), one point per guidance scale, as NeMo and
     the SD papers draw the trade-off. Without a CLIP score: FID against the guidance scale."""
-    import matplotlib
+    import matplotlib  # here: the Agg backend must be chosen before pyplot is first imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -46,7 +46,7 @@ def log_wandb(report: dict[str, Any], plot: Path | None, project: str, mode: str
     """One W&B run per eval (job_type=eval): a table of the sweep, the plot, and the best FID as summary."""
     if mode == "disabled":
         return
-    import wandb
+    import wandb  # here: a second or more of import time, only for runs that log
 
     step = report.get("step")
     run = wandb.init(project=project, job_type="eval", mode=mode, dir=str(out), config=report["settings"],

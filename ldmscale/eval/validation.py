@@ -20,6 +20,7 @@ import torch.distributed as tdist
 
 from ldmscale import noise
 from ldmscale.data import IMAGE_EXTS, decode_image, expand_shard_urls, normalize_pixels, stack_uint8
+from ldmscale.encoders import tokenize
 from ldmscale.eval.reference import shard_samples
 
 VAL_ID_BASE = 1 << 60  # training ids are step * global_batch + slot: far below this
@@ -36,8 +37,6 @@ class ValidationSet:
 
 def load_validation_set(shards: list[str], storage_options: dict, tokenizer: Any, resolution: int, center_crop: bool,
                         limit: int, rank: int, world: int) -> ValidationSet:
-    from ldmscale.encoders import tokenize
-
     images, captions, ids, total = [], [], [], 0
     for sample in shard_samples(expand_shard_urls(shards, storage_options), storage_options):
         if total >= limit:
