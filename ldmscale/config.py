@@ -57,6 +57,7 @@ class FilterConfig:
 @dataclass
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # URLs, brace patterns, globs, dirs, prefixes ending "/"
+    val_shards: list[str] = field(default_factory=list)  # held-out shards for train.eval_every (same forms as shards)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, key, ...)
     resolution: int = 256  # square training size in pixels; a multiple of 8
     center_crop: bool = True  # else the top-left square
@@ -207,6 +208,8 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     sample_every: int = 0  # 0 = only at the end
+    eval_every: int = 0  # validation loss on data.val_shards every N steps and at the end; 0 = off
+    eval_samples: int = 256  # the fixed held-out samples it averages (the first N of data.val_shards)
     log_sample_keys: bool = False  # write every rank's sample keys per step (resume audits, tests)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the GPU, none on CPU
 
@@ -214,6 +217,8 @@ class TrainConfig:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last", "ckpt_every"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.sample_every", self.sample_every, allow_zero=True)
+        _positive("train.eval_every", self.eval_every, allow_zero=True)
+        _positive("train.eval_samples", self.eval_samples)
         _probability("train.ema_decay", self.ema_decay)
 
 
@@ -480,6 +485,10 @@ def validate(cfg: Config, world_size: int | None = None, device_type: str | None
         )
     if m.unet not in UNET_PRESETS:
         check_model_ref("model.unet", m.unet, need="config.json")
+    if t.eval_every and t.stage != "diffusion":
+        raise ConfigError("train.eval_every (a diffusion validation loss) is for train.stage=diffusion; set it to 0")
+    if t.eval_every and not cfg.data.val_shards:
+        raise ConfigError("train.eval_every needs data.val_shards: held-out shards, e.g. data.val_shards='[DIR/val]'")
     if t.stage == "autoencoder":
         if not m.vae and m.vae_preset not in VAE_PRESETS:
             raise ConfigError(f"model.vae_preset={m.vae_preset!r} is not allowed; choose one of {list(VAE_PRESETS)}")

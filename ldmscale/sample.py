@@ -11,6 +11,7 @@ import json
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +49,21 @@ def generate(
     resolution: int | None = None,
     batch_size: int = 16,
     first_index: int = 0,
+    indices: Sequence[int] | None = None,
     progress: bool = False,
     style_tokens: torch.Tensor | None = None,
     style_scale: float = 1.0,
 ) -> torch.Tensor:
-    """One image per prompt -> float [N, 3, H, W] in [0, 1].
+    """One image per prompt -> float [N, 3, H, W] in [0, 1]. Prompt k starts from the noise of image index
+    `indices[k]` (default `first_index + k`), so a rank drawing a strided share draws the images one process would.
 
     With `style_tokens` [N,K,D] (one row per prompt; a U-Net with the style path), dual classifier-free
     guidance: eps = e(0,0) + g_text (e(t,0) - e(0,0)) + g_style (e(t,s) - e(t,0)), where a dropped style is
     all-zero tokens as in training. An empty prompt gives style-only guidance, no tokens text-only."""
     if style_tokens is not None and len(style_tokens) != len(prompts):
         raise ValueError(f"style_tokens has {len(style_tokens)} rows for {len(prompts)} prompts")
+    if indices is not None and len(indices) != len(prompts):
+        raise ValueError(f"{len(indices)} image indices for {len(prompts)} prompts")
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     f = vae_downsample_factor(encoders.vae.config)
@@ -73,7 +78,7 @@ def generate(
         n = len(batch)
         sched = make_scheduler(sampler, scheduler_config)
         sched.set_timesteps(steps, device=device)
-        ids = range(first_index + start, first_index + start + n)
+        ids = indices[start : start + n] if indices is not None else range(first_index + start, first_index + start + n)
         latents = noise.randn(seed, ids, shape, noise.Stream.SAMPLING).to(device) * sched.init_noise_sigma
         cond = encoders.embed_prompts(batch).to(device, dtype)
         context = torch.cat([encoders.embed_prompts([""] * n).to(device, dtype), cond]) if guidance_scale != 1 else cond
@@ -123,9 +128,13 @@ def load_style_image(path: str | Path, resolution: int) -> torch.Tensor:
     return to_tensor([decode_image(Path(path).read_bytes(), resolution, center_crop=True)])
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float [N, 3, H, W] in [0, 1] -> uint8 [N, H, W, 3]."""
+    return (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(images)]
 
 
 def labelled_grid(images: list[Image.Image], labels: list[str], cols: int, min_cell: int = 96) -> Image.Image:

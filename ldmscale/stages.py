@@ -23,10 +23,10 @@ from ldmscale.config import Config
 from ldmscale.data import ResumableLoader, count_samples, normalize_pixels
 from ldmscale.ema import EMA, gathered
 from ldmscale.encoders import FrozenEncoders, load_vae, tokenize
+from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
 from ldmscale.models import build_unet, build_vae, strip_prefix, vae_downsample_factor
 from ldmscale.monitor import Monitor, training_flops_per_sample
 from ldmscale.objective import LatentDiffusion, build_noise_scheduler
-from ldmscale.sample import generate, to_pil, write_samples
 from ldmscale.style.attention import add_style_path
 from ldmscale.style.encoder import beta_at, build_style, style_input
 from ldmscale.style.step1_init import init_from_step1
@@ -140,25 +140,24 @@ class DiffusionStage(Stage):
             self.sample_grid(engine, ema, monitor, out, step)
 
     def sample_grid(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
-        """Rank 0 draws the configured prompts with the EMA weights; the others wait (a short, timed job)."""
-        weights = self.trained_weights(engine, ema)
-        if dist.rank() == 0:
-            t0 = time.perf_counter()
-            unet = UNet2DConditionModel.from_config(self.trained.config).to(self.device)
-            if self.cfg.style.enabled:  # grids during style training are text-only: the style path adds nothing
-                add_style_path(unet, self.encoders.text_dim, sdpa=self.cfg.model.attention == "sdpa")
-            unet.load_state_dict(weights, strict=True)
-            unet.eval()
-            s = self.cfg.sample
-            prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]
-            images = generate(unet, self.encoders, dict(self.module.scheduler.config), prompts,
-                              seed=self.cfg.train.seed, steps=s.num_steps, guidance_scale=s.guidance_scale,
-                              sampler=s.sampler)
-            grid = write_samples(to_pil(images), prompts, out / "samples" / f"step_{step:08d}",
-                                 s.images_per_prompt, {"step": step})
+        """Every rank draws its share of the configured prompts with the EMA weights (broadcast from rank 0);
+        rank 0 writes the grid (ldmscale.eval.grid). Nobody waits in a barrier for another's work."""
+        t0 = time.perf_counter()
+        unet = UNet2DConditionModel.from_config(self.trained.config).to(self.device)
+        if self.cfg.style.enabled:  # grids during style training are text-only: the style path adds nothing
+            add_style_path(unet, self.encoders.text_dim, sdpa=self.cfg.model.attention == "sdpa")
+        broadcast_weights(unet, self.trained_weights(engine, ema), self.device)
+        unet.eval()
+        s = self.cfg.sample
+        prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]
+        drawn = draw_shared(unet, self.encoders, dict(self.module.scheduler.config), prompts, seed=self.cfg.train.seed,
+                            steps=s.num_steps, guidance_scale=s.guidance_scale, sampler=s.sampler)
+        if drawn is not None:  # rank 0
+            images, per_rank = drawn
+            grid = write_grid(images, prompts, out / "samples" / f"step_{step:08d}", s.images_per_prompt, step)
             monitor.log_image("samples", grid, step, caption=f"step {step}")
-            monitor.event(f"sample grid {grid} ({time.perf_counter() - t0:.1f}s)")
-        dist.barrier()
+            shares = "+".join(map(str, per_rank))
+            monitor.event(f"sample grid {grid} ({time.perf_counter() - t0:.1f}s; images per rank {shares})")
 
 
 class AutoencoderStage(Stage):

@@ -24,6 +24,7 @@ from ldmscale.config import Config, ConfigError, dump_config, load_config, valid
 from ldmscale.data import ResumableLoader, StorageError, check_shards_reachable, count_samples, expand_shard_urls
 from ldmscale.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.ema import EMA, warmup_decay
+from ldmscale.eval.validation import build_validator
 from ldmscale.monitor import Monitor, StepStats, StepTimer, peak_tflops, rank_keys_file
 from ldmscale.stages import build_stage
 
@@ -43,6 +44,7 @@ def absolutize_model_paths(cfg: Config) -> None:
         if ref and Path(ref).exists():
             setattr(m, key, str(Path(ref).resolve()))
     cfg.data.shards = [str(Path(s).resolve()) if Path(s).exists() else s for s in cfg.data.shards]
+    cfg.data.val_shards = [str(Path(s).resolve()) if Path(s).exists() else s for s in cfg.data.val_shards]
     for key in ("vision_model", "init_from"):
         ref = getattr(cfg.style, key)
         if ref and Path(ref).exists():
@@ -55,6 +57,9 @@ def check_data(cfg: Config) -> int:
     try:
         urls = expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
         check_shards_reachable(urls, cfg.data.storage_options)
+        if cfg.train.eval_every:  # the validation shards too, before they are read at start-up
+            check_shards_reachable(expand_shard_urls(cfg.data.val_shards, cfg.data.storage_options),
+                                   cfg.data.storage_options)
         return count_samples(cfg.data, urls)
     except ValueError as e:
         raise StorageError(str(e)) from None
@@ -89,6 +94,9 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         cfg.data, stage.tokenizer, seed=cfg.train.seed, rank=info.rank, world=info.world_size,
         micro_batch=cfg.train.micro_batch_size, samples_per_epoch=samples_per_epoch, style=cfg.style,
     )
+
+    # Setup validation (train.eval_every): fixed held-out samples read once, each rank its share
+    validator = build_validator(cfg, stage, info.rank, info.world_size, info.device) if cfg.train.eval_every else None
 
     # Resume: the checkpointer holds everything a checkpoint restores (engine, EMA, data position, counters)
     state = TrainState()
@@ -153,7 +161,9 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
             monitor.event(f"PREEMPTED step={state.step} (signals: {preemption.received() or 'requested'})")
             break
 
-        # once in a while: sample grid, checkpoint
+        # once in a while: validation loss, sample grid, checkpoint
+        if validator is not None and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps):
+            monitor.log(validator.run(engine.module), state.step)
         stage.periodic(engine, ema, monitor, out, state.step)
         if ckpt.maybe_save(state.step):
             monitor.event(f"saved checkpoint step {state.step}")

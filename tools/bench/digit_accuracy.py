@@ -1,6 +1,11 @@
 """Do generated images show the prompted digit?
 
     python tools/bench/digit_accuracy.py SAMPLES_DIR --heldout DATA/heldout [--json out.json]
+    python tools/bench/digit_accuracy.py --eval-dir EVAL_OUT --heldout DATA/heldout --train DATA/train
+
+The second form reads an `ldmscale-eval` output folder: digit accuracy per guidance scale next to its FID,
+the digits' stand-in for CLIP score (prompt adherence), plotted as FID against accuracy; plus the FID floor,
+real training digits against the held-out ones with the same feature extractor and number of images.
 
 SAMPLES_DIR is what ldmscale-sample writes: PNGs plus samples.json, a list of {"file", "prompt", ...}; the
 digit is parsed from the prompt ("a handwritten digit 7"). A classifier (SVC on 8x8 load_digits-style
@@ -137,16 +142,74 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"skipped {r['n_skipped_no_digit']} samples whose prompt names no digit")
 
 
+def real_floor_fid(train_dir: Path, heldout_dir: Path, features: str, resolution: int, n: int) -> float:
+    """FID of n real training digits against the held-out digits: what a perfect model would score with the
+    same features and sample size (FID is biased upward at small n)."""
+    import torch
+
+    from ldmscale.eval.fid import build_fid
+    from ldmscale.eval.reference import rank_batches
+
+    fid = build_fid(features, torch.device("cpu"))
+    for batch in rank_batches(str(heldout_dir), resolution, 0, 1, 256):
+        fid.update(batch, real=True)
+    for batch in rank_batches(str(train_dir), resolution, 0, 1, 256, limit=n):
+        fid.update(batch, real=False)
+    return float(fid.compute())
+
+
+def run_sweep(eval_dir: Path, heldout_dir: Path, train_dir: Path | None, folds: int, seed: int) -> dict[str, Any]:
+    """Digit accuracy of every guidance scale's images in an ldmscale-eval folder, beside its FID."""
+    from ldmscale.eval.generate import image_path
+    from ldmscale.eval.report import plot_sweep
+
+    report = json.loads((eval_dir / "eval.json").read_text())
+    rows = []
+    for r in report["results"]:
+        bench = run_benchmark(image_path(eval_dir, r["guidance"], 0).parent, heldout_dir, folds, seed)
+        rows.append({**r, "digit_accuracy": bench["generated_accuracy"], "real_accuracy": bench["real_accuracy"]})
+    settings = report["settings"]
+    floor = None
+    if train_dir is not None:
+        floor = real_floor_fid(train_dir, heldout_dir, settings["features"], report["generation"]["resolution"],
+                               settings["num_images"])
+    plot = plot_sweep(rows, eval_dir / "fid_vs_digit_accuracy.png",
+                      f"{settings['num_images']} images, FID on {settings['features']}", x_key="digit_accuracy",
+                      x_label="digit accuracy (SVC trained on held-out digits)")
+    return {"results": rows, "floor_fid_real_train_vs_heldout": floor, "features": settings["features"],
+            "num_images": settings["num_images"], "plot": str(plot)}
+
+
+def print_sweep(s: dict[str, Any]) -> None:
+    print(f"{'guidance':>8} {'FID':>9} {'digit acc':>10}   (FID on {s['features']}, {s['num_images']} images)")
+    for r in s["results"]:
+        print(f"{r['guidance']:>8g} {r['fid']:>9.3f} {r['digit_accuracy']:>10.1%}")
+    if s["floor_fid_real_train_vs_heldout"] is not None:
+        print(f"floor: real training digits vs held-out, same features and count: "
+              f"FID {s['floor_fid_real_train_vs_heldout']:.3f}; real held-out digit accuracy (cv) "
+              f"{s['results'][0]['real_accuracy']:.1%}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("samples", type=Path, help="folder with PNGs and samples.json")
+    parser.add_argument("samples", type=Path, nargs="?", help="folder with PNGs and samples.json")
+    parser.add_argument("--eval-dir", type=Path, help="an ldmscale-eval output folder (eval.json): the sweep")
+    parser.add_argument("--train", type=Path, help="training shards, for the sweep's real-vs-real FID floor")
     parser.add_argument("--heldout", required=True, type=Path, help="held-out shards from make_digit_shards")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the numbers here too")
     args = parser.parse_args(argv)
+    if args.eval_dir is not None:
+        sweep = run_sweep(args.eval_dir, args.heldout, args.train, args.folds, args.seed)
+        print_sweep(sweep)
+        if args.json:
+            args.json.write_text(json.dumps(sweep, indent=2))
+        return 0
+    if args.samples is None:
+        parser.error("give SAMPLES_DIR or --eval-dir")
     report = run_benchmark(args.samples, args.heldout, args.folds, args.seed)
     print_report(report)
     if args.json:

@@ -1,0 +1,211 @@
+"""`ldmscale-eval CHECKPOINT --prompts FILE --reference REF`: FID and CLIP score per guidance scale.
+
+Launch it like training (torchrun, the deepspeed launcher, srun): every rank draws and scores its share of
+the images (prompts.rank_indices), the metric states are summed across ranks, rank 0 writes the report.
+Every input is checked before the process group starts: a bad one is a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from ldmscale import dist
+from ldmscale.checkpoint import CheckpointError, find_tag_dir, read_trainer_state
+from ldmscale.config import config_from_yaml_text
+from ldmscale.eval.clip_score import ClipError, build_clip_score, check_clip_model
+from ldmscale.eval.fid import FeatureError, GaussianStats, build_fid, load_stats, parse_features, stats_of
+from ldmscale.eval.generate import (
+    GenerationSettings,
+    SettingsMismatch,
+    check_settings,
+    draw_missing,
+    image_path,
+    load_uint8,
+    write_index,
+    write_settings,
+)
+from ldmscale.eval.prompts import PromptError, prompt_for, rank_indices, read_prompts
+from ldmscale.eval.reference import ReferenceError, rank_batches, reference_kind
+from ldmscale.eval.report import log_wandb, plot_sweep, write_json
+from ldmscale.export import load_trained
+
+# the scales of the Stable Diffusion model cards' and NeMo's FID-vs-CLIP curves (30k COCO-2014 val captions)
+DEFAULT_GUIDANCE = "1.5,2,3,4,5,6,7,8"
+INPUT_ERRORS = (CheckpointError, PromptError, FeatureError, ReferenceError, ClipError, SettingsMismatch, ValueError,
+                OSError)
+
+
+@dataclass
+class Plan:
+    """Everything the checks found, so the distributed part never fails on input."""
+
+    args: argparse.Namespace
+    prompts: list[str]
+    guidance: list[float]
+    tag_dir: Path | None  # None for an exported diffusers folder
+    settings: GenerationSettings | None  # None: only reference statistics are wanted
+    wandb_project: str
+    wandb_mode: str
+
+
+def parse_guidance(text: str) -> list[float]:
+    try:
+        scales = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--guidance {text!r}: give comma-separated numbers, e.g. {DEFAULT_GUIDANCE}") from None
+    if not scales or any(g < 1 for g in scales):
+        raise ValueError(f"--guidance {text!r}: give scales >= 1 (1 = no classifier-free guidance)")
+    return scales
+
+
+def plan(a: argparse.Namespace, world: int) -> Plan:
+    """All input checks; raises one of INPUT_ERRORS with a message naming the problem and the fix."""
+    parse_features(a.features)
+    ref_kind = reference_kind(a.reference)
+    if ref_kind == "stats":
+        stored = GaussianStats.load(a.reference).features
+        if stored and stored != a.features:
+            raise FeatureError(f"--reference {a.reference} was computed with --features {stored}, not {a.features}")
+        if a.save_reference_stats:
+            raise ValueError("--save-reference-stats needs reference images (shards or a folder), not an .npz")
+    if a.checkpoint is None:
+        if not a.save_reference_stats:
+            raise ValueError("give a CHECKPOINT to evaluate, or --save-reference-stats FILE to only write statistics")
+        if a.resolution is None:
+            raise ValueError("--save-reference-stats without a CHECKPOINT needs --resolution (the generation size)")
+        return Plan(a, [], [], None, None, "", "disabled")
+    if a.clip_model:
+        check_clip_model(a.clip_model)
+    prompts = read_prompts(a.prompts, a.caption_column) if a.prompts else []
+    if not prompts:
+        raise PromptError("give --prompts FILE (.txt, or .json/.jsonl/.parquet with a caption column)")
+    guidance = parse_guidance(a.guidance)
+    num = a.num_images or len(prompts)
+    if num < max(2, world):
+        raise ValueError(f"--num-images {num}: FID needs at least 2 images and every one of the {world} ranks one")
+    path = Path(a.checkpoint)
+    step, tag_dir, project, mode, res = None, None, "ldmscale", "disabled", a.resolution
+    if not (path / "model_index.json").exists():
+        tag_dir = find_tag_dir(path)
+        step = int(read_trainer_state(tag_dir)["step"])
+        cfg = config_from_yaml_text((tag_dir / "config.yaml").read_text())
+        project, mode, res = cfg.wandb.project, cfg.wandb.mode, a.resolution or cfg.data.resolution
+    settings = GenerationSettings(str(tag_dir or path.resolve()), step, a.weights, a.seed, a.steps, a.sampler, res)
+    check_settings(Path(a.out), settings)
+    a.num_images = num
+    return Plan(a, prompts, guidance, tag_dir, settings, project, a.wandb_mode or mode)
+
+
+def start_process_group() -> tuple[int, int, torch.device]:
+    rank, world, local = dist.world_info_from_env()
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
+    return rank, world, device
+
+
+def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
+    """The distributed part: reference features, then per guidance scale draw the missing images, score."""
+    a, out = p.args, Path(p.args.out)
+    fid = build_fid(a.features, device)
+    res = p.settings.resolution if p.settings else a.resolution
+    if reference_kind(a.reference) == "stats":
+        load_stats(fid, GaussianStats.load(a.reference), real=True, owner=rank == 0)
+    else:
+        if res is None:
+            raise ValueError("the checkpoint does not say its resolution: pass --resolution")
+        for batch in rank_batches(a.reference, res, rank, world, a.batch_size, a.num_reference):
+            fid.update(batch.to(device), real=True)
+    if a.save_reference_stats:
+        ref = stats_of(fid, real=True)  # collective
+        ref.features = a.features
+        if rank == 0:
+            ref.save(a.save_reference_stats)
+            print(f"ldmscale-eval: wrote {a.save_reference_stats} ({ref.n} reference images, {a.features})", flush=True)
+    if p.settings is None:
+        return None
+    model = load_trained(a.checkpoint, a.weights, device)
+    clip = build_clip_score(a.clip_model, device) if a.clip_model else None
+    if rank == 0:
+        write_settings(out, p.settings)
+    mine = rank_indices(a.num_images, rank, world)
+    results = []
+    for g in p.guidance:
+        drawn = draw_missing(model, p.prompts, mine, out, g, p.settings, a.batch_size)
+        for start in range(0, len(mine), a.batch_size):  # score from the files: resumed == uninterrupted
+            chunk = mine[start : start + a.batch_size]
+            images = load_uint8([image_path(out, g, i) for i in chunk]).to(device)
+            fid.update(images, real=False)
+            if clip is not None:
+                clip.update(images, [prompt_for(p.prompts, i) for i in chunk])
+        row = {"guidance": g, "fid": float(fid.compute()),
+               "clip_score": float(clip.compute()) if clip is not None else None}
+        fid.reset()  # keeps the reference statistics (reset_real_features=False)
+        if clip is not None:
+            clip.reset()
+        results.append(row)
+        if rank == 0:
+            write_index(out, g, p.prompts, a.num_images)
+        dist.print0(f"guidance {g:g}: FID {row['fid']:.3f}" + (f" | CLIP score {row['clip_score']:.3f}"
+                                                                if clip is not None else "") + f" (drew {drawn} here)")
+    return {"checkpoint": p.settings.checkpoint, "step": p.settings.step, "results": results,
+            "generation": asdict(p.settings),
+            "settings": {**vars(a), "num_images": a.num_images, "num_prompts": len(p.prompts), "world_size": world}}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="ldmscale-eval", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", nargs="?", help="run dir, checkpoints/, step_* folder or exported diffusers folder")
+    ap.add_argument("--prompts", help="captions: .txt (one per line), .json/.jsonl/.parquet with a caption column")
+    ap.add_argument("--caption-column", default="caption")
+    ap.add_argument("--reference", required=True, help="reference images (shards folder/glob, image folder) or .npz")
+    ap.add_argument("--save-reference-stats", help="write the reference's feature statistics to this .npz")
+    ap.add_argument("--num-reference", type=int, help="use only the first N reference images")
+    ap.add_argument("--num-images", type=int, help="images per guidance scale; prompt i %% len(prompts) "
+                                                    "(default: one per prompt)")
+    ap.add_argument("--guidance", default=DEFAULT_GUIDANCE, help="comma-separated classifier-free guidance scales")
+    ap.add_argument("--features", default="inception:pt_inception-2015-12-05-6726825d.pth",
+                    help="FID features: inception:WEIGHTS.pth | clip:FOLDER | pixels:N")
+    ap.add_argument("--clip-model", help="CLIP folder or hub id for the CLIP score (omit to skip it)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--sampler", default="ddim", choices=["ddim", "dpmsolver++", "euler", "ddpm"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    ap.add_argument("--resolution", type=int, help="generation size (default: the checkpoint's data.resolution)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
+                    help="default: the checkpoint's wandb.mode")
+    ap.add_argument("--out", default="eval_out", help="images, eval.json and the plot go here")
+    return ap.parse_args(argv)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    try:
+        p = plan(a, dist.world_info_from_env()[1])
+    except INPUT_ERRORS as e:
+        print(f"ldmscale-eval: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    rank, world, device = start_process_group()
+    report = run(p, rank, world, device)
+    if report is not None and rank == 0:
+        out = Path(a.out)
+        plot = plot_sweep(report["results"], out / "fid_vs_clip.png",
+                          f"{Path(report['checkpoint']).name}: {a.num_images} images, {a.features}")
+        print(f"ldmscale-eval: wrote {write_json(out, report)} and {plot}", flush=True)
+        log_wandb(report, plot, p.wandb_project, p.wandb_mode, out)
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli()

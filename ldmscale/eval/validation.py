@@ -1,0 +1,116 @@
+"""Validation loss on held-out shards: fixed samples, noise and timesteps, so the number depends only on the
+weights: the same on every evaluation of the same weights, whatever the world size, and after a resume.
+
+The first `train.eval_samples` samples of `data.val_shards` (in shard order) are read once at start-up, each
+rank keeping its share (j % world == rank). Sample j is scored at one timestep in each third of the schedule
+(low / mid / high t), so every bucket averages the same samples. Its posterior sample, noise and timesteps come
+from noise.py keyed by ids above any training id, so they never repeat a training draw. Captions are never
+dropped. One all-reduce per evaluation; every rank runs the same number of forward passes (under ZeRO-3 a
+forward gathers parameters collectively), padding its share with zero-weight batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from ldmscale import noise
+from ldmscale.data import IMAGE_EXTS, decode_image, expand_shard_urls, normalize_pixels, stack_uint8
+from ldmscale.encoders import tokenize
+from ldmscale.eval.reference import shard_samples
+
+VAL_ID_BASE = 1 << 60  # training ids are step * global_batch + slot: far below this
+BUCKETS = ("low", "mid", "high")
+
+
+@dataclass
+class ValidationSet:
+    pixels: torch.Tensor  # uint8 [n, 3, R, R], this rank's share
+    input_ids: torch.Tensor  # [n, L]
+    ids: list[int]  # the samples' positions j in the validation set
+    total: int  # samples over all ranks
+
+
+def load_validation_set(shards: list[str], storage_options: dict, tokenizer: Any, resolution: int, center_crop: bool,
+                        limit: int, rank: int, world: int) -> ValidationSet:
+    images, captions, ids, total = [], [], [], 0
+    for sample in shard_samples(expand_shard_urls(shards, storage_options), storage_options):
+        if total >= limit:
+            break
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            continue
+        if total % world == rank:
+            images.append(decode_image(sample[ext], resolution, center_crop))
+            captions.append(sample.get("txt", b"").decode("utf-8"))
+            ids.append(total)
+        total += 1
+    if total < world:
+        raise ValueError(f"data.val_shards {shards}: {total} samples, fewer than the {world} ranks")
+    return ValidationSet(stack_uint8(images), tokenize(tokenizer, captions), ids, total)
+
+
+class Validator:
+    """Scores the diffusion module (the raw weights being trained) on the fixed validation set."""
+
+    def __init__(self, vset: ValidationSet, encoders: Any, latent_shape: tuple[int, ...], num_timesteps: int,
+                 seed: int, batch_size: int, world: int, device: torch.device) -> None:
+        self.vset, self.encoders, self.latent_shape = vset, encoders, latent_shape
+        self.num_timesteps, self.seed, self.batch, self.device = num_timesteps, seed, batch_size, device
+        self.batches = math.ceil(math.ceil(vset.total / world) / batch_size)  # the same on every rank
+
+    def _draws(self, ids: list[int], bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps uniform in the bucket's third of the schedule, and the noise, for (sample, bucket)."""
+        keys = [VAL_ID_BASE + 3 * j + bucket for j in ids]
+        width = self.num_timesteps // len(BUCKETS)
+        t = bucket * width + noise.randint(self.seed, keys, width, noise.Stream.TIMESTEP)
+        return t, noise.randn(self.seed, keys, self.latent_shape, noise.Stream.NOISE)
+
+    @torch.no_grad()
+    def local_sums(self, module: torch.nn.Module) -> torch.Tensor:
+        """[mse per bucket..., weighted loss per bucket..., samples] summed over this rank's share."""
+        sums = torch.zeros(2 * len(BUCKETS) + 1, dtype=torch.float64, device=self.device)  # no host sync inside
+        v = self.vset
+        for b in range(self.batches):
+            sl = slice(b * self.batch, (b + 1) * self.batch)
+            ids, n = v.ids[sl], len(v.ids[sl])
+            if n == 0:  # this rank's share ran out: a zero-weight batch keeps the forward passes in step
+                sl, ids = slice(0, 1), v.ids[:1]
+            pixels = normalize_pixels(v.pixels[sl].to(self.device))
+            post = noise.randn(self.seed, [VAL_ID_BASE + 3 * j for j in ids], self.latent_shape, noise.Stream.POSTERIOR)
+            latents = self.encoders.encode_images(pixels, post)
+            context = self.encoders.encode_text(v.input_ids[sl].to(self.device))
+            for k in range(len(BUCKETS)):
+                t, eps = self._draws(ids, k)
+                loss, parts = module(latents, context, eps.to(self.device), t.to(self.device))
+                sums[k] += parts["mse"].double() * n
+                sums[len(BUCKETS) + k] += loss.detach().double() * n
+            sums[-1] += n
+        return sums
+
+    def run(self, module: torch.nn.Module) -> dict[str, float]:
+        sums = self.local_sums(module)
+        if tdist.is_initialized():
+            tdist.all_reduce(sums)
+        return metrics_from_sums(sums.cpu())
+
+
+def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    n, k = float(sums[-1]), len(BUCKETS)
+    out = {f"val/mse_{name}": float(sums[i]) / n for i, name in enumerate(BUCKETS)}
+    out["val/mse"] = float(sums[:k].sum()) / (k * n)
+    out["val/loss"] = float(sums[k : 2 * k].sum()) / (k * n)  # the training objective's weighting (min-SNR)
+    return out
+
+
+def build_validator(cfg: Any, stage: Any, rank: int, world: int, device: torch.device) -> Validator:
+    """The Validator of a diffusion run (ldmscale.config: data.val_shards, train.eval_samples)."""
+    d = cfg.data
+    vset = load_validation_set(d.val_shards, d.storage_options, stage.tokenizer, d.resolution, d.center_crop,
+                               cfg.train.eval_samples, rank, world)
+    return Validator(vset, stage.encoders, stage.latent_shape, cfg.model.num_train_timesteps, cfg.train.seed,
+                     cfg.train.micro_batch_size, world, device)
