@@ -57,12 +57,12 @@ def _expand_one(spec: str, storage_options: dict | None) -> tuple[list[str], str
         # Listings are cached per filesystem instance; shards may have been written since.
         fs.invalidate_cache(path)
         keys = [k for k in fs.find(path) if k.endswith(".tar")]
-        return sorted(fs.unstripprotocol_of(k) for k in keys), f".tar objects under prefix {spec}"
+        return sorted(fs.unstrip_protocol(k) for k in keys), f".tar objects under prefix {spec}"
     if "{" in spec:
         # No existence checks: 41k HEADs would take minutes; check_shards_reachable tests the first.
         return list(braceexpand.braceexpand(spec)), "brace expansion"
     if glob.has_magic(path):
-        return sorted(fs.unstripprotocol_of(k) for k in fs.glob(path)), f"objects matching {spec}"
+        return sorted(fs.unstrip_protocol(k) for k in fs.glob(path)), f"objects matching {spec}"
     return [spec], spec
 
 
