@@ -6,10 +6,12 @@ its own copy in the step's dtype and calls them under no_grad.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldmscale.config import ModelConfig
@@ -46,19 +48,43 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def weights_hash(module: torch.nn.Module, prefixes: tuple[str, ...] = ("",)) -> str:
+    """sha256 over the named tensors whose names start with one of `prefixes`, as loaded (before any cast):
+    what a latent set's manifest records, so training can tell whether its encoder made those latents."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if name.startswith(prefixes):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+VAE_ENCODER_PARTS = ("encoder.", "quant_conv.")  # what maps pixels to the posterior; the decoder is not needed
+
+
 @dataclass
 class FrozenEncoders:
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     dtype: torch.dtype
+    vae_encoder_hash: str = ""  # set when loaded for latent shards (vae_encoder=False)
+    text_encoder_hash: str = ""
 
     @classmethod
-    def load(cls, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> FrozenEncoders:
+    def load(cls, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+             vae_encoder: bool = True) -> FrozenEncoders:
+        """vae_encoder=False (training from latent shards): the VAE's encoder is hashed, then dropped; the decoder
+        stays for sample grids."""
         vae, te = load_vae(cfg), load_text_encoder(cfg)
+        hashes = {}
+        if not vae_encoder:
+            hashes = {"vae_encoder_hash": weights_hash(vae, VAE_ENCODER_PARTS), "text_encoder_hash": weights_hash(te)}
+            vae.encoder = None
+            vae.quant_conv = None
         for m in (vae, te):
             m.requires_grad_(False).eval().to(device=device, dtype=dtype)
-        return cls(vae=vae, text_encoder=te, tokenizer=load_tokenizer(cfg), dtype=dtype)
+        return cls(vae=vae, text_encoder=te, tokenizer=load_tokenizer(cfg), dtype=dtype, **hashes)
 
     @property
     def latent_channels(self) -> int:
@@ -80,7 +106,18 @@ class FrozenEncoders:
     def encode_images(self, pixels: torch.Tensor, posterior_noise: torch.Tensor | None) -> torch.Tensor:
         """Pixels in [-1, 1] -> scaled latents. `posterior_noise` samples the posterior reproducibly
         (a function of the sample ids, not of a global RNG); None takes the mean."""
-        dist = self.vae.encode(pixels.to(self.vae.device, self.dtype)).latent_dist
+        return self.sample_posterior(self.vae.encode(pixels.to(self.vae.device, self.dtype)).latent_dist,
+                                     posterior_noise)
+
+    @torch.no_grad()
+    def latents_from_moments(self, moments: torch.Tensor, posterior_noise: torch.Tensor | None) -> torch.Tensor:
+        """Stored posterior moments ([B, 2C, h, w], from latent shards) -> scaled latents, by the same arithmetic
+        as encode_images, so a run from latent shards matches one from their image shards."""
+        dist = DiagonalGaussianDistribution(moments.to(self.vae.device, self.dtype))
+        return self.sample_posterior(dist, posterior_noise)
+
+    def sample_posterior(self, dist: DiagonalGaussianDistribution, posterior_noise: torch.Tensor | None
+                         ) -> torch.Tensor:
         z = dist.mean if posterior_noise is None else dist.mean + dist.std * posterior_noise.to(dist.mean)
         return ((z - self.shift_factor) * self.scaling_factor).float()
 

@@ -1,0 +1,275 @@
+"""`ldmscale-encode --config C --out URL [section.key=value ...]`: image shards -> latent shards, once.
+
+Reads the image shards of `data.shards` as training does (the same shard list, filters, JPEG decode, resolution and
+crop), runs the frozen VAE encoder (and, with --text-embeddings, the text encoder) and writes one latent shard per
+image shard to `--out` (any fsspec URL): per kept sample the posterior moments, token ids, txt, json and key.
+
+Every rank (torchrun, Slurm, ldmscale-launch) takes its share of the shards by the trainer's per-rank split and
+needs no process group: an output shard is written atomically and skipped when complete, so a killed or requeued
+job resumes where it stopped, and whichever rank finds every shard complete writes the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from webdataset.tariterators import tarfile_samples
+
+from ldmscale import dist
+from ldmscale.config import Config, ConfigError, load_config
+from ldmscale.data import (
+    IMAGE_EXTS,
+    decode_image,
+    expand_shard_urls,
+    normalize_pixels,
+    reject_reason,
+    shards_for,
+    stack_uint8,
+    storage,
+)
+from ldmscale.data.shardlist import check_shards_reachable
+from ldmscale.data.storage import StorageError, scrub
+from ldmscale.ds_config import precision_dtype
+from ldmscale.latents.format import LATENT_EXT, LatentDtype, encode_latent
+from ldmscale.latents.manifest import vae_entry, write_manifest_if_complete
+from ldmscale.latents.writer import LatentShardWriter, is_complete, join, shard_name
+
+
+@dataclass
+class EncodeResult:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # complete before this run
+    failed: list[str] = field(default_factory=list)  # transient read errors after retries: rerun to retry
+    samples: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    manifest: dict[str, Any] | None = None
+
+
+class SourceShards(torch.utils.data.IterableDataset):
+    """Loader workers read and decode the image shards; each yields chunks of one shard, in order, the last one
+    marked and carrying the shard's drop counts and read error."""
+
+    def __init__(self, cfg: Config, todo: list[tuple[str, str]], chunk: int) -> None:
+        super().__init__()
+        self.cfg, self.todo, self.chunk = cfg, todo, chunk
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        storage.register_gopen_schemes(self.cfg.data.storage_options)  # spawned workers start without them
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for name, url in self.todo[wid::n]:
+            yield from self._shard(name, url)
+
+    def _shard(self, name: str, url: str) -> Iterator[dict[str, Any]]:
+        d = self.cfg.data
+        counts: Counter[str] = Counter()
+        errors: list[BaseException] = []
+
+        def on_error(exc: BaseException) -> bool:  # ends this shard's stream; recorded, decided by the caller
+            errors.append(exc)
+            return True
+
+        rows: list[tuple[str, bytes, bytes | None]] = []
+        images: list[Any] = []
+        for sample in tarfile_samples(iter([{"url": url}]), handler=on_error):
+            reason = reject_reason(sample, d.filters)
+            if reason:
+                counts[reason] += 1
+                continue
+            ext = next(e for e in IMAGE_EXTS if e in sample)
+            try:
+                image = decode_image(sample[ext], d.resolution, d.center_crop)
+            except Exception:  # a corrupt image is data, not a bug: counted as in training
+                counts["decode_error"] += 1
+                continue
+            rows.append((sample["__key__"], sample["txt"], sample.get("json")))
+            images.append(image)
+            if len(rows) == self.chunk:
+                yield {"name": name, "rows": rows, "pixels": stack_uint8(images), "last": False}
+                rows, images = [], []
+        err = errors[0] if errors else None
+        if err is not None:
+            counts["shard_error"] += 1
+        yield {"name": name, "url": url, "rows": rows, "pixels": stack_uint8(images) if images else None,
+               "last": True, "counts": dict(counts),
+               "error": scrub(repr(err))[:300] if err is not None else "",
+               "transient": err is not None and storage.is_transient(err)}
+
+
+class Encoder:
+    """The frozen VAE encoder (+ tokenizer, + text encoder with --text-embeddings) of the configured model."""
+
+    def __init__(self, cfg: Config, device: torch.device, text_embeddings: bool, dtype: LatentDtype) -> None:
+        from ldmscale.encoders import VAE_ENCODER_PARTS, load_text_encoder, load_tokenizer, load_vae, weights_hash
+        from ldmscale.latents.manifest import load_vae_config
+
+        self.device, self.dtype, self.compute = device, dtype, precision_dtype(cfg)
+        if device.type == "cpu" and self.compute == torch.float16:
+            self.compute = torch.float32
+        vae = load_vae(cfg.model)
+        self.vae_info = vae_entry(cfg.model, load_vae_config(cfg.model), weights_hash(vae, VAE_ENCODER_PARTS))
+        vae.decoder = None  # only the encoder runs here
+        vae.post_quant_conv = None
+        self.vae = vae.requires_grad_(False).eval().to(device, self.compute)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.text_encoder = None
+        self.text_info: dict[str, str] | None = None
+        if text_embeddings:
+            te = load_text_encoder(cfg.model)
+            self.text_info = {"ref": cfg.model.text_encoder or f"{cfg.model.pretrained}/text_encoder",
+                              "hash": weights_hash(te)}
+            self.text_encoder = te.requires_grad_(False).eval().to(device, self.compute)
+
+    @torch.no_grad()
+    def members(self, rows: list[tuple[str, bytes, bytes | None]], pixels_uint8: torch.Tensor
+                ) -> list[tuple[str, dict[str, bytes]]]:
+        from ldmscale.encoders import tokenize
+
+        pixels = normalize_pixels(pixels_uint8.to(self.device))
+        post = self.vae.encode(pixels.to(self.compute)).latent_dist
+        captions = [r[1].decode("utf-8", "replace").strip() for r in rows]  # as the training stream reads them
+        ids = tokenize(self.tokenizer, captions)
+        emb = None
+        if self.text_encoder is not None:
+            emb = self.text_encoder(ids.to(self.device)).last_hidden_state
+        out = []
+        for i, (key, txt, meta) in enumerate(rows):
+            data = encode_latent(post.mean[i], post.logvar[i], ids[i], emb[i] if emb is not None else None,
+                                 self.dtype)
+            members = {LATENT_EXT: data, "txt": txt}
+            if meta is not None:
+                members["json"] = meta
+            out.append((key, members))
+        return out
+
+
+def manifest_header(cfg: Config, enc: Encoder) -> dict[str, Any]:
+    return {
+        "resolution": cfg.data.resolution, "center_crop": cfg.data.center_crop, "dtype": enc.dtype,
+        "vae": enc.vae_info, "text_embeddings": enc.text_encoder is not None, "text_encoder": enc.text_info,
+        "tokenizer_max_length": int(enc.tokenizer.model_max_length),
+        "filters": json.loads(json.dumps(cfg.data.filters.__dict__)),
+    }
+
+
+def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int = 64,
+         text_embeddings: bool = False, progress: bool = True) -> EncodeResult:
+    rank, world, local = dist.world_info_from_env()
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    so = cfg.data.storage_options
+    storage.register_gopen_schemes(so)
+    sources = expand_shard_urls(cfg.data.shards, so)
+    names = [shard_name(i, len(sources)) for i in range(len(sources))]
+    by_name = dict(zip(names, sources))
+    mine = shards_for(names, cfg.train.seed, 0, rank, world, 0, 1)  # the trainer's per-rank split
+    res = EncodeResult()
+    todo = []
+    for name in mine:
+        (res.skipped if is_complete(out, name, so) else todo).append(name)
+    enc = Encoder(cfg, device, text_embeddings, dtype)
+    header = manifest_header(cfg, enc)
+    workers = min(cfg.data.num_workers, len(todo))
+    ds = SourceShards(cfg, [(n, by_name[n]) for n in todo], batch_size)
+    chunks = iter(ds) if workers == 0 else iter(torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=workers, prefetch_factor=2,
+        multiprocessing_context="fork" if device.type == "cpu" else "spawn"))
+    bar = tqdm(total=len(todo), unit="shard", desc=f"ldmscale-encode rank {rank}",
+               disable=not progress or rank != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    open_writers: dict[str, LatentShardWriter] = {}
+    t0 = time.perf_counter()
+    try:
+        for chunk in chunks:
+            name = chunk["name"]
+            w = open_writers.get(name) or open_writers.setdefault(name, LatentShardWriter(out, name, so))
+            if chunk["rows"]:
+                for key, members in enc.members(chunk["rows"], chunk["pixels"]):
+                    w.add(key, members)
+                res.samples += len(chunk["rows"])
+            if not chunk["last"]:
+                continue
+            del open_writers[name]
+            res.dropped.update(chunk["counts"])
+            if chunk["transient"]:  # the store kept failing: leave the shard incomplete so a rerun retries it
+                w.abort()
+                res.failed.append(name)
+                print(f"ldmscale-encode: rank {rank}: {name}.tar not written: {chunk['error']}", file=sys.stderr)
+            else:  # a corrupt or truncated tar stays so: training would read the same samples from it
+                w.finish({"source": scrub(chunk["url"]), "dropped": chunk["counts"], "shard_error": chunk["error"]})
+                res.written.append(name)
+            bar.update(1)
+            bar.set_postfix_str(f"{res.samples / (time.perf_counter() - t0):.1f} samples/s")
+    finally:
+        for w in open_writers.values():
+            w.abort()
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    print(f"ldmscale-encode: rank {rank}/{world}: wrote {len(res.written)} shards ({res.samples} samples, "
+          f"{res.samples / max(elapsed, 1e-9):.1f} samples/s), skipped {len(res.skipped)} complete, "
+          f"failed {len(res.failed)}, dropped {dict(res.dropped) or 'none'} in {elapsed:.1f}s", flush=True)
+    res.manifest = write_manifest_if_complete(out, sources, header, so)
+    if res.manifest is not None:
+        c = res.manifest["counts"]
+        print(f"ldmscale-encode: latent set complete: {c['shards']} shards, {c['samples']} samples, dropped "
+              f"{c['dropped'] or 'none'}; manifest {scrub(join(out, 'manifest.json'))}", flush=True)
+    return res
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ldmscale-encode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="the training config whose data and VAE to use")
+    p.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix) for the latent shards")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="storage dtype of the moments")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
+    p.add_argument("--text-embeddings", action="store_true", help="also store the text encoder's hidden states")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.shards=[s3://b/{00000..00099}.tar]")
+    return p.parse_args(argv)
+
+
+def preflight(cfg: Config, out: str) -> None:
+    """Bad input ends here with one line and exit code 2, before any model is loaded."""
+    if getattr(cfg.data, "format", "images") != "images":
+        raise ConfigError("data.format must be images for ldmscale-encode: it reads image shards (data.shards) "
+                          "and writes latent shards to --out")
+    urls = expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
+    check_shards_reachable(urls, cfg.data.storage_options)
+    src_dirs = {u.rsplit("/", 1)[0] for u in urls}
+    if out.rstrip("/") in src_dirs:
+        raise ConfigError(f"--out {out} is where the image shards are: give the latent shards their own folder")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.batch_size <= 0:
+        print("ldmscale-encode: --batch-size must be > 0", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg, args.out)
+    except ConfigError as e:
+        print(f"ldmscale-encode: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (StorageError, ValueError) as e:
+        print(f"ldmscale-encode: data error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    res = main(cfg, args.out, dtype=args.dtype, batch_size=args.batch_size, text_embeddings=args.text_embeddings,
+               progress=not args.no_progress)
+    if res.failed:
+        print(f"ldmscale-encode: {len(res.failed)} shards failed to read after retries "
+              f"({', '.join(res.failed[:5])}); run the same command again to encode them", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    cli()
