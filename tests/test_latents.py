@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldmscale.config import load_config
+from ldmscale.config import ConfigError, load_config
 from ldmscale.data import decode_image, normalize_pixels, stack_uint8
 from ldmscale.data.shard_writer import iter_tar_samples
 from ldmscale.latents import encode
@@ -28,10 +28,11 @@ def encode_cfg(assets: Path, shards: Path, **extra: object):
         "data.shards": f"[{shards}]", **extra}))
 
 
-def run_encode(monkeypatch: pytest.MonkeyPatch, cfg, out: Path, **kw: object) -> encode.EncodeResult:
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(k, v)  # world_info_from_env writes these; the monkeypatch restores them
-    return encode.main(cfg, str(out), progress=False, **kw)
+def run_encode(cfg, out: Path, **kw: object) -> encode.EncodeResult:
+    with pytest.MonkeyPatch.context() as mp:  # world_info_from_env writes these; restored for later subprocesses
+        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "", "MASTER_PORT": ""}.items():
+            mp.setenv(k, v)
+        return encode.main(cfg, str(out), progress=False, **kw)
 
 
 def latent_samples(tar: Path) -> list[dict]:
@@ -56,8 +57,7 @@ def test_latent_member_round_trip(dtype: str, tol: float) -> None:
 def encoded(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("latents") / "set"
     cfg = encode_cfg(assets, assets / "digits/train")
-    with pytest.MonkeyPatch.context() as mp:
-        res = run_encode(mp, cfg, out, dtype="fp32", batch_size=32)
+    res = run_encode(cfg, out, dtype="fp32", batch_size=32)
     return {"out": out, "res": res, "cfg": cfg}
 
 
@@ -92,7 +92,7 @@ def test_manifest_describes_the_set(encoded: dict, assets: Path) -> None:
     assert len(m["source_shards"]) == len(m["shards"]) == 8
 
 
-def test_rerun_skips_complete_shards_and_redoes_an_incomplete_one(encoded: dict, monkeypatch: pytest.MonkeyPatch,
+def test_rerun_skips_complete_shards_and_redoes_an_incomplete_one(encoded: dict,
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "set"
     import shutil
@@ -101,7 +101,7 @@ def test_rerun_skips_complete_shards_and_redoes_an_incomplete_one(encoded: dict,
     (out / "00003_stats.json").unlink()  # killed between the tar's commit and its stats: not complete
     (out / "manifest.json").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    res = run_encode(monkeypatch, encoded["cfg"], out, dtype="fp32", batch_size=32)
+    res = run_encode(encoded["cfg"], out, dtype="fp32", batch_size=32)
     assert res.written == ["00003"] and len(res.skipped) == 7
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert {k for k in after if after[k] != before[k]} == {"00003.tar"}
@@ -109,7 +109,7 @@ def test_rerun_skips_complete_shards_and_redoes_an_incomplete_one(encoded: dict,
     assert json.loads((out / "manifest.json").read_text()) == json.loads((encoded["out"] / "manifest.json").read_text())
 
 
-def test_bad_images_and_filtered_samples_are_skipped_and_counted(assets: Path, monkeypatch: pytest.MonkeyPatch,
+def test_bad_images_and_filtered_samples_are_skipped_and_counted(assets: Path,
                                                                  tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -127,7 +127,7 @@ def test_bad_images_and_filtered_samples_are_skipped_and_counted(assets: Path, m
             tout.addfile(m, io.BytesIO(data))
     (src / "00000.tar").write_bytes(buf.getvalue())
     cfg = encode_cfg(assets, src, **{"data.filters.min_caption_chars": 3})
-    res = run_encode(monkeypatch, cfg, tmp_path / "out")
+    res = run_encode(cfg, tmp_path / "out")
     got = [s["__key__"] for s in latent_samples(tmp_path / "out/00000.tar")]
     assert got == [k for i, k in enumerate(keys) if i not in (4, 7)]
     assert dict(res.dropped) == {"decode_error": 1, "caption_short": 1}
@@ -135,18 +135,103 @@ def test_bad_images_and_filtered_samples_are_skipped_and_counted(assets: Path, m
     assert m["counts"]["dropped"] == {"caption_short": 1, "decode_error": 1} and m["counts"]["samples"] == 10
 
 
-def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ldmscale.latents.encode", *args], env=train_env(),
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
-
-
-def test_cli_bad_input_is_one_line_and_exit_2(assets: Path, tmp_path: Path) -> None:
+@pytest.mark.unit
+def test_cli_bad_input_is_one_line_and_exit_2(assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = ["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides(assets, tmp_path)]
-    r = _cli(["--out", str(tmp_path / "o"), *base, f"data.shards=[{tmp_path / 'nothing'}]"])
-    assert r.returncode == 2 and "ldmscale-encode: data error: no shards found" in r.stderr
-    assert "Traceback" not in r.stderr
-    r = _cli(["--out", str(assets / "digits/train"), *base])
-    assert r.returncode == 2 and "give the latent shards their own folder" in r.stderr
-    r = _cli(["--out", str(tmp_path / "o"), *base, "data.nope=1"])
-    assert r.returncode == 2 and "config error: unknown config key data.nope" in r.stderr
+    cases = [
+        (["--out", str(tmp_path / "o"), *base, f"data.shards=[{tmp_path / 'nothing'}]"],
+         "ldmscale-encode: data error: no shards found"),
+        (["--out", str(assets / "digits/train"), *base], "give the latent shards their own folder"),
+        (["--out", str(tmp_path / "o"), *base, "data.nope=1"], "config error: unknown config key data.nope"),
+        (["--out", str(tmp_path / "o"), *base, "data.format=latents"], "data.format must be images for ldmscale-enc"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            encode.cli(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(tmp_path / "o")
+
+
+# ---------------------------------------------------------------- training from latent shards
+
+
+def _train(assets: Path, out: Path, shards: Path, steps: int, *extra: str) -> list[dict]:
+    args = ["--config", str(REPO / "configs/tiny.yaml"), "--resume", "never", *tiny_overrides(assets, out, **{
+        "data.shards": f"[{shards}]", "train.max_steps": steps, "train.log_every": 1, "train.ckpt_every": 1000,
+        "train.log_sample_keys": "true"}), *extra]
+    r = subprocess.run([sys.executable, "-m", "ldmscale.train", *args], env=train_env(), capture_output=True,
+                       text=True, timeout=400, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = [json.loads(x) for x in (out / "sample_keys/rank00000.jsonl").read_text().splitlines()]
+    losses = {json.loads(x)["step"]: json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()
+              if '"loss"' in x}
+    return [{"step": k["step"], "keys": k["keys"], "loss": losses[k["step"]]} for k in keys]
+
+
+def test_run_from_latent_shards_matches_the_run_from_their_image_shards(encoded: dict, assets: Path,
+                                                                        tmp_path: Path) -> None:
+    """Same seed, same sample ids, same posterior noise: the loss curve agrees to float tolerance, for moments
+    stored in fp32 (only the batch composition of the VAE forward differs) and in fp16."""
+    fp16 = tmp_path / "fp16"
+    run_encode(encoded["cfg"], fp16, dtype="fp16", batch_size=50)
+    steps = 6
+    images = _train(assets, tmp_path / "images", assets / "digits/train", steps)
+    for shards, rtol in ((encoded["out"], 1e-5), (fp16, 1e-4)):
+        latents = _train(assets, tmp_path / shards.name, shards, steps, "data.format=latents")
+        assert [r["keys"] for r in latents] == [r["keys"] for r in images]  # the same samples in the same order
+        for a, b in zip(latents, images):
+            assert a["loss"] == pytest.approx(b["loss"], rel=rtol), (shards.name, a["step"])
+    assert len({r["loss"] for r in images}) == steps  # the curve moves: agreement is not trivial
+
+
+@pytest.mark.unit
+def test_latent_mode_loads_no_vae_encoder(assets: Path) -> None:
+    from ldmscale.encoders import FrozenEncoders
+
+    cfg = encode_cfg(assets, assets / "digits/train")
+    enc = FrozenEncoders.load(cfg.model, torch.device("cpu"), torch.float32, vae_encoder=False)
+    assert enc.vae.encoder is None and enc.vae.decoder is not None and enc.vae_encoder_hash
+
+
+def test_manifest_mismatches_are_config_errors(encoded: dict, assets: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from ldmscale.latents.manifest import check_encoders, check_shard_format, read_manifest
+
+    out = encoded["out"]
+    urls = sorted(str(p) for p in out.glob("*.tar"))
+    ok = encode_cfg(assets, out, **{"data.format": "latents"})
+    check_shard_format(ok, urls)  # the config it was encoded with passes
+    with pytest.raises(ConfigError, match=r"encoded at data.resolution=32 center_crop=True, the config says 64"):
+        check_shard_format(encode_cfg(assets, out, **{"data.format": "latents", "data.resolution": 64}), urls)
+    other = tmp_path / "vae"
+    shutil.copytree(assets / "models/vae", other)
+    conf = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**conf, "scaling_factor": 0.5}))
+    with pytest.raises(ConfigError, match=r"VAE scaling_factor=0.18215, the configured VAE .* has 0.5"):
+        check_shard_format(encode_cfg(assets, out, **{"data.format": "latents", "model.vae": other}), urls)
+    with pytest.raises(ConfigError, match="but data.format=images: set data.format=latents"):
+        check_shard_format(encode_cfg(assets, out), urls)
+    with pytest.raises(ConfigError, match="is missing or not an ldmscale latent manifest"):
+        check_shard_format(encode_cfg(assets, assets / "digits/train", **{"data.format": "latents"}),
+                           sorted(str(p) for p in (assets / "digits/train").glob("*.tar")))
+    with pytest.raises(ConfigError, match="encoder weights differ"):
+        check_encoders(read_manifest(urls, {}), "0" * 64, "")
+
+
+@pytest.mark.unit
+def test_style_and_autoencoder_stage_refuse_latents(assets: Path) -> None:
+    with pytest.raises(ConfigError, match="train style step 2 from the image shards"):
+        encode_cfg(assets, assets, **{"data.format": "latents", "style.enabled": "true"})
+    with pytest.raises(ConfigError, match="the autoencoder stage trains on images"):
+        encode_cfg(assets, assets, **{"data.format": "latents", "train.stage": "autoencoder"})
+
+
+def test_train_cli_stops_on_a_mismatched_latent_set_with_exit_2(encoded: dict, assets: Path, tmp_path: Path) -> None:
+    args = ["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides(assets, tmp_path / "run", **{
+        "data.shards": f"[{encoded['out']}]", "data.format": "latents", "data.resolution": 64})]
+    r = subprocess.run([sys.executable, "-m", "ldmscale.train", *args], env=train_env(), capture_output=True,
+                       text=True, timeout=200, cwd=REPO)
+    assert r.returncode == 2 and "ldmscale-train: config error: latent shards were encoded at" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()  # before any process group or output

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from ldmscale.config import FilterConfig
+from ldmscale.latents.format import LATENT_EXT
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -22,7 +23,7 @@ def _meta(sample: dict[str, Any]) -> dict[str, Any] | None:
 
 def reject_reason(sample: dict[str, Any], f: FilterConfig) -> str | None:
     """Why a raw sample is dropped, or None to keep it. Reads only txt/json: nothing is decoded."""
-    if not any(ext in sample for ext in IMAGE_EXTS):
+    if not any(ext in sample for ext in IMAGE_EXTS) and LATENT_EXT not in sample:  # latent shards: no JPEG
         return "no_image"
     if "txt" not in sample:
         return "no_caption"

@@ -22,6 +22,7 @@ from ldmscale.config import DataConfig, StyleConfig
 from ldmscale.data import storage
 from ldmscale.data.decode import decode_image, stack_uint8
 from ldmscale.data.filters import IMAGE_EXTS, reject_reason
+from ldmscale.latents.format import LATENT_EXT, collate_latents, decode_latent
 
 log = logging.getLogger(__name__)
 
@@ -127,19 +128,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             while len(images) < self.micro_batch:
                 sample = next(stream)
                 consumed += 1
-                ext = next(e for e in IMAGE_EXTS if e in sample)
                 try:
-                    image = decode_image(sample[ext], self.cfg.resolution, self.cfg.center_crop)
-                    if self.style is not None:
-                        refs.append(self._reference(sample, image))
-                    images.append(image)
+                    if self.cfg.format == "latents":  # the one step that differs: stored moments, not a JPEG
+                        images.append(decode_latent(sample[LATENT_EXT]))
+                    else:
+                        ext = next(e for e in IMAGE_EXTS if e in sample)
+                        image = decode_image(sample[ext], self.cfg.resolution, self.cfg.center_crop)
+                        if self.style is not None:
+                            refs.append(self._reference(sample, image))
+                        images.append(image)
                 except Exception as exc:  # a corrupt image is data, not a bug: count it and go on
                     self._skip_error("decode_error")(exc)
                     continue
                 captions.append(sample["txt"].decode("utf-8", "replace").strip())
                 keys.append(sample["__key__"])
             batch = {
-                "pixels": stack_uint8(images),
+                **(collate_latents(images) if self.cfg.format == "latents" else {"pixels": stack_uint8(images)}),
                 "captions": captions,
                 "keys": keys,
                 "role": role,

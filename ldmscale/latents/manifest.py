@@ -147,3 +147,20 @@ def check_encoders(manifest: dict[str, Any], vae_encoder_hash: str, text_encoder
     if te and te["hash"] != text_encoder_hash:
         raise ConfigError(f"the latent shards hold text embeddings of text encoder {te['ref']}, and the configured "
                           f"one differs: re-encode (without --text-embeddings to keep it flexible) or use that one")
+
+
+def manifest_for(cfg: Config) -> dict[str, Any]:
+    from ldmscale.data.shardlist import expand_shard_urls
+
+    return read_manifest(expand_shard_urls(cfg.data.shards, cfg.data.storage_options), cfg.data.storage_options)
+
+
+def check_shard_format(cfg: Config, urls: list[str]) -> None:
+    """The pre-flight for data.format: latent shards need a matching manifest; image shards must not be latents."""
+    if cfg.data.format == "latents":
+        check_manifest(cfg, read_manifest(urls, cfg.data.storage_options), urls)
+        return
+    found = read_json(join(shards_dir(urls[0]), MANIFEST), cfg.data.storage_options)
+    if found is not None and found.get("format") == FORMAT:
+        raise ConfigError(f"data.shards names latent shards (written by ldmscale-encode; {scrub(shards_dir(urls[0]))}"
+                          f"/{MANIFEST}) but data.format=images: set data.format=latents")
