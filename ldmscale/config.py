@@ -58,6 +58,9 @@ class FilterConfig:
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # URLs, brace patterns, globs, dirs, prefixes ending "/"
     val_shards: list[str] = field(default_factory=list)  # held-out shards for train.eval_every (same forms as shards)
+    # images: JPEG shards, VAE-encoded every step | latents: shards written once by ldmscale-encode (posterior
+    # moments), checked against this config through their manifest.json
+    format: Literal["images", "latents"] = "images"
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, key, ...)
     resolution: int = 256  # square training size in pixels; a multiple of 8
     center_crop: bool = True  # else the top-left square
@@ -262,6 +265,15 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "check"):
                 section.check()
+        if self.data.format == "latents" and self.train.stage != "diffusion":
+            raise ConfigError("data.format=latents feeds the diffusion stage; the autoencoder stage trains on images "
+                              "(data.format=images)")
+        if self.data.format == "latents" and self.train.eval_every:
+            raise ConfigError("train.eval_every encodes data.val_shards (images) with the VAE encoder, which "
+                              "data.format=latents does not load: set train.eval_every=0 or train from images")
+        if self.data.format == "latents" and self.style.enabled:
+            raise ConfigError("style.enabled=true needs each sample's reference image, which latent shards do not "
+                              "carry: train style step 2 from the image shards (data.format=images, data.shards=...)")
 
 
 # ---------------------------------------------------------------- building from dicts

@@ -24,6 +24,7 @@ from ldmscale.data import ResumableLoader, count_samples, normalize_pixels
 from ldmscale.ema import EMA, gathered
 from ldmscale.encoders import FrozenEncoders, load_vae, tokenize
 from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
+from ldmscale.latents.manifest import check_encoders, manifest_for
 from ldmscale.models import build_unet, build_vae, strip_prefix, vae_downsample_factor
 from ldmscale.monitor import Monitor, training_flops_per_sample
 from ldmscale.objective import LatentDiffusion, build_noise_scheduler
@@ -80,7 +81,10 @@ class DiffusionStage(Stage):
 
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True) -> None:
         super().__init__(cfg, device, dtype)
-        self.encoders = FrozenEncoders.load(cfg.model, device, dtype)
+        # latent shards carry the posterior moments: no VAE encoder then, and the set's manifest must name these
+        self.encoders = FrozenEncoders.load(cfg.model, device, dtype, vae_encoder=cfg.data.format == "images")
+        if cfg.data.format == "latents":
+            check_encoders(manifest_for(cfg), self.encoders.vae_encoder_hash, self.encoders.text_encoder_hash)
         self.tokenizer = self.encoders.tokenizer
         size = cfg.data.resolution // vae_downsample_factor(self.encoders.vae.config)
         self.latent_shape = (self.encoders.latent_channels, size, size)
@@ -105,12 +109,21 @@ class DiffusionStage(Stage):
     def loss(self, engine: Any, batch: dict[str, Any], ids: list[int], step: int) -> tuple[torch.Tensor, dict]:
         """One micro-batch -> (loss, parts). `ids` are the global sample indices, `step` the optimizer step."""
         seed, m = self.cfg.train.seed, self.cfg.model
-        pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True))
-        latents = self.encoders.encode_images(pixels, noise.randn(seed, ids, self.latent_shape, noise.Stream.POSTERIOR))
+        post = noise.randn(seed, ids, self.latent_shape, noise.Stream.POSTERIOR)
+        if "moments" in batch:  # data.format=latents: the same posterior draw, from the stored moments
+            latents = self.encoders.latents_from_moments(batch["moments"], post)
+        else:
+            latents = self.encoders.encode_images(normalize_pixels(batch["pixels"].to(self.device, non_blocking=True)),
+                                                  post)
         # classifier-free guidance: a per-sample share of captions becomes ""
         input_ids = batch["input_ids"].clone()
-        input_ids[noise.rand(seed, ids, noise.Stream.CAPTION_DROP) < self.cfg.data.caption_dropout] = self.empty_ids
-        context = self.encoders.encode_text(input_ids)
+        drop = noise.rand(seed, ids, noise.Stream.CAPTION_DROP) < self.cfg.data.caption_dropout
+        input_ids[drop] = self.empty_ids
+        if "text_embeddings" in batch:  # stored by ldmscale-encode --text-embeddings
+            context = batch["text_embeddings"].to(self.device)
+            context[drop] = self.encoders.encode_text(self.empty_ids)[0]
+        else:
+            context = self.encoders.encode_text(input_ids)
         timesteps = noise.randint(seed, ids, m.num_train_timesteps, noise.Stream.TIMESTEP)
         eps = noise.randn(seed, ids, self.latent_shape, noise.Stream.NOISE)
         if m.noise_offset:

@@ -25,6 +25,7 @@ from ldmscale.data import ResumableLoader, StorageError, check_shards_reachable,
 from ldmscale.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.ema import EMA, warmup_decay
 from ldmscale.eval.validation import build_validator
+from ldmscale.latents.manifest import check_shard_format
 from ldmscale.monitor import Monitor, StepStats, StepTimer, peak_tflops, rank_keys_file
 from ldmscale.stages import build_stage
 
@@ -60,7 +61,10 @@ def check_data(cfg: Config) -> int:
         if cfg.train.eval_every:  # the validation shards too, before they are read at start-up
             check_shards_reachable(expand_shard_urls(cfg.data.val_shards, cfg.data.storage_options),
                                    cfg.data.storage_options)
+        check_shard_format(cfg, urls)  # latent shards: their manifest must match this config (a ConfigError)
         return count_samples(cfg.data, urls)
+    except ConfigError:
+        raise
     except ValueError as e:
         raise StorageError(str(e)) from None
 
@@ -211,6 +215,9 @@ def cli(argv: list[str] | None = None) -> None:
         main(cfg, args.resume)  # prints FINISHED step=N or PREEMPTED step=N
     except StorageError as e:  # raised by the first check in main(), before any process group
         print(f"ldmscale-train: data error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ConfigError as e:  # a latent set made for another config, found by the same first check
+        print(f"ldmscale-train: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     dist.cleanup()
 

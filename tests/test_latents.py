@@ -39,7 +39,6 @@ def latent_samples(tar: Path) -> list[dict]:
     return list(iter_tar_samples(tar))
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("dtype,tol", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 1e-2)])
 def test_latent_member_round_trip(dtype: str, tol: float) -> None:
     mean, logvar = torch.randn(4, 8, 8), torch.randn(4, 8, 8) - 3
@@ -135,7 +134,6 @@ def test_bad_images_and_filtered_samples_are_skipped_and_counted(assets: Path,
     assert m["counts"]["dropped"] == {"caption_short": 1, "decode_error": 1} and m["counts"]["samples"] == 10
 
 
-@pytest.mark.unit
 def test_cli_bad_input_is_one_line_and_exit_2(assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = ["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides(assets, tmp_path)]
     cases = [
@@ -169,6 +167,7 @@ def _train(assets: Path, out: Path, shards: Path, steps: int, *extra: str) -> li
     return [{"step": k["step"], "keys": k["keys"], "loss": losses[k["step"]]} for k in keys]
 
 
+@pytest.mark.subprocess
 def test_run_from_latent_shards_matches_the_run_from_their_image_shards(encoded: dict, assets: Path,
                                                                         tmp_path: Path) -> None:
     """Same seed, same sample ids, same posterior noise: the loss curve agrees to float tolerance, for moments
@@ -185,7 +184,6 @@ def test_run_from_latent_shards_matches_the_run_from_their_image_shards(encoded:
     assert len({r["loss"] for r in images}) == steps  # the curve moves: agreement is not trivial
 
 
-@pytest.mark.unit
 def test_latent_mode_loads_no_vae_encoder(assets: Path) -> None:
     from ldmscale.encoders import FrozenEncoders
 
@@ -220,14 +218,15 @@ def test_manifest_mismatches_are_config_errors(encoded: dict, assets: Path, tmp_
         check_encoders(read_manifest(urls, {}), "0" * 64, "")
 
 
-@pytest.mark.unit
-def test_style_and_autoencoder_stage_refuse_latents(assets: Path) -> None:
+def test_style_and_autoencoder_stage_refuse_latents() -> None:
+    base = ["data.shards=[latents]", "data.format=latents"]
     with pytest.raises(ConfigError, match="train style step 2 from the image shards"):
-        encode_cfg(assets, assets, **{"data.format": "latents", "style.enabled": "true"})
+        load_config(REPO / "configs/tiny.yaml", [*base, "style.enabled=true"])
     with pytest.raises(ConfigError, match="the autoencoder stage trains on images"):
-        encode_cfg(assets, assets, **{"data.format": "latents", "train.stage": "autoencoder"})
+        load_config(REPO / "configs/tiny.yaml", [*base, "train.stage=autoencoder"])
 
 
+@pytest.mark.subprocess
 def test_train_cli_stops_on_a_mismatched_latent_set_with_exit_2(encoded: dict, assets: Path, tmp_path: Path) -> None:
     args = ["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides(assets, tmp_path / "run", **{
         "data.shards": f"[{encoded['out']}]", "data.format": "latents", "data.resolution": 64})]

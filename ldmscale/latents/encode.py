@@ -239,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def preflight(cfg: Config, out: str) -> None:
     """Bad input ends here with one line and exit code 2, before any model is loaded."""
-    if getattr(cfg.data, "format", "images") != "images":
+    if cfg.data.format != "images":
         raise ConfigError("data.format must be images for ldmscale-encode: it reads image shards (data.shards) "
                           "and writes latent shards to --out")
     urls = expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
