@@ -224,6 +224,8 @@ def test_style_and_autoencoder_stage_refuse_latents() -> None:
         load_config(REPO / "configs/tiny.yaml", [*base, "style.enabled=true"])
     with pytest.raises(ConfigError, match="the autoencoder stage trains on images"):
         load_config(REPO / "configs/tiny.yaml", [*base, "train.stage=autoencoder"])
+    with pytest.raises(ConfigError, match="set train.eval_every=0 or train from images"):
+        load_config(REPO / "configs/tiny.yaml", [*base, "train.eval_every=5", "data.val_shards=[val]"])
 
 
 @pytest.mark.subprocess
