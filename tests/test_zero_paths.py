@@ -69,3 +69,14 @@ def test_gradient_checkpointing_under_zero3_recomputes_and_matches(report: list[
         plain, ckpt = rank["checkpointing"]["plain"], rank["checkpointing"]["ckpt"]
         assert ckpt["block_forwards"] == 2 * plain["block_forwards"]  # the forward ran again in backward
         assert ckpt["losses"] == plain["losses"]
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_bf16_runs_reduce_in_fp32_and_accumulate_in_fp32_where_deepspeed_can(report: list[dict], zero: int) -> None:
+    """As ldmscale configures bf16 (ds_config.bf16_reduction), read back from the engine DeepSpeed built."""
+    r = report[0]["ema"][f"{zero}-bf16"]
+    assert r["communication_dtype"] == "torch.float32"
+    if zero == 1:
+        assert r["optimizer"] == "BF16_Optimizer" and r["accumulation_dtype"] == "torch.float32"
+    elif zero > 1:
+        assert r["accumulation_dtype"] == "torch.float32"

@@ -20,6 +20,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import load_file, save_file
 
 from ldmscale import dist
+from ldmscale.ds_config import bf16_reduction
 from ldmscale.ema import EMA, ShardedEMA
 from ldmscale.models import build_unet
 
@@ -45,6 +46,8 @@ def ds_config(zero: int, precision: str) -> dict[str, Any]:
     }
     if zero == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
+    if precision == "bf16":
+        cfg.update(bf16_reduction(zero))  # as the trainer configures bf16 runs
     return cfg
 
 
@@ -105,7 +108,10 @@ def ema_case(zero: int, precision: str, tmp: str) -> dict[str, Any]:
     mine = sum(s.master.numel() for s in sharded.shares)
     owned = torch.tensor([mine])
     tdist.all_reduce(owned)
-    out = {"update_collectives": len(update_calls), "gathered_update_collectives": len(gather_calls),
+    opt = engine.optimizer
+    out = {"optimizer": type(opt).__name__, "communication_dtype": str(engine.communication_data_type),
+           "accumulation_dtype": str(getattr(opt, "gradient_accumulation_dtype", getattr(opt, "grad_acc_dtype", None))),
+           "update_collectives": len(update_calls), "gathered_update_collectives": len(gather_calls),
            "elements_here": mine, "elements_all_ranks": int(owned), "elements_model": sum(p.ds_numel if hasattr(
                p, "ds_id") else p.numel() for _, p in named)}
     if dist.rank() == 0:
