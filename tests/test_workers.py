@@ -21,8 +21,7 @@ from ldmscale.config import DataConfig
 from ldmscale.data import ResumableLoader
 
 shards, method = sys.argv[1], sys.argv[2]
-cfg = DataConfig(shards=[shards], resolution=16, num_workers=2, shuffle_buffer=8)
-cfg.start_method = method
+cfg = DataConfig(shards=[shards], resolution=16, num_workers=2, shuffle_buffer=8, start_method=method)
 preemption.install()
 loader = ResumableLoader(cfg, None, seed=0, rank=0, world=1, micro_batch=4, samples_per_epoch=64)
 # one signal of each kind while the workers start (a spawned worker imports torch for ~1 s first) ...

@@ -61,7 +61,7 @@ class ResumableLoader:
         )
         if self.cfg.num_workers == 0:
             return iter(ds)
-        options = loader_options(getattr(self.cfg, "start_method", "auto"))
+        options = loader_options(self.cfg.start_method)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=4,
                                              **options)
         with preemption_signals_blocked(options["multiprocessing_context"]):  # the workers start here
