@@ -1,13 +1,11 @@
 """An fp32 exponential moving average of the trainable weights, correct under every ZeRO stage.
 
-`ShardedEMA` averages the optimizer's fp32 master weights, not the bf16 working copies, and each rank
+`EMA` averages the optimizer's fp32 master weights, not the bf16 working copies, and each rank
 keeps only the EMA of its own share of them: the master partition ZeRO 1-3 already gave it, or under
-ZeRO-0 (every rank holds every master) whole parameters dealt out round-robin. An update is a local
+ZeRO-0 (every rank holds every master) whole parameters dealt out by size. An update is a local
 `lerp` on each rank, no communication; the full average exists only when saving, sampling or exporting
-(`full_state_dict`, a collective). The element-wise arithmetic is that of a full-copy EMA, so fp32 runs
+(`state_dict`, a collective). The element-wise arithmetic is that of a full-copy EMA, so fp32 runs
 give bitwise the same average as averaging the gathered parameters.
-
-`EMA` (below it) is the older scheme: gather every parameter each step, rank 0 keeps one full copy.
 """
 
 from __future__ import annotations
@@ -107,8 +105,8 @@ def full_shape(p: Any) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_id") else p.shape
 
 
-class ShardedEMA:
-    """Per-rank EMA of the fp32 master partition; `full_state_dict()` consolidates (collective)."""
+class EMA:
+    """Per-rank EMA of the fp32 master partition; `state_dict()` consolidates (collective)."""
 
     BUCKET_ELEMENTS = 1 << 25  # consolidation reduces at most 128 MiB of fp32 at a time
 
@@ -117,6 +115,7 @@ class ShardedEMA:
         self.decay = decay
         self.rank, self.world = _dp_rank_world()
         self.shapes = {n: full_shape(p) for n, p in named_params}
+        self.named, self.optimizer = named_params, optimizer
         self.shares = master_shares(named_params, optimizer, self.rank, self.world)
         self.masters = [s.master for s in self.shares]
         # the same memory format as the master (channels_last weights under ZeRO-0 stay channels_last)
@@ -141,7 +140,7 @@ class ShardedEMA:
             yield bucket
 
     @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """The full fp32 average on rank 0 ({} on the others). Every rank must call it.
 
         Each bucket starts as -0.0 everywhere, the owners write their shares, and a sum-reduce to rank 0
@@ -170,43 +169,13 @@ class ShardedEMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Every rank takes its shares from the full average (as `full_state_dict` wrote it)."""
+        """Every rank takes its shares from the full average (as `state_dict` wrote it)."""
         missing = set(self.shapes) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        # after a checkpoint load: resolve the master views again, in case the optimizer rebuilt its buffers
+        self.shares = master_shares(self.named, self.optimizer, self.rank, self.world)
+        self.masters = [s.master for s in self.shares]
         for share, shadow in zip(self.shares, self.shadows):
             flat = state[share.name].reshape(-1)[share.start: share.start + shadow.numel()]
             shadow.copy_(flat.view(shadow.shape))
-
-
-class EMA:
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float, keep: bool) -> None:
-        """`keep` is True on the one rank that stores the average (rank 0); the others only join gathers."""
-        self.decay = decay
-        self.names = [n for n, _ in named_params]
-        self.params = [p for _, p in named_params]
-        self.keep = keep
-        self.shadow: dict[str, torch.Tensor] = {}
-        with gathered(self.params):
-            if keep:
-                self.shadow = {n: p.detach().float().clone() for n, p in zip(self.names, self.params)}
-
-    @torch.no_grad()
-    def update(self, decay: float | None = None) -> None:
-        d = self.decay if decay is None else decay
-        with gathered(self.params):
-            if self.keep:
-                shadows = [self.shadow[n] for n in self.names]
-                torch._foreach_lerp_(shadows, [p.detach().float() for p in self.params], 1.0 - d)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.keep:
-            return
-        missing = set(self.names) - set(state)
-        if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
-        for n in self.names:
-            self.shadow[n].copy_(state[n])

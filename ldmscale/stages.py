@@ -63,7 +63,7 @@ class Stage:
         """After the last step."""
 
     def trained_weights(self, engine: Any, ema: EMA | None) -> dict[str, torch.Tensor]:
-        """Full fp32 weights of the trained network on rank 0 (EMA if kept). Collective under ZeRO-3."""
+        """Full fp32 weights of the trained network on rank 0 (EMA if kept). Collective: every rank calls it."""
         if ema is not None:
             return strip_prefix(ema.state_dict(), self.prefix)
         params = list(engine.module.parameters())

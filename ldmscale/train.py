@@ -87,7 +87,8 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     engine, _, _, _ = deepspeed.initialize(
         model=stage.module, model_parameters=[p for _, p in trainable], config=build_ds_config(cfg, info.world_size)
     )
-    ema = EMA(trainable, cfg.train.ema_decay, keep=info.is_main) if cfg.train.ema_decay > 0 else None
+    # each rank averages its own share of the optimizer's fp32 masters: no communication per step
+    ema = EMA(trainable, cfg.train.ema_decay, engine.optimizer) if cfg.train.ema_decay > 0 else None
 
     # Setup data: every rank its own shards; every worker the same number of batches per epoch
     loader = ResumableLoader(

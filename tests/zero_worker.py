@@ -21,11 +21,28 @@ from safetensors.torch import load_file, save_file
 
 from ldmscale import dist
 from ldmscale.ds_config import bf16_reduction
-from ldmscale.ema import EMA, ShardedEMA
+from ldmscale.ema import EMA, gathered
 from ldmscale.models import build_unet
 
 STEPS = 3
 DECAY = 0.7  # far from 1, so every step moves the average visibly
+
+
+class FullCopyEMA:
+    """The reference: gather every parameter each step (ZeRO-3), rank 0 keeps one full fp32 copy."""
+
+    def __init__(self, named: list[tuple[str, Any]], decay: float) -> None:
+        self.named, self.decay = named, decay
+        with gathered([p for _, p in named]):
+            self.shadow = {n: p.detach().float().clone() for n, p in named} if dist.rank() == 0 else {}
+
+    @torch.no_grad()
+    def update(self, decay: float | None = None) -> None:
+        d = self.decay if decay is None else decay
+        with gathered([p for _, p in self.named]):
+            if self.shadow:
+                torch._foreach_lerp_([self.shadow[n] for n, _ in self.named],
+                                     [p.detach().float() for _, p in self.named], 1.0 - d)
 
 
 @contextmanager
@@ -80,8 +97,8 @@ def bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def ema_case(zero: int, precision: str, tmp: str) -> dict[str, Any]:
     engine = make_engine(zero, precision)
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    sharded = ShardedEMA(named, DECAY, engine.optimizer)
-    gathered = EMA(named, DECAY, keep=dist.rank() == 0)  # the full-copy scheme: the fp32 reference
+    sharded = EMA(named, DECAY, engine.optimizer)
+    full_copy = FullCopyEMA(named, DECAY)  # the fp32 reference
     # the reference for bf16: the EMA of the optimizer's full fp32 masters (a collective to read under ZeRO)
     masters = {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in named} if zero else {}
     update_calls: list[str] = []
@@ -90,21 +107,21 @@ def ema_case(zero: int, precision: str, tmp: str) -> dict[str, Any]:
         with counting_collectives() as calls:
             sharded.update()
         update_calls += calls
-        gathered.update()
+        full_copy.update()
         if zero > 0:
             full = {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in named}
             for n, v in full.items():
                 masters[n] = torch.lerp(masters[n], v, 1.0 - DECAY)
     with counting_collectives() as gather_calls:
-        gathered.update(decay=1.0)  # a no-op average: only counts what the old scheme communicates
-    full = sharded.full_state_dict()
+        full_copy.update(decay=1.0)  # a no-op average: only counts what the old scheme communicates
+    full = sharded.state_dict()
     # resume: a fresh EMA on every rank takes its shares from the consolidated file
     if dist.rank() == 0:
         save_file(full, os.path.join(tmp, f"ema-{zero}-{precision}.safetensors"))
     dist.barrier()
-    again = ShardedEMA(named, 0.0, engine.optimizer)
+    again = EMA(named, 0.0, engine.optimizer)
     again.load_state_dict(load_file(os.path.join(tmp, f"ema-{zero}-{precision}.safetensors")))
-    reloaded = again.full_state_dict()
+    reloaded = again.state_dict()
     mine = sum(s.master.numel() for s in sharded.shares)
     owned = torch.tensor([mine])
     tdist.all_reduce(owned)
@@ -115,7 +132,7 @@ def ema_case(zero: int, precision: str, tmp: str) -> dict[str, Any]:
            "elements_here": mine, "elements_all_ranks": int(owned), "elements_model": sum(p.ds_numel if hasattr(
                p, "ds_id") else p.numel() for _, p in named)}
     if dist.rank() == 0:
-        ref = gathered.state_dict()
+        ref = full_copy.shadow
         out.update(
             equals_gathered=bitwise(full, ref),
             reload_exact=bitwise(full, reloaded),

@@ -34,12 +34,13 @@ import torch.nn.functional as F  # noqa: E402
 from ldmscale import dist  # noqa: E402
 from ldmscale.config import load_config  # noqa: E402
 from ldmscale.data import normalize_pixels  # noqa: E402
+from ldmscale.data.stream import DataPosition  # noqa: E402
 from ldmscale.ds_config import build_ds_config, precision_dtype  # noqa: E402
-from ldmscale.ema import ShardedEMA  # noqa: E402
+from ldmscale.ema import EMA, warmup_decay  # noqa: E402
 from ldmscale.models import build_unet  # noqa: E402
-from ldmscale.monitor import Monitor, peak_tflops, training_flops_per_sample  # noqa: E402
+from ldmscale.monitor import Monitor, StepStats, StepTimer, peak_tflops, training_flops_per_sample  # noqa: E402
 from ldmscale.offline_models import train_tokenizer, write_text_encoder, write_vae  # noqa: E402
-from ldmscale.stages import Task  # noqa: E402
+from ldmscale.stages import build_stage  # noqa: E402
 
 # small: the CPU demo's U-Net on 32 px digits-sized inputs; sd15: Stable Diffusion 1.x (U-Net, VAE, CLIP-L sizes)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -62,33 +63,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class FixedBatches:
+    """What the monitor asks of the loader; the batch itself is the same prepared one for both loops."""
+
+    position = DataPosition()
+
+    def dropped_counts(self) -> dict[str, int]:
+        return {}
+
+
 class Ldmscale:
-    """The trainer's per-step work, from the trainer's own parts."""
+    """The trainer's per-step work (ldmscale/train.py's loop body), from the trainer's own parts."""
 
     def __init__(self, cfg: Any, device: torch.device, out: Path, compile_unet: bool) -> None:
         self.cfg, self.device = cfg, device
-        self.task = Task(cfg, device, precision_dtype(cfg))
+        self.task = build_stage(cfg, device, precision_dtype(cfg))
         self.init_state = {k: v.clone() for k, v in self.task.trained.state_dict().items()}
         if compile_unet:
             self.task.module.unet = torch.compile(self.task.module.unet)
         trainable = [(n, p) for n, p in self.task.module.named_parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=self.task.module, model_parameters=[p for _, p in trainable],
                                                config=build_ds_config(cfg, 1))
-        self.ema = ShardedEMA(trainable, cfg.train.ema_decay, self.engine.optimizer)
+        self.ema = EMA(trainable, cfg.train.ema_decay, self.engine.optimizer)
         self.monitor = Monitor(cfg, out, is_main=True)
-        self.step = 0
+        self.timer, self.loader, self.step = StepTimer(), FixedBatches(), 0
 
     def __call__(self, batch: dict[str, Any]) -> None:
-        b = self.cfg.train.global_batch_size
-        ids = list(range(self.step * b, (self.step + 1) * b))
-        loss, parts = self.task.loss(self.engine, batch, ids)
+        t = self.cfg.train
+        ids = list(range(self.step * t.global_batch_size, (self.step + 1) * t.global_batch_size))
+        stats = StepStats()
+        loss, parts = self.task.loss(self.engine, batch, ids, self.step)
         self.engine.backward(loss)
         self.engine.step()
+        stats.add(loss, parts)
         self.step += 1
-        self.ema.update()
-        metrics = {"loss": loss.detach().float().item(), "lr": self.engine.get_lr()[0],
-                   **{k: float(v) for k, v in parts.items()}}
-        self.monitor.log(metrics, self.step)
+        self.timer.samples += t.global_batch_size
+        self.ema.update(warmup_decay(t.ema_decay, self.step - 1))
+        self.monitor.log_step(self.step, stats, stop_requested=False, engine=self.engine, loader=self.loader,
+                              timer=self.timer, samples_seen=self.step * t.global_batch_size, max_steps=t.max_steps,
+                              log_every=t.log_every, world=1, flops_per_sample=0.0, peak=0.0)
 
 
 class Bare:
