@@ -125,7 +125,8 @@ class EMA:
     def update(self, decay: float | None = None) -> None:
         d = self.decay if decay is None else decay
         if self.shadows:
-            torch._foreach_lerp_(self.shadows, self.masters, 1.0 - d)
+            # .float() is the tensor itself for fp32 masters; bf16 parameters without one are averaged in fp32
+            torch._foreach_lerp_(self.shadows, [m.float() for m in self.masters], 1.0 - d)
 
     def _buckets(self) -> Iterator[list[str]]:
         bucket: list[str] = []
