@@ -25,7 +25,7 @@ from ldmscale.ema import EMA, gathered
 from ldmscale.encoders import FrozenEncoders, load_vae, tokenize
 from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
 from ldmscale.models import build_unet, build_vae, strip_prefix, vae_downsample_factor
-from ldmscale.monitor import Monitor, training_flops_per_sample
+from ldmscale.monitor import Monitor, encode_flops_per_sample, training_flops_per_sample
 from ldmscale.objective import LatentDiffusion, build_noise_scheduler
 from ldmscale.style.attention import add_style_path
 from ldmscale.style.encoder import beta_at, build_style, style_input
@@ -54,6 +54,9 @@ class Stage:
         self.cfg, self.device, self.dtype = cfg, device, dtype
 
     def flops_per_sample(self) -> float:
+        return 0.0
+
+    def encode_flops_per_sample(self) -> float:
         return 0.0
 
     def periodic(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
@@ -100,7 +103,11 @@ class DiffusionStage(Stage):
 
     def flops_per_sample(self) -> float:
         ctx = (self.tokenizer.model_max_length, self.encoders.text_dim)
-        return training_flops_per_sample(self.trained, self.latent_shape, ctx, self.device, torch.float32)
+        return training_flops_per_sample(self.trained, self.latent_shape, ctx)
+
+    def encode_flops_per_sample(self) -> float:
+        """The VAE encode that latents on the fly cost per image (reported apart from the U-Net's FLOPs)."""
+        return encode_flops_per_sample(self.encoders.vae, self.cfg.data.resolution)
 
     def loss(self, engine: Any, batch: dict[str, Any], ids: list[int], step: int) -> tuple[torch.Tensor, dict]:
         """One micro-batch -> (loss, parts). `ids` are the global sample indices, `step` the optimizer step."""

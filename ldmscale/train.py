@@ -121,6 +121,9 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     )
     preemption.install()
     timer, flops, peak = StepTimer(), stage.flops_per_sample(), peak_tflops(cfg.train.peak_tflops)
+    if flops:  # MFU counts the U-Net; encoding latents on the fly costs extra, shown apart
+        dist.print0(f"FLOPs per image: U-Net fwd+bwd {flops / 1e9:.3f} G, VAE encode "
+                    f"{stage.encode_flops_per_sample() / 1e9:.3f} G")
 
     # Training loop
     status = "finished"

@@ -38,7 +38,7 @@ from ldmscale.data.stream import DataPosition  # noqa: E402
 from ldmscale.ds_config import build_ds_config, precision_dtype  # noqa: E402
 from ldmscale.ema import EMA, warmup_decay  # noqa: E402
 from ldmscale.models import build_unet  # noqa: E402
-from ldmscale.monitor import Monitor, StepStats, StepTimer, peak_tflops, training_flops_per_sample  # noqa: E402
+from ldmscale.monitor import Monitor, StepStats, StepTimer, peak_tflops  # noqa: E402
 from ldmscale.offline_models import train_tokenizer, write_text_encoder, write_vae  # noqa: E402
 from ldmscale.stages import build_stage  # noqa: E402
 
@@ -143,15 +143,6 @@ class Bare:
         loss.item()  # the loop prints its loss: one host sync, as the trainer has
 
 
-def vae_encode_flops(enc: Any, resolution: int, device: torch.device) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, 3, resolution, resolution, device=device, dtype=enc.dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        enc.vae.encode(x)
-    return float(counter.get_total_flops())
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -207,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             sync(info.device)
             rates[name].append(args.steps * p["batch"] / (time.perf_counter() - t0))
     med = {name: statistics.median(v) for name, v in rates.items()}
-    unet_flops = training_flops_per_sample(ldm.task.trained, ldm.task.latent_shape,
-                                           (p["max_length"], ldm.task.encoders.text_dim),
-                                           next(ldm.task.trained.parameters()).device,
-                                           next(ldm.task.trained.parameters()).dtype)
-    vae_flops = vae_encode_flops(ldm.task.encoders, p["resolution"], info.device)
+    unet_flops, vae_flops = ldm.task.flops_per_sample(), ldm.task.encode_flops_per_sample()
     peak = peak_tflops(0.0)
     dev = torch.cuda.get_device_name() if info.device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     print(f"device: {dev} | preset {args.preset} {p['resolution']}px {p['precision']} batch {p['batch']} "
