@@ -179,7 +179,7 @@ class Checkpointer:
         state = self.store.load(self.engine, tag_dir)
         self.train_state.load_state_dict(state)
         if self.ema is not None:
-            self.ema.load_state_dict(load_ema(tag_dir) if dist.rank() == 0 else {})
+            self.ema.load_state_dict(load_ema(tag_dir))  # every rank takes its share
         if state.get("data"):
             self.loader.load_state_dict(state["data"])
         self.saved_step = self.train_state.step  # that step is on disk already
@@ -190,7 +190,7 @@ class Checkpointer:
             return None
         state = {**self.train_state.state_dict(), "data": self.loader.state_dict(), "world_size": self.world_size,
                  "time": time.time()}
-        ema = self.ema.state_dict() if self.ema is not None and dist.rank() == 0 else None
+        ema = self.ema.state_dict() if self.ema is not None else None  # collective: full on rank 0
         tag_dir = self.store.save(self.engine, step, state, ema, self.config_yaml)
         self.saved_step = step
         return tag_dir

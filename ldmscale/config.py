@@ -69,6 +69,8 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
     samples_per_epoch: int = 0  # 0 = count from the shards' *_stats.json files
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
+    # loader worker processes: auto = spawn on CUDA (fork after CUDA init is unsafe), fork on CPU (faster start)
+    start_method: Literal["auto", "fork", "spawn"] = "auto"
     filters: FilterConfig = field(default_factory=FilterConfig)
 
     def check(self) -> None:

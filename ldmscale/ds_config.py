@@ -15,6 +15,24 @@ def accumulation_steps(cfg: Config, world: int) -> int:
     return cfg.train.global_batch_size // (world * cfg.train.micro_batch_size)
 
 
+def bf16_reduction(zero_stage: int) -> dict[str, Any]:
+    """fp32 gradient reduction and accumulation for bf16 runs (DeepSpeed 0.19.8's defaults are bf16 for both).
+
+    With only `bf16.enabled`, DeepSpeed's `communication_data_type` is bf16 at every ZeRO stage (all-reduce and
+    reduce-scatter of bf16 gradients: 8 mantissa bits summed over hundreds of ranks), and `grad_accum_dtype`
+    defaults to the model dtype, so micro-batch gradients are summed in bf16 too: ZeRO-0 in the bf16 `.grad`
+    (FP16_UnfusedOptimizer), ZeRO-1/2 in bf16 partition buffers, ZeRO-3 in bf16 partitioned gradients.
+    Here: reduce in fp32 at every stage; accumulate in fp32 at stages 1-3 (ZeRO-1 then runs DeepSpeed's
+    BF16_Optimizer, ZeRO-2/3 their fp32 accumulation buffers). DeepSpeed 0.19.8 has no fp32 accumulation at
+    ZeRO-0 ("unsupported mix of model_dtype and grad_accum_dtype"): ZeRO-0 bf16 still accumulates in bf16.
+    Back to DeepSpeed's defaults: deepspeed.extra={communication_data_type: bf16, data_types:
+    {grad_accum_dtype: bf16}}."""
+    out: dict[str, Any] = {"communication_data_type": "fp32"}
+    if zero_stage > 0:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out
+
+
 def build_ds_config(cfg: Config, world: int) -> dict[str, Any]:
     t, o, d = cfg.train, cfg.optim, cfg.deepspeed
     params: dict[str, Any] = {"lr": o.lr, "weight_decay": o.weight_decay}
@@ -52,6 +70,8 @@ def build_ds_config(cfg: Config, world: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if d.precision == "bf16":
+        ds.update(bf16_reduction(d.zero_stage))
     return _deep_merge(ds, d.extra)
 
 

@@ -55,7 +55,11 @@ class TrainTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         env = submitit.JobEnvironment()
-        _export_rendezvous(env)
+        # torchrun-style variables (first host, a port derived from the job id) that every rank agrees on;
+        # CUDA_VISIBLE_DEVICES stays as Slurm set it: dist.init_distributed picks the GPU by LOCAL_RANK
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        if not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share cores: one BLAS thread each
         # submitit installed its checkpoint-and-requeue handler before calling us; keep it for after the save.
         usr_sig = env._usr_sig()
         submitit_handler = signal.getsignal(usr_sig)
@@ -85,21 +89,6 @@ class TrainTask(submitit.helpers.Checkpointable):
         nothing new to save, and the requeued job resumes from the previous checkpoint.
         """
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-
-def _export_rendezvous(env: Any) -> None:
-    """torchrun-style variables from submitit's view of the job, so every rank agrees on them."""
-    hosts = list(env.hostnames) if env.cluster == "slurm" else ["127.0.0.1"]
-    job_num = int("".join(ch for ch in str(env.job_id).split("_")[0] if ch.isdigit()) or "0")
-    os.environ.update(
-        RANK=str(env.global_rank),
-        WORLD_SIZE=str(env.num_tasks),
-        LOCAL_RANK=str(env.local_rank),
-        MASTER_ADDR=hosts[0],
-        MASTER_PORT=str(20000 + job_num % 20000),
-    )
-    if not os.environ.get("CUDA_VISIBLE_DEVICES"):
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share cores: one BLAS thread each
 
 
 # Pending reasons that no amount of waiting fixes (clusters without EnforcePartLimits accept such jobs).
@@ -204,7 +193,7 @@ def build_executor(args: argparse.Namespace) -> submitit.Executor:
         "signal_delay_s": args.signal_delay,
         "stderr_to_stdout": True,
         # a rank that dies ends the step, so the others never sit in a collective until NCCL's timeout
-        "srun_args": ["--kill-on-bad-exit=1"],
+        "srun_args": ["--kill-on-bad-exit=1", *srun_cpus(args.cpus_per_task)],
     }
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
@@ -216,6 +205,12 @@ def build_executor(args: argparse.Namespace) -> submitit.Executor:
         params["additional_parameters"] = extra
     ex.update_parameters(**params)
     return ex
+
+
+def srun_cpus(cpus_per_task: int | None) -> list[str]:
+    """Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: without it in the srun line every
+    rank (and its loader workers) would get one CPU."""
+    return [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
 
 
 def _split_extra(item: str) -> tuple[str, Any]:

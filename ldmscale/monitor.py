@@ -25,17 +25,34 @@ def peak_tflops(configured: float) -> float:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
 
 
-def training_flops_per_sample(unet: torch.nn.Module, latent_shape: tuple[int, ...], context_shape: tuple[int, ...],
-                              device: torch.device, dtype: torch.dtype) -> float:
+def _meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The same architecture on the meta device (shapes only, no memory): FLOPs are counted where no input
+    and no weight can sit on the wrong device, whether the real model is still on the CPU (before DeepSpeed
+    moved it), on a GPU, or partitioned by ZeRO-3."""
+    with torch.device("meta"):
+        return type(model).from_config(model.config)
+
+
+def training_flops_per_sample(unet: torch.nn.Module, latent_shape: tuple[int, ...],
+                              context_shape: tuple[int, ...]) -> float:
     """Forward FLOPs of the U-Net on one sample, counted by torch, times 3 (forward + backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros((1, *latent_shape), device=device, dtype=dtype)
-    ctx = torch.zeros((1, *context_shape), device=device, dtype=dtype)
-    t = torch.zeros(1, dtype=torch.long, device=device)
+    twin, meta = _meta_twin(unet), torch.device("meta")
+    x, ctx = torch.zeros((1, *latent_shape), device=meta), torch.zeros((1, *context_shape), device=meta)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(x, t, encoder_hidden_states=ctx)
+        twin(x, torch.zeros(1, dtype=torch.long, device=meta), encoder_hidden_states=ctx)
     return 3.0 * counter.get_total_flops()
+
+
+def encode_flops_per_sample(vae: torch.nn.Module, resolution: int) -> float:
+    """FLOPs of the frozen VAE encoding one image (latents computed on the fly; no backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    twin = _meta_twin(vae)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        twin.encode(torch.zeros(1, 3, resolution, resolution, device="meta"))
+    return float(counter.get_total_flops())
 
 
 class Monitor:

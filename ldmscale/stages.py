@@ -26,7 +26,7 @@ from ldmscale.encoders import FrozenEncoders, load_vae, tokenize
 from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
 from ldmscale.latents.manifest import check_encoders, manifest_for
 from ldmscale.models import build_unet, build_vae, strip_prefix, vae_downsample_factor
-from ldmscale.monitor import Monitor, training_flops_per_sample
+from ldmscale.monitor import Monitor, encode_flops_per_sample, training_flops_per_sample
 from ldmscale.objective import LatentDiffusion, build_noise_scheduler
 from ldmscale.style.attention import add_style_path
 from ldmscale.style.encoder import beta_at, build_style, style_input
@@ -57,6 +57,9 @@ class Stage:
     def flops_per_sample(self) -> float:
         return 0.0
 
+    def encode_flops_per_sample(self) -> float:
+        return 0.0
+
     def periodic(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
         """Once in a while during training (every train.sample_every steps)."""
 
@@ -64,7 +67,7 @@ class Stage:
         """After the last step."""
 
     def trained_weights(self, engine: Any, ema: EMA | None) -> dict[str, torch.Tensor]:
-        """Full fp32 weights of the trained network on rank 0 (EMA if kept). Collective under ZeRO-3."""
+        """Full fp32 weights of the trained network on rank 0 (EMA if kept). Collective: every rank calls it."""
         if ema is not None:
             return strip_prefix(ema.state_dict(), self.prefix)
         params = list(engine.module.parameters())
@@ -104,7 +107,11 @@ class DiffusionStage(Stage):
 
     def flops_per_sample(self) -> float:
         ctx = (self.tokenizer.model_max_length, self.encoders.text_dim)
-        return training_flops_per_sample(self.trained, self.latent_shape, ctx, self.device, torch.float32)
+        return training_flops_per_sample(self.trained, self.latent_shape, ctx)
+
+    def encode_flops_per_sample(self) -> float:
+        """The VAE encode that latents on the fly cost per image (reported apart from the U-Net's FLOPs)."""
+        return encode_flops_per_sample(self.encoders.vae, self.cfg.data.resolution)
 
     def loss(self, engine: Any, batch: dict[str, Any], ids: list[int], step: int) -> tuple[torch.Tensor, dict]:
         """One micro-batch -> (loss, parts). `ids` are the global sample indices, `step` the optimizer step."""

@@ -91,7 +91,8 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     engine, _, _, _ = deepspeed.initialize(
         model=stage.module, model_parameters=[p for _, p in trainable], config=build_ds_config(cfg, info.world_size)
     )
-    ema = EMA(trainable, cfg.train.ema_decay, keep=info.is_main) if cfg.train.ema_decay > 0 else None
+    # each rank averages its own share of the optimizer's fp32 masters: no communication per step
+    ema = EMA(trainable, cfg.train.ema_decay, engine.optimizer) if cfg.train.ema_decay > 0 else None
 
     # Setup data: every rank its own shards; every worker the same number of batches per epoch
     loader = ResumableLoader(
@@ -124,6 +125,9 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     )
     preemption.install()
     timer, flops, peak = StepTimer(), stage.flops_per_sample(), peak_tflops(cfg.train.peak_tflops)
+    if flops:  # MFU counts the U-Net; encoding latents on the fly costs extra, shown apart
+        dist.print0(f"FLOPs per image: U-Net fwd+bwd {flops / 1e9:.3f} G, VAE encode "
+                    f"{stage.encode_flops_per_sample() / 1e9:.3f} G")
 
     # Training loop
     status = "finished"

@@ -1,4 +1,4 @@
-"""EMA arithmetic, resume from its saved state; its ZeRO-3 path is covered by tests/test_multiproc.py."""
+"""EMA arithmetic on one process, resume from its saved state; ZeRO 0-3 in tests/test_zero_paths.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ldmscale.ema import EMA
 
 def test_ema_tracks_the_decayed_average() -> None:
     p = torch.nn.Parameter(torch.zeros(3))
-    ema = EMA([("w", p)], decay=0.9, keep=True)
+    ema = EMA([("w", p)], decay=0.9)
     expected = torch.zeros(3)
     for v in (1.0, 2.0, 3.0):
         with torch.no_grad():
@@ -22,22 +22,15 @@ def test_ema_tracks_the_decayed_average() -> None:
 
 def test_ema_keeps_fp32_of_bf16_weights_and_reloads() -> None:
     p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    ema = EMA([("w", p)], decay=0.999, keep=True)
+    ema = EMA([("w", p)], decay=0.999)
     with torch.no_grad():
         p.fill_(2.0)
     ema.update()
     assert ema.state_dict()["w"].dtype == torch.float32
     assert torch.allclose(ema.state_dict()["w"], torch.full((4,), 1.001))  # below bf16's resolution at 1.0
-    other = EMA([("w", p)], decay=0.999, keep=True)
+    other = EMA([("w", p)], decay=0.999)
     other.load_state_dict(ema.state_dict())
     assert torch.equal(other.state_dict()["w"], ema.state_dict()["w"])
-
-
-def test_non_keeping_rank_holds_nothing() -> None:
-    p = torch.nn.Parameter(torch.ones(1000))
-    ema = EMA([("w", p)], decay=0.9, keep=False)
-    ema.update()
-    assert ema.state_dict() == {}
 
 
 def test_warmup_decay_starts_low_and_reaches_the_cap() -> None:

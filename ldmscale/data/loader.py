@@ -12,6 +12,7 @@ from ldmscale.config import DataConfig, StyleConfig
 from ldmscale.data import storage
 from ldmscale.data.shardlist import expand_shard_urls
 from ldmscale.data.stream import DataPosition, ShardStream
+from ldmscale.data.workers import loader_options, preemption_signals_blocked
 
 
 class ResumableLoader:
@@ -60,11 +61,11 @@ class ResumableLoader:
         )
         if self.cfg.num_workers == 0:
             return iter(ds)
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4, multiprocessing_context="fork" if not torch.cuda.is_available() else "spawn",
-        )
-        return iter(loader)
+        options = loader_options(self.cfg.start_method)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=4,
+                                             **options)
+        with preemption_signals_blocked(options["multiprocessing_context"]):  # the workers start here
+            return iter(loader)
 
     def __iter__(self) -> ResumableLoader:
         return self
