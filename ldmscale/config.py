@@ -101,6 +101,12 @@ class ModelConfig:
     noise_offset: float = 0.0  # per-channel offset noise (brighter/darker images); 0 = off
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for compute
     attention: Literal["sdpa", "default"] = "sdpa"  # torch's scaled_dot_product_attention | the math path
+    # torch.compile of the trained network (nn.Module.compile: in place, parameter names unchanged); the first
+    # steps pay the compilation. backend: inductor on GPUs; aot_eager traces without code generation (tests)
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    channels_last: bool = False  # NHWC activations into the U-Net: faster convolutions on tensor cores
 
     def check(self) -> None:
         _positive("model.num_train_timesteps", self.num_train_timesteps)
@@ -176,6 +182,9 @@ class OptimConfig:
     warmup_steps: int = 500  # linear warm-up of the LR, then cosine (DeepSpeed's WarmupCosineLR)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+    # on CUDA, DeepSpeed's FusedAdam (multi-tensor kernel, JIT-built once per TORCH_EXTENSIONS_DIR); false or on
+    # CPU: torch's AdamW. Offload always uses DeepSpeedCPUAdam.
+    fused_adam: bool = True
 
     def check(self) -> None:
         _positive("optim.lr", self.lr)
@@ -217,6 +226,7 @@ class TrainConfig:
     eval_samples: int = 256  # the fixed held-out samples it averages (the first N of data.val_shards)
     log_sample_keys: bool = False  # write every rank's sample keys per step (resume audits, tests)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the GPU, none on CPU
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes
 
     def check(self) -> None:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last", "ckpt_every"):

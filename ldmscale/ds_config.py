@@ -38,8 +38,8 @@ def build_ds_config(cfg: Config, world: int) -> dict[str, Any]:
     params: dict[str, Any] = {"lr": o.lr, "weight_decay": o.weight_decay}
     if o.name in ("adam", "adamw"):
         params.update(betas=list(o.betas), eps=o.eps)
-        if not d.offload_optimizer and not torch.cuda.is_available():
-            # torch's Adam: FusedAdam would JIT-compile for ~2 minutes on every fresh CPU machine
+        if not d.offload_optimizer and (not torch.cuda.is_available() or not o.fused_adam):
+            # torch's Adam: on CPU FusedAdam would JIT-compile for ~2 minutes on every fresh machine and gain nothing
             params["torch_adam"] = True
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.zero_stage > 0:

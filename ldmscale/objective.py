@@ -35,6 +35,9 @@ class LatentDiffusion(torch.nn.Module):
             self.style = style
         self.scheduler = scheduler
         self.snr_gamma = snr_gamma
+        # model.channels_last: NHWC activations let cuDNN pick NHWC kernels. The weights stay contiguous: ZeRO
+        # flattens parameters into buffers and fails on channels_last strides ("stride(-1) must be 1").
+        self.channels_last = False
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.scheduler.config.prediction_type == "v_prediction":
@@ -79,7 +82,10 @@ class LatentDiffusion(torch.nn.Module):
             # dropped references have no denoising signal; a KL on them would only pull toward the prior
             kl = (kl_to_standard_normal(mu, logvar) * keep.flatten()).sum() / keep.sum().clamp(min=1.0)
             parts["kl"] = kl.detach()
-        pred = self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype), **kwargs).sample.float()
+        x = noisy.to(dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pred = self.unet(x, timesteps, encoder_hidden_states=context.to(dtype), **kwargs).sample.float()
         per_sample = F.mse_loss(pred, self.target(latents, noise, timesteps), reduction="none").mean(dim=(1, 2, 3))
         weights = self.loss_weights(timesteps)
         mse = per_sample.mean()

@@ -57,6 +57,14 @@ class Stage:
     def flops_per_sample(self) -> float:
         return 0.0
 
+    def compile(self) -> None:
+        """model.compile: torch.compile the trained network in place (names, hooks and state dict unchanged).
+        Called last, once the engine exists and FLOPs were counted on an eager twin."""
+        m = self.cfg.model
+        if m.compile:
+            mode = None if m.compile_mode == "default" else m.compile_mode
+            self.trained.compile(backend=m.compile_backend, mode=mode)
+
     def encode_flops_per_sample(self) -> float:
         return 0.0
 
@@ -98,6 +106,7 @@ class DiffusionStage(Stage):
                 self.init_note = init_from_step1(cfg.style, unet)
             style_encoder, self.style_frozen = build_style(cfg.style, self.encoders.text_dim, device, dtype)
         self.module = LatentDiffusion(unet, build_noise_scheduler(cfg.model), cfg.model.snr_gamma, style_encoder)
+        self.module.channels_last = cfg.model.channels_last
         self.trained = unet
         _prepare(unet, cfg)
         if cfg.style.enabled:

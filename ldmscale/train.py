@@ -86,6 +86,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
 
     # Create the stage (frozen encoders outside the engine, the module DeepSpeed trains), the engine and the EMA
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark  # fixed shapes: the fastest kernels, found once
     stage = build_stage(cfg, info.device, precision_dtype(cfg), fresh=tag_dir is None)
     trainable = [(n, p) for n, p in stage.module.named_parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
@@ -128,6 +129,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     if flops:  # MFU counts the U-Net; encoding latents on the fly costs extra, shown apart
         dist.print0(f"FLOPs per image: U-Net fwd+bwd {flops / 1e9:.3f} G, VAE encode "
                     f"{stage.encode_flops_per_sample() / 1e9:.3f} G")
+    stage.compile()  # model.compile, last: FLOPs were counted on an eager twin
 
     # Training loop
     status = "finished"
