@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_style_digit_shards import render_styled  # noqa: E402
+from make_style_digit_shards import render_styled, split_indices  # noqa: E402
 
 from ldmscale.data.shard_writer import ShardSample, write_laion_shards  # noqa: E402
 
@@ -86,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-fraction", type=float, default=0.15)
     args = parser.parse_args(argv)
     digits = load_digits()
-    idx = np.arange(len(digits.target))
-    train_idx, heldout_idx = train_test_split(idx, test_size=args.heldout_fraction, random_state=args.seed,
-                                              stratify=digits.target)
+    train_idx, heldout_idx = split_indices(args.seed, args.heldout_fraction)
     rng = random.Random(args.seed)
     for split, ids, per, unseen in (("train", train_idx, args.colours_per_digit, False),
                                     ("heldout", heldout_idx, args.heldout_colours, False),

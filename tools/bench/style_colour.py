@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.linear_model import Ridge
@@ -43,7 +42,7 @@ from sklearn.svm import SVC
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
-from bench.style_follow import colours, content_features, draw  # noqa: E402
+from bench.style_follow import add_sampling_args, bench_main, colours, content_features, draw  # noqa: E402
 from make_style_digit_shards import render_styled  # noqa: E402
 
 from ldmscale.data.shard_writer import iter_tar_samples  # noqa: E402
@@ -158,8 +157,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             row[k] = score(images, refs[k], digits, clf)
             grid[f"{run}:{k}"] = images
         rows[str(run)] = row
-    rows["_grid"] = grid
-    rows["_refs"] = {k: [resize(r["rgb"], res) for r in refs[k]] for k in SETS}
+    rows["draw_images"] = grid
+    rows["ref_images"] = {k: [resize(r["rgb"], res) for r in refs[k]] for k in SETS}
     return rows
 
 
@@ -169,7 +168,7 @@ def print_report(r: dict[str, Any], args: argparse.Namespace) -> None:
     head = f"{'model':44}{'KL nats':>8}{'err seen':>9}{'err unseen':>11}{'digits':>8}{'probe s/u':>12}"
     print(head)
     for name, row in r.items():
-        if name.startswith("_"):
+        if name.endswith("_images"):
             continue
         kl = f"{row['kl']:.1f}" if row.get("kl") is not None else "-"
         probe = f"{row['probe']['seen']:.0f}/{row['probe']['unseen']:.0f}" if "probe" in row else "-"
@@ -181,10 +180,10 @@ def print_report(r: dict[str, Any], args: argparse.Namespace) -> None:
 
 def save_grid(r: dict[str, Any], path: Path, per_row: int = 20) -> None:
     """Rows: seen references, then for each run its seen and unseen draws, unseen references, text model."""
-    rows = [np.concatenate(r["_refs"]["seen"][:per_row], axis=1)]
-    for name, ims in r["_grid"].items():
+    rows = [np.concatenate(r["ref_images"]["seen"][:per_row], axis=1)]
+    for name, ims in r["draw_images"].items():
         if name.endswith(":unseen"):
-            rows.append(np.concatenate(r["_refs"]["unseen"][:per_row], axis=1))
+            rows.append(np.concatenate(r["ref_images"]["unseen"][:per_row], axis=1))
         rows.append(np.concatenate(ims[:per_row], axis=1))
     img = np.concatenate(rows, axis=0)
     Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.Resampling.NEAREST).save(path)
@@ -196,21 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-run", type=Path, required=True, help="step-1 (text-only) run dir or checkpoint")
     p.add_argument("--style-run", type=Path, nargs="+", default=[], help="step-2 run dirs or step_* checkpoints")
     p.add_argument("--refs", type=int, default=100, help="references per set (seen, unseen)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=4.0)
-    p.add_argument("--style-scale", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", type=Path)
+    add_sampling_args(p)
     p.add_argument("--grid", type=Path, help="PNG: references and draws, one row each")
-    args = p.parse_args(argv)
-    r = run_benchmark(args)
-    print_report(r, args)
-    if args.grid:
-        save_grid(r, args.grid)
-    if args.json:
-        args.json.write_text(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, indent=2))
-    return 0
+    return bench_main(p, argv, run_benchmark, print_report, save_grid)
 
 
 if __name__ == "__main__":
