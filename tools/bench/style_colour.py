@@ -16,8 +16,8 @@ seeds without a reference: what colours come out when the reference is ignored.
   the model's resolution) and vae (the reference through the run's autoencoder: what the latents can hold).
 - Diagnostics per style run: kl = the run's logged KL in nats per sample (mean of the last 5 logged steps up to
   the checkpoint) and probe = the colour error of a ridge regression from the posterior-mean tokens to the
-  reference colours (fit on the first half of each set's references, scored on the rest, seen and unseen
-  separately): whether the encoder keeps the colours at all, apart from whether the U-Net follows them.
+  true colours (fit on half the seen held-out images, scored on the other half and on all unseen ones):
+  whether the encoder keeps the colours at all, apart from whether the U-Net follows them.
 
 Several --style-run values (ablation runs, or the step_* checkpoints of one run for an error-vs-steps curve)
 are scored in one process against one text-model draw: the rows are side by side.
@@ -99,7 +99,7 @@ def logged_kl(run: Path) -> float | None:
 
 def probe_error(tokens: dict[str, np.ndarray], refs: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
     """Colour error of a ridge regression from flattened tokens to (ink, bg) RGB: fit on the first half of the
-    seen references, scored on the other half and on the unseen ones."""
+    seen images, scored on the other half and on all the unseen ones."""
     half = len(refs["seen"]) // 2
     y = {k: np.stack([np.concatenate([r["ink"], r["bg"]]) for r in refs[k]]) for k in SETS}
     model = Ridge(alpha=1.0).fit(tokens["seen"][:half], y["seen"][:half])
@@ -142,16 +142,20 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rec_rgb = list(((rec + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy())
         rows["vae"][k] = {"colour_error": score(rec_rgb, refs[k], [r["label"] for r in refs[k]], clf)["colour_error"]}
     del text
-    images = draw(args.text_run, prompts, None, args)
-    rows["text"] = {k: score(images, refs[k], digits, clf) for k in SETS}
-    grid = {"text": images}
+    grid = {}
+    if not args.probe_only:
+        grid["text"] = draw(args.text_run, prompts, None, args)
+        rows["text"] = {k: score(grid["text"], refs[k], digits, clf) for k in SETS}
     for run in args.style_run:
         m = load_trained(run, "ema", args.device)
         assert m.style is not None, f"{run} is not a style-conditioned run"
-        tokens = {k: m.style.tokens(to_tensor([resize(r["rgb"], res) for r in refs[k]])).flatten(1).numpy()
-                  for k in SETS}
+        tokens = {k: m.style.tokens(to_tensor([resize(r["rgb"], res) for r in pools[k]])).flatten(1).numpy()
+                  for k in SETS}  # every held-out image: the probe needs more examples than the 128+ token dims
         del m
-        row: dict[str, Any] = {"kl": logged_kl(Path(run)), "probe": probe_error(tokens, refs)}
+        row: dict[str, Any] = {"kl": logged_kl(Path(run)), "probe": probe_error(tokens, pools)}
+        if args.probe_only:
+            rows[str(run)] = row
+            continue
         for k in SETS:
             images = draw(run, prompts, [r["rgb"] for r in refs[k]], args)
             row[k] = score(images, refs[k], digits, clf)
@@ -172,10 +176,11 @@ def print_report(r: dict[str, Any], args: argparse.Namespace) -> None:
             continue
         kl = f"{row['kl']:.1f}" if row.get("kl") is not None else "-"
         probe = f"{row['probe']['seen']:.0f}/{row['probe']['unseen']:.0f}" if "probe" in row else "-"
-        dig = f"{row['seen']['digits']:.1%}" if "digits" in row["seen"] else "-"
+        seen, unseen = row.get("seen", {}), row.get("unseen", {})
+        dig = f"{seen['digits']:.1%}" if "digits" in seen else "-"
+        err = [f"{x['colour_error']:.1f}" if x else "-" for x in (seen, unseen)]
         label = name if len(name) <= 43 else "..." + name[-40:]
-        print(f"{label:44}{kl:>8}{row['seen']['colour_error']:>9.1f}{row['unseen']['colour_error']:>11.1f}"
-              f"{dig:>8}{probe:>12}")
+        print(f"{label:44}{kl:>8}{err[0]:>9}{err[1]:>11}{dig:>8}{probe:>12}")
 
 
 def save_grid(r: dict[str, Any], path: Path, per_row: int = 20) -> None:
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-run", type=Path, required=True, help="step-1 (text-only) run dir or checkpoint")
     p.add_argument("--style-run", type=Path, nargs="+", default=[], help="step-2 run dirs or step_* checkpoints")
     p.add_argument("--refs", type=int, default=100, help="references per set (seen, unseen)")
+    p.add_argument("--probe-only", action="store_true", help="KL and token probe only: no drawing")
     add_sampling_args(p)
     p.add_argument("--grid", type=Path, help="PNG: references and draws, one row each")
     return bench_main(p, argv, run_benchmark, print_report, save_grid)
