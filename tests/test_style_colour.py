@@ -7,7 +7,6 @@ import random
 import sys
 
 import numpy as np
-import pytest
 import torch
 from sklearn.datasets import load_digits
 
@@ -19,8 +18,6 @@ sys.path.insert(0, str(REPO / "tools"))
 from bench.style_colour import colour_error, probe_error  # noqa: E402
 from make_style_colour_shards import UNSEEN_HUES, colour_pair, in_band  # noqa: E402
 from make_style_digit_shards import render_styled  # noqa: E402
-
-pytestmark = pytest.mark.unit
 
 
 def _hue(rgb: tuple[int, ...]) -> float:
