@@ -1,7 +1,8 @@
-"""Style step 2 under two-process ZeRO-3: initialised from a step-1 checkpoint, killed -9 mid-run, resumed,
-and bitwise equal to the uninterrupted run (losses, KL, sample keys, EMA including the style weights).
-References come from metadata pairing (the digits' json `label` stands in for a style key), the case whose
-pairs must be rebuilt before the resume skip. Then ldmscale-sample draws with a style image."""
+"""Style step 2 under two processes: initialised from a step-1 checkpoint, killed -9 mid-run, resumed, and
+bitwise equal to the uninterrupted run (losses, KL, sample keys, EMA including the style weights). Two cases:
+ZeRO-3 with metadata references (the digits' json `label` stands in for a style key: the pairs must be rebuilt
+before the resume skip) and ZeRO-2 with augmented-view references and the colour-statistics input (the view is
+redrawn from (seed, key) after the resume). Then ldmscale-sample draws with a style image."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ldmscale.style.encoder import COLOUR_STATS_DIM
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
 from tests.test_multiproc import _command, _last_per_step, _steps, kill_tree
 
@@ -22,11 +24,17 @@ pytestmark = pytest.mark.multiproc
 MAX_STEPS = 8
 
 
-def _style_args(assets: Path, out: Path, step1: Path) -> list[str]:
+CASES = {
+    "zero3-metadata": {"deepspeed.zero_stage": 3, "style.reference": "metadata", "style.metadata_key": "label"},
+    "zero2-augment": {"deepspeed.zero_stage": 2, "style.reference": "augment", "style.colour_stats": "true"},
+}
+
+
+def _style_args(assets: Path, out: Path, step1: Path, case: str) -> list[str]:
     return ["--config", str(REPO / "configs/tiny.yaml"), "--resume", "auto", *tiny_overrides(
-        assets, out, **{"deepspeed.zero_stage": 3, "train.max_steps": MAX_STEPS, "train.ckpt_every": 3,
-                        "train.log_sample_keys": "true", "style.enabled": "true", "style.reference": "metadata",
-                        "style.metadata_key": "label", "style.num_tokens": 2, "style.conv_channels": "[8,16]",
+        assets, out, **{"train.max_steps": MAX_STEPS, "train.ckpt_every": 3, **CASES[case],
+                        "train.log_sample_keys": "true", "style.enabled": "true",
+                        "style.num_tokens": 2, "style.conv_channels": "[8,16]",
                         "style.beta_warmup_steps": 4, "style.dropout": 0.25, "style.init_from": str(step1),
                         "data.caption_dropout": 0.2})]
 
@@ -42,16 +50,22 @@ def _ok(proc: subprocess.Popen, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def style_runs(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("style")
-    step1 = root / "step1"
-    args = ["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides(assets, step1, **{
+def step1(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("style") / "step1"
+    args = ["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides(assets, out, **{
         "train.max_steps": 2, "train.global_batch_size": 4, "deepspeed.zero_stage": 0})]
-    _ok(_run([sys.executable, "-m", "ldmscale.train", *args], step1), step1)
+    _ok(_run([sys.executable, "-m", "ldmscale.train", *args], out), out)
+    return out
 
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def style_runs(request: pytest.FixtureRequest, assets: Path, step1: Path) -> dict:
+    case = request.param
+    root = step1.parent / case
+    root.mkdir()
     reference, killed = root / "reference", root / "killed"
-    _ok(_run(_command("deepspeed", free_port(), _style_args(assets, reference, step1)), reference), reference)
-    proc = _run(_command("deepspeed", free_port(), _style_args(assets, killed, step1)), killed)
+    _ok(_run(_command("deepspeed", free_port(), _style_args(assets, reference, step1, case)), reference), reference)
+    proc = _run(_command("deepspeed", free_port(), _style_args(assets, killed, step1, case)), killed)
     deadline = time.time() + 400
     while time.time() < deadline and not any(r["step"] >= 4 for r in _steps(killed)):
         assert proc.poll() is None, (root / "killed.log").read_text()[-3000:]
@@ -60,8 +74,8 @@ def style_runs(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     proc.wait()
     time.sleep(1.0)
     assert max(r["step"] for r in _steps(killed)) < MAX_STEPS
-    _ok(_run(_command("deepspeed", free_port(), _style_args(assets, killed, step1)), killed), killed)
-    return {"step1": step1, "reference": reference, "killed": killed}
+    _ok(_run(_command("deepspeed", free_port(), _style_args(assets, killed, step1, case)), killed), killed)
+    return {"case": case, "step1": step1, "reference": reference, "killed": killed}
 
 
 def test_style_run_starts_from_step1_and_logs_both_loss_parts(style_runs: dict) -> None:
@@ -85,10 +99,14 @@ def test_style_resume_after_kill_is_bitwise(style_runs: dict) -> None:
     tag = f"step_{MAX_STEPS:08d}"
     a, b = (load_file(d / "checkpoints" / tag / "ema.safetensors") for d in (ref, res))
     assert any(k.startswith("style.") for k in a) and any(".to_v_style." in k for k in a)
+    if style_runs["case"] == "zero2-augment":  # the head takes the colour statistics next to the conv features
+        assert a["style.head.weight"].shape[1] == 2 * 16 + COLOUR_STATS_DIM
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sample_cli_with_style_image(style_runs: dict, tmp_path: Path, assets: Path) -> None:
+    if style_runs["case"] != "zero3-metadata":
+        pytest.skip("sampling is the same for both reference modes: checked once, on the ZeRO-3 shards")
     from ldmscale.export import load_trained
 
     m = load_trained(style_runs["reference"], "raw")  # ZeRO-3 shards consolidated, style path rebuilt

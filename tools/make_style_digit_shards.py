@@ -57,6 +57,14 @@ def styled_samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, 
     return out
 
 
+def split_indices(seed: int, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """load_digits() indices: (train, held-out), seeded and stratified like tools/make_digit_shards.py."""
+    digits = load_digits()
+    idx = np.arange(len(digits.target))
+    train, heldout = train_test_split(idx, test_size=heldout_fraction, random_state=seed, stratify=digits.target)
+    return train, heldout
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
@@ -65,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-fraction", type=float, default=0.15)
     args = parser.parse_args(argv)
     digits = load_digits()
-    idx = np.arange(len(digits.target))
-    train_idx, heldout_idx = train_test_split(idx, test_size=args.heldout_fraction, random_state=args.seed,
-                                              stratify=digits.target)
+    train_idx, heldout_idx = split_indices(args.seed, args.heldout_fraction)
     for split, ids in (("train", train_idx), ("heldout", heldout_idx)):
         samples = styled_samples(digits.images, digits.target, ids, args.seed)
         tars = write_laion_shards(samples, args.out / split, samples_per_shard=args.samples_per_shard)

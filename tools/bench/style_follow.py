@@ -21,6 +21,7 @@ import io
 import json
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,27 +152,39 @@ def save_grid(r: dict[str, Any], path: Path, per_row: int = 20) -> None:
                                                          Image.Resampling.NEAREST).save(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--style-run", type=Path, required=True, help="step-2 run dir or checkpoint")
-    p.add_argument("--text-run", type=Path, required=True, help="step-1 (text-only) run dir or checkpoint")
-    p.add_argument("--heldout", type=Path, required=True, help="held-out shards of make_style_digit_shards")
-    p.add_argument("--per-cell", type=int, default=2, help="images per palette x digit")
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling settings both style benchmarks share (draw() reads them), and --json."""
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--style-scale", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
-    p.add_argument("--grid", type=Path, help="PNG: first rows style model, then text model")
+
+
+def bench_main(p: argparse.ArgumentParser, argv: list[str] | None, run: Callable[[argparse.Namespace], dict[str, Any]],
+               report: Callable[[dict[str, Any], argparse.Namespace], None],
+               grid: Callable[[dict[str, Any], Path], None]) -> int:
+    """Parse, run, print, save the grid (--grid) and the numbers (--json: every key but the *_images)."""
     args = p.parse_args(argv)
-    r = run_benchmark(args)
-    print_report(r, args)
+    r = run(args)
+    report(r, args)
     if args.grid:
-        save_grid(r, args.grid)
+        grid(r, args.grid)
     if args.json:
         args.json.write_text(json.dumps({k: v for k, v in r.items() if not k.endswith("_images")}, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--style-run", type=Path, required=True, help="step-2 run dir or checkpoint")
+    p.add_argument("--text-run", type=Path, required=True, help="step-1 (text-only) run dir or checkpoint")
+    p.add_argument("--heldout", type=Path, required=True, help="held-out shards of make_style_digit_shards")
+    p.add_argument("--per-cell", type=int, default=2, help="images per palette x digit")
+    add_sampling_args(p)
+    p.add_argument("--grid", type=Path, help="PNG: first rows style model, then text model")
+    return bench_main(p, argv, run_benchmark, print_report, save_grid)
 
 
 if __name__ == "__main__":
