@@ -454,9 +454,20 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(public_dict(cfg), sort_keys=False)
 
 
+# Fields added with a default that changes what a saved run meant: a config saved before the field existed gets
+# the value its run actually used, not today's default (else its checkpoint no longer loads).
+ADDED_FIELDS_OLD_VALUES: dict[tuple[str, str], Any] = {
+    ("style", "colour_stats"): False,  # the style encoder's colour-statistics input (new default: on)
+}
+
+
 def config_from_yaml_text(text: str) -> Config:
     """Rebuild a saved config (no validation of paths: a checkpoint may have moved machines)."""
-    return _from_dict(Config, yaml.safe_load(text) or {})
+    raw = yaml.safe_load(text) or {}
+    for (section, key), old in ADDED_FIELDS_OLD_VALUES.items():
+        if isinstance(raw.get(section), dict) and key not in raw[section]:
+            raw[section][key] = old
+    return _from_dict(Config, raw)
 
 
 # ---------------------------------------------------------------- validation
