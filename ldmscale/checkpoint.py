@@ -81,6 +81,9 @@ def find_tag_dir(path: Path) -> Path:
         path = path / tag
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint; give a run dir, its checkpoints/ or a step_* folder")
+    if not is_complete(path) and not any(path.glob("*model_states.pt")) and not (path / "trainer_state.json").exists():
+        raise CheckpointError(f"{path} is not a checkpoint (no DeepSpeed files, no trainer_state.json); give a run "
+                              f"dir, its checkpoints/ or a step_* folder")
     if not is_complete(path):
         raise CheckpointError(
             f"{path} is a partial checkpoint (no COMPLETE marker: its save was interrupted); use an earlier step"

@@ -128,3 +128,11 @@ def test_universal_conversion_is_made_once_loads_and_is_pruned(engine: object, t
     _train_step(engine)
     ck.save(engine, 2, {"step": 2}, None, "")
     assert not tag_dir.exists() and not universal_dir(tag_dir).exists()  # pruned with its checkpoint
+
+
+def test_a_folder_that_is_no_checkpoint_is_named_so(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path / "no" / "such"))
