@@ -152,6 +152,21 @@ def prepare_universal(tag_dir: Path) -> float:
     return seconds
 
 
+def prepare_elastic(tag_dir: Path | None, world: int, zero_stage: int) -> tuple[bool, str]:
+    """Collective. Resuming tag_dir on `world` ranks: (load its universal conversion?, the line to print).
+    ZeRO 1-3 partition the optimizer by rank, so another world size needs DeepSpeed's universal checkpoint;
+    ZeRO-0 keeps everything whole in rank 0's file and loads as it is."""
+    if tag_dir is None:
+        return False, ""
+    saved = int(read_trainer_state(tag_dir).get("world_size", world))
+    if saved == world:
+        return False, ""
+    if zero_stage == 0:
+        return False, f"resuming a {saved}-rank checkpoint on {world} ranks (ZeRO-0: no conversion needed)"
+    seconds = prepare_universal(tag_dir)
+    return True, f"resuming a {saved}-rank checkpoint on {world} ranks: converting ({seconds:.1f} s)"
+
+
 class CheckpointStore:
     """The files of checkpoints under one root: an atomic, all-rank save, a checked load, keep-last-K."""
 
@@ -247,23 +262,26 @@ class Checkpointer:
         self.train_state, self.config_yaml, self.world_size = train_state, config_yaml, world_size
         self.saved_step = -1
 
-    def restore(self, tag_dir: Path) -> None:
-        state = self.store.load(self.engine, tag_dir)
+    def restore(self, tag_dir: Path, universal: bool = False) -> str:
+        """Everything from tag_dir (its universal conversion for the engine when `universal`); every rank takes
+        its own data position, or a share of all of them on another world size. Returns the data's resume note."""
+        state = self.store.load(self.engine, tag_dir, universal=universal)
         self.train_state.load_state_dict(state)
         if self.ema is not None:
             self.ema.load_state_dict(load_ema(tag_dir))  # every rank takes its share
-        if state.get("data"):
-            self.loader.load_state_dict(state["data"])
+        saved_world = int(state.get("world_size", self.world_size))
+        note = self.loader.load_state_dict([r["data"] for r in read_rank_states(tag_dir, saved_world)])
         self.saved_step = self.train_state.step  # that step is on disk already
+        return note
 
     def maybe_save(self, step: int, force: bool = False) -> Path | None:
         """Save at every `every`-th step, or now with force (preemption, the end); never the same step twice."""
         if step == self.saved_step or not (force or step % self.every == 0):
             return None
-        state = {**self.train_state.state_dict(), "data": self.loader.state_dict(), "world_size": self.world_size,
-                 "time": time.time()}
+        state = {**self.train_state.state_dict(), "world_size": self.world_size, "time": time.time()}
         ema = self.ema.state_dict() if self.ema is not None else None  # collective: full on rank 0
-        tag_dir = self.store.save(self.engine, step, state, ema, self.config_yaml)
+        tag_dir = self.store.save(self.engine, step, state, ema, self.config_yaml,
+                                  rank_state={"data": self.loader.state_dict()})
         self.saved_step = step
         return tag_dir
 

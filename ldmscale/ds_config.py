@@ -58,8 +58,9 @@ def build_ds_config(cfg: Config, world: int) -> dict[str, Any]:
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": t.max_steps,
-                "warmup_num_steps": o.warmup_steps,
-                "warmup_min_ratio": 0.0,
+                # 0 = no warm-up: WarmupCosineLR refuses 0 steps, and one step that starts at the full LR is none
+                "warmup_num_steps": max(1, o.warmup_steps),
+                "warmup_min_ratio": 0.0 if o.warmup_steps else 1.0,
                 "cos_min_ratio": o.min_lr_ratio,
                 "warmup_type": "linear",
             },

@@ -125,9 +125,8 @@ def test_faults_are_skipped_and_counted(tmp_path: Path) -> None:
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     shards = [str(p) for p in sorted(bad_dir.glob("*.tar"))] + [str(bad_dir / "00099.tar")]  # the last is missing
-    dc = DataConfig(shards=shards, resolution=16, num_workers=1, shuffle_buffer=4)
-    loader = ResumableLoader(dc, None, seed=0, rank=0, world=1, micro_batch=4, samples_per_epoch=60,
-                             max_failed_shards=1.0)
+    dc = DataConfig(shards=shards, resolution=16, num_workers=1, shuffle_buffer=4, max_failed_shards=1.0)
+    loader = ResumableLoader(dc, None, seed=0, rank=0, world=1, micro_batch=4, samples_per_epoch=60)
     keys = [k for _ in range(loader.batches_per_epoch) for k in next(loader)["keys"]]
     dropped = loader.dropped_counts()
     assert len(keys) == 60

@@ -73,7 +73,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def _loader(urls: list[str], rank: int = 0, world: int = 1, workers: int = 1, **kw: Any) -> ResumableLoader:
     """in_process: no DataLoader workers (one role), so the openers' counters and faults live in this process."""
     dc = DataConfig(shards=urls, resolution=16, num_workers=0 if kw.pop("in_process", False) else workers,
-                    shuffle_buffer=8)
+                    shuffle_buffer=8, max_failed_shards=kw.pop("max_failed_shards", 0.1))
     return ResumableLoader(dc, None, seed=5, rank=rank, world=world, micro_batch=4, samples_per_epoch=160,
                            global_batch=kw.pop("global_batch", 16), urls=urls, **kw)
 
@@ -162,9 +162,8 @@ def test_malformed_json_and_oversized_members_are_counted_not_fatal(tmp_path: Pa
     }
     _member_tar(tmp_path / "00000.tar", samples)
     dc = DataConfig(shards=[str(tmp_path / "00000.tar")], resolution=16, num_workers=0, shuffle_buffer=6,
-                    filters=FilterConfig(min_width=32))
-    loader = ResumableLoader(dc, None, seed=0, rank=0, world=1, micro_batch=3, samples_per_epoch=6,
-                             max_member_bytes=10_000)
+                    filters=FilterConfig(min_width=32), max_member_bytes=10_000)
+    loader = ResumableLoader(dc, None, seed=0, rank=0, world=1, micro_batch=3, samples_per_epoch=6)
     keys = {k for _ in range(loader.batches_per_epoch) for k in next(loader)["keys"]}
     assert keys == {f"{i:09d}" for i in range(6)}
     assert loader.dropped_counts() == {"bad_json": 2, "too_large": 1}

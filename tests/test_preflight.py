@@ -38,24 +38,29 @@ def test_the_epoch_is_sized_by_the_samples_that_pass_the_filters(shards: Path) -
 
 @pytest.mark.unit
 def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
-    calls: list[int] = []
+    from botocore.exceptions import ClientError
 
-    def flaky() -> str:
+    calls: list[int] = []
+    slow_down = ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+                             "ResponseMetadata": {"HTTPStatusCode": 503}}, "HeadObject")
+
+    def throttled() -> str:
         calls.append(1)
         if len(calls) < 3:
-            raise ConnectionResetError("slow down")
+            raise OSError("HEAD failed") from slow_down  # as s3fs wraps botocore's error
         return "ok"
 
-    assert preflight.with_retries(flaky, "x", base_delay=0.01) == "ok" and len(calls) == 3
-    calls.clear()
+    assert preflight.with_retries(throttled, "x", base_delay=0.01) == "ok" and len(calls) == 3
+    for permanent in (FileNotFoundError("no such shard"), ConnectionRefusedError("wrong endpoint")):
+        calls.clear()
 
-    def missing() -> None:
-        calls.append(1)
-        raise FileNotFoundError("no such shard")
+        def fails(e: Exception = permanent) -> None:
+            calls.append(1)
+            raise e
 
-    with pytest.raises(FileNotFoundError):
-        preflight.with_retries(missing, "x", base_delay=0.01)
-    assert len(calls) == 1
+        with pytest.raises(type(permanent)):
+            preflight.with_retries(fails, "x", base_delay=0.01)
+        assert len(calls) == 1
 
 
 def _rank(rank: int, port: int, cfg: DataConfig, out: str) -> None:

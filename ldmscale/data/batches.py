@@ -72,15 +72,12 @@ class EpochBatches(torch.utils.data.IterableDataset):
         first_batch: int,
         style: StyleConfig | None = None,
         decoder: SampleDecoder | None = None,
-        max_failed_shards: float = 0.1,
-        max_member_bytes: int = 0,
     ) -> None:
         super().__init__()
         self.cfg, self.urls, self.tokenizer, self.style = cfg, urls, tokenizer, style
         self.seed, self.epoch, self.micro_batch = seed, epoch, micro_batch
         self.roles, self.first_batch = roles, first_batch
         self.decoder = decoder or ImageDecoder(cfg, seed, style)
-        self.limits = {"max_failed_shards": max_failed_shards, "max_member_bytes": max_member_bytes}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # spawned workers (the GPU default) start without the parent's registered openers and options
@@ -92,7 +89,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
         while state["segments"]:
             seg = state["segments"][0]
             stream = SourceStream(self.cfg, self.urls, seed=self.seed, epoch=self.epoch, src=seg["src"],
-                                  cursor=seg["cursor"], style=self.style, **self.limits)  # type: ignore[arg-type]
+                                  cursor=seg["cursor"], style=self.style)
             samples = iter(stream)
             for _ in range(seg["skip"]):  # a re-split piece starting inside a stream: drop what others give
                 self._collate(samples, Counter())

@@ -13,11 +13,17 @@ from ldmscale.config import DataConfig, StyleConfig
 from ldmscale.data import storage
 from ldmscale.data.batches import EpochBatches, SampleDecoder
 from ldmscale.data.position import DataPosition, fresh_roles, resplit
-from ldmscale.data.shardlist import expand_shard_urls
+from ldmscale.data.shardlist import check_split, expand_shard_urls
 from ldmscale.data.stream import resume_cost, source_shards
 from ldmscale.data.workers import loader_options, preemption_signals_blocked
 
 log = logging.getLogger(__name__)
+# every reason a sample or shard is dropped, in a fixed order: ranks sum their counts in one all-reduce
+DROP_REASONS = (
+    "no_image", "no_caption", "caption_short", "caption_long", "no_json", "no_size", "too_narrow", "too_short",
+    "aspect", "similarity", "nsfw", "watermark", "unsafe", "bad_json", "too_large", "decode_error", "shard_retry",
+    "shard_error", "style_self_ref", "other",
+)
 
 
 class ResumableLoader:
@@ -42,20 +48,13 @@ class ResumableLoader:
         position: DataPosition | None = None,
         style: StyleConfig | None = None,
         decoder: SampleDecoder | None = None,
-        max_failed_shards: float = 0.1,
-        max_member_bytes: int = 0,
     ) -> None:
         storage.register_gopen_schemes(cfg.storage_options)
         self.cfg, self.tokenizer, self.style, self.decoder = cfg, tokenizer, style, decoder
         self.seed, self.rank, self.world, self.micro_batch = seed, rank, world, micro_batch
-        self.limits = {"max_failed_shards": max_failed_shards, "max_member_bytes": max_member_bytes}
         self.urls = urls if urls is not None else expand_shard_urls(cfg.shards, cfg.storage_options)
         self.workers = max(1, cfg.num_workers)
-        if len(self.urls) < world * self.workers:
-            raise ValueError(
-                f"{len(self.urls)} shards cannot feed {world} ranks x {self.workers} loader workers: every worker "
-                f"needs at least one shard; lower data.num_workers or split the data into more shards"
-            )
+        check_split(len(self.urls), world, self.workers)
         gb = global_batch or micro_batch * world
         self.batches_per_epoch = max(1, samples_per_epoch // gb) * max(1, gb // (micro_batch * world))
         self.position = position if position is not None else self._fresh(0)
@@ -71,7 +70,7 @@ class ResumableLoader:
         ds = EpochBatches(
             self.cfg, self.urls, self.tokenizer, seed=self.seed, epoch=self.position.epoch,
             micro_batch=self.micro_batch, roles=self.position.roles, first_batch=self.position.batches,
-            style=self.style, decoder=self.decoder, **self.limits,  # type: ignore[arg-type]
+            style=self.style, decoder=self.decoder,
         )
         if self.cfg.num_workers == 0:
             return iter(ds)
@@ -109,6 +108,12 @@ class ResumableLoader:
         for counts in self.dropped.values():
             total.update(counts)
         return dict(total)
+
+    def dropped_vector(self) -> list[float]:
+        """dropped_counts() in DROP_REASONS order (unknown reasons under "other"), for summing over ranks."""
+        counts = self.dropped_counts()
+        other = sum(v for k, v in counts.items() if k not in DROP_REASONS)
+        return [float(counts.get(r, 0)) for r in DROP_REASONS[:-1]] + [float(other)]
 
     # ------------------------------------------------------------ resume
 

@@ -22,7 +22,7 @@ from webdataset.tariterators import group_by_keys
 from ldmscale.config import DataConfig
 from ldmscale.data import storage
 from ldmscale.data.shardlist import check_shards_reachable, expand_shard_urls
-from ldmscale.data.storage import StorageError, is_transient, storage_options_for
+from ldmscale.data.storage import StorageError, is_throttling, storage_options_for
 from ldmscale.data.stream import sample_reason, tar_members
 
 log = logging.getLogger(__name__)
@@ -39,20 +39,25 @@ class DataPlan:
     pass_rate: float  # share of raw samples that pass data.filters, from sampled shards
     samples_per_epoch: int  # what an epoch is sized by: samples that pass the filters
     sampled: int  # raw samples the pass rate was measured on
+    given: bool = False  # the epoch size came from data.samples_per_epoch
 
     def summary(self) -> str:
-        return (f"data: {len(self.urls):,} shards, {self.in_shards:,} samples in the shards, ~{self.pass_rate:.1%} "
-                f"pass data.filters (of {self.sampled:,} sampled): epoch = {self.samples_per_epoch:,} samples")
+        rate = f"~{self.pass_rate:.1%} pass data.filters (of {self.sampled:,} sampled)"
+        if self.given:
+            return f"data: {len(self.urls):,} shards, {rate}: epoch = {self.samples_per_epoch:,} (data.samples_per_epoch)"
+        return (f"data: {len(self.urls):,} shards, {self.in_shards:,} samples in the shards, {rate}: "
+                f"epoch = {self.samples_per_epoch:,} samples")
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 1.0) -> T:
-    """fn(), retried with jittered backoff while it fails with a transient storage error (throttling, resets)."""
+    """fn(), retried with jittered backoff while the store answers that it is busy (throttling, 5xx, resets).
+    Anything else (a refused connection, access denied, a missing shard) is a setting to fix: raised at once."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:
             transient = getattr(exc, "transient", None)
-            if attempt == attempts - 1 or not (transient if transient is not None else is_transient(exc)):
+            if attempt == attempts - 1 or not (transient if transient is not None else is_throttling(exc)):
                 raise
             delay = base_delay * 2**attempt * random.uniform(0.5, 1.0)
             log.warning("%s: transient %s (%s); retry %d/%d in %.1fs", what, type(exc).__name__,
@@ -117,28 +122,32 @@ def count_samples(cfg: DataConfig, urls: list[str] | None = None) -> int:
     return sum(_successes(u, cfg) for u in picked) * len(urls) // len(picked)
 
 
-def plan_data(cfg: DataConfig) -> DataPlan:
-    """The whole data plan, with retries. Raises StorageError naming what failed and how to fix it."""
+def plan_data(cfg: DataConfig, check_val: bool = False) -> DataPlan:
+    """The whole data plan, with retries. Raises StorageError naming what failed and how to fix it.
+    check_val: data.val_shards must answer too (train.eval_every reads them at start-up)."""
     try:
         urls = with_retries(lambda: expand_shard_urls(cfg.shards, cfg.storage_options), "listing data.shards")
         with_retries(lambda: check_shards_reachable(urls, cfg.storage_options), storage.scrub(urls[0]))
+        if check_val:
+            val = with_retries(lambda: expand_shard_urls(cfg.val_shards, cfg.storage_options), "data.val_shards")
+            with_retries(lambda: check_shards_reachable(val, cfg.storage_options), storage.scrub(val[0]))
         rate, sampled = estimate_pass_rate(cfg, urls)
         in_shards = count_samples(cfg, urls)
     except ValueError as e:
         raise StorageError(str(e)) from None
     if cfg.samples_per_epoch:  # given by the user: already the epoch's size
-        return DataPlan(urls, in_shards, rate, in_shards, sampled)
+        return DataPlan(urls, in_shards, rate, in_shards, sampled, given=True)
     return DataPlan(urls, in_shards, rate, max(1, round(in_shards * rate)), sampled)
 
 
-def shared_plan(cfg: DataConfig) -> DataPlan:
+def shared_plan(cfg: DataConfig, check_val: bool = False) -> DataPlan:
     """Collective when a process group is up: rank 0 plans, every rank gets the plan (or its error)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return plan_data(cfg)
+        return plan_data(cfg, check_val)
     box: list[Any] = [None]
     if torch.distributed.get_rank() == 0:
         try:
-            box[0] = plan_data(cfg)
+            box[0] = plan_data(cfg, check_val)
         except StorageError as e:
             box[0] = str(e)
     torch.distributed.broadcast_object_list(box, src=0)

@@ -20,6 +20,7 @@ from ldmscale.data.storage import (
     S3_PROTOCOLS,
     StorageError,
     exception_chain,
+    is_throttling,
     is_transient,
     protocol_of,
     scrub,
@@ -79,6 +80,29 @@ def expand_shard_urls(spec: str | list[str], storage_options: dict | None = None
     return urls
 
 
+def expand_without_listing(spec: str | list[str]) -> list[str] | None:
+    """The shard URLs when no object store must be asked (local paths, brace patterns), else None: lets
+    every rank check the split before any process group without a request to the store."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not all(is_local(s) or ("{" in s and not s.endswith("/")) for s in specs):
+        return None
+    try:
+        return expand_shard_urls(specs)
+    except ValueError:
+        return None  # nothing found: the preflight says so with its own message
+
+
+def check_split(n_urls: int, world: int, workers: int) -> None:
+    """Every loader worker of every rank needs a shard of its own."""
+    workers = max(1, workers)
+    if n_urls < world * workers:
+        raise ValueError(
+            f"{n_urls} shards cannot feed {world} ranks x {workers} loader workers (data.num_workers): every worker "
+            f"needs a shard of its own; set data.num_workers <= {max(1, n_urls // world)} or split the data into "
+            f"more shards"
+        )
+
+
 # ---------------------------------------------------------------- startup check
 
 
@@ -123,7 +147,7 @@ def check_shards_reachable(urls: list[str], storage_options: dict | None) -> Non
         detail = scrub(f"{type(e).__name__}: {e}", storage_options)[:300]
         hint = _fix_hint(url, e, endpoint)
         err = StorageError(f"{scrub(url)}: {hint} ({detail})")
-        err.transient = is_transient(e)  # the preflight retries these (a throttling reply, a reset)
+        err.transient = is_throttling(e)  # the preflight retries these (a busy store), not a wrong setting
         raise err from None
     if info.get("type") == "directory":
         raise StorageError(f"{scrub(url)}: is a prefix, not a shard — end it with '/' to list its .tar files")

@@ -158,6 +158,22 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+_BUSY_STATUS = {429, 500, 502, 503, 504}
+
+
+def is_throttling(exc: BaseException) -> bool:
+    """A busy store's answer (503 SlowDown, 429, 5xx, a read timeout, a reset connection): worth retrying
+    at start-up, unlike a refused connection or a wrong setting, which must fail in seconds."""
+    for e in exception_chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:  # botocore ClientError
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return status in _BUSY_STATUS or response["Error"].get("Code") in _TRANSIENT_CODES
+        if isinstance(e, ConnectionResetError) or any(c.__name__ == "ReadTimeoutError" for c in type(e).__mro__):
+            return True
+    return False
+
+
 # ---------------------------------------------------------------- reading with retry and resume
 
 

@@ -62,7 +62,7 @@ def resume_cost(cursor: dict[str, Any] | None, split_size: int) -> dict[str, int
     queue = start["queue"]
     skipped_raw = queue[0][1] if queue else 0
     done = max(0, start["cycle"]) * split_size + (split_size - len(queue) if start["cycle"] >= 0 else 0)
-    return {"shards_skipped": max(0, done), "shards_reopened": int(bool(queue) and bool(skipped_raw or taken)),
+    return {"shards_skipped": max(0, done), "shards_reopened": int(bool(skipped_raw or taken)),
             "samples_replayed": skipped_raw + taken}
 
 
@@ -107,12 +107,10 @@ class SourceStream:
         src: Source,
         cursor: dict[str, Any] | None = None,
         style: StyleConfig | None = None,
-        max_failed_shards: float = 0.1,
-        max_member_bytes: int = 0,
     ) -> None:
         self.cfg, self.urls, self.seed, self.epoch, self.src = cfg, urls, seed, epoch, tuple(src)
         self.style = style if style is not None and style.enabled and style.reference == "metadata" else None
-        self.max_failed_shards, self.max_member_bytes = max_failed_shards, max_member_bytes
+        self.max_failed_shards, self.max_member_bytes = cfg.max_failed_shards, cfg.max_member_bytes
         cursor = copy.deepcopy(cursor) if cursor else {}
         start = cursor.get("start") or {"cycle": -1, "queue": [], "failures": {}, "counts": {}, "kept": 0, "block": 0}
         self._state = start  # mutated as the stream advances; its copy at a block's start is the cursor
