@@ -44,7 +44,8 @@ class DataPlan:
     def summary(self) -> str:
         rate = f"~{self.pass_rate:.1%} pass data.filters (of {self.sampled:,} sampled)"
         if self.given:
-            return f"data: {len(self.urls):,} shards, {rate}: epoch = {self.samples_per_epoch:,} (data.samples_per_epoch)"
+            return (f"data: {len(self.urls):,} shards, {rate}: "
+                    f"epoch = {self.samples_per_epoch:,} (data.samples_per_epoch)")
         return (f"data: {len(self.urls):,} shards, {self.in_shards:,} samples in the shards, {rate}: "
                 f"epoch = {self.samples_per_epoch:,} samples")
 
