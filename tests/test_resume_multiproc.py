@@ -5,7 +5,6 @@ interrupted epoch is seen exactly once."""
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import subprocess
 import sys
