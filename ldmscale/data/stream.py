@@ -205,7 +205,7 @@ class SourceStream:
             st["queue"].append([idx, entry[1]])  # later in the cycle, from where it broke: no repeat, no gap
             self._count("shard_retry", f"{url} failed at sample {entry[1]} ({exc!r}); retrying it later")
             return
-        self._count("shard_error", f"{url} failed {len(offsets)} times ({exc!r}); dropped for this epoch")
+        self._count("shard_error", f"{url} failed {len(offsets)} times ({exc!r}); dropped for this epoch", always=True)
         split = source_shards(len(self.urls), self.seed, self.epoch, self.src)
         dropped = sum(len(v) >= MAX_SHARD_ATTEMPTS for v in st["failures"].values())
         if dropped > self.max_failed_shards * len(split):
@@ -232,9 +232,9 @@ class SourceStream:
         seeded(self.seed, self.epoch, *self.src, st["cycle"]).shuffle(shards)
         st["queue"] = [[i, 0] for i in shards]
 
-    def _count(self, reason: str, message: str) -> None:
+    def _count(self, reason: str, message: str, always: bool = False) -> None:
         self.counts[reason] += 1
         now = time.monotonic()
-        if now - self._last_warning > 10.0:  # at most one warning per 10 s per worker
+        if always or now - self._last_warning > 10.0:  # else at most one warning per 10 s per worker
             self._last_warning = now
             log.warning("skipping bad data (%s, %d so far on this worker): %s", reason, self.counts[reason], message)
