@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from ldmscale.config import load_config
 from ldmscale.data import ResumableLoader, expand_shard_urls, source_shards
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
-from tests.test_multiproc import _keys, _steps, kill_tree
+from tests.test_multiproc import _keys, _steps, kill_after_step
 
 pytestmark = pytest.mark.multiproc
 TINY = REPO / "configs/tiny.yaml"
@@ -67,12 +66,7 @@ def test_faults_on_one_rank_resume_with_that_ranks_own_position(assets: Path, tm
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     ref = _launch(assets, reference, 2, extra)
     proc = _launch(assets, killed, 2, extra)  # the two runs share the two cores
-    deadline = time.time() + 400
-    while time.time() < deadline and not any(r["step"] >= 9 for r in _steps(killed)):
-        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        time.sleep(0.2)
-    kill_tree(proc.pid)
-    proc.wait()
+    kill_after_step(proc, killed, 9)
     _finish(ref, reference)
     text = _finish(_launch(assets, killed, 2, extra), killed)
     assert "rank 1 data resume:" in text and "rank 0 data resume:" in text

@@ -22,6 +22,7 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Comple
     return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, timeout=180, cwd=REPO)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", ["workers", "resume", "unet", "sample"])
 def test_start_up_mistakes_exit_2_with_one_line(assets: Path, tmp_path: Path, case: str) -> None:
     train = ["-m", "ldmscale.train", "--config", str(TINY), *tiny_overrides(assets, tmp_path / "run")]
@@ -46,7 +47,6 @@ def test_start_up_mistakes_exit_2_with_one_line(assets: Path, tmp_path: Path, ca
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
-@pytest.mark.unit
 def test_warmup_zero_means_no_warm_up(assets: Path, tmp_path: Path) -> None:
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
