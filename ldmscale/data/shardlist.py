@@ -93,10 +93,10 @@ def expand_without_listing(spec: str | list[str]) -> list[str] | None:
 
 
 def check_split(n_urls: int, world: int, workers: int) -> None:
-    """Every loader worker of every rank needs a shard of its own."""
+    """Every loader worker of every rank needs a shard of its own (a StorageError: the CLIs exit 2 on it)."""
     workers = max(1, workers)
     if n_urls < world * workers:
-        raise ValueError(
+        raise StorageError(
             f"{n_urls} shards cannot feed {world} ranks x {workers} loader workers (data.num_workers): every worker "
             f"needs a shard of its own; set data.num_workers <= {max(1, n_urls // world)} or split the data into "
             f"more shards"
