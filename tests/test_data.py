@@ -134,3 +134,17 @@ def test_faults_are_skipped_and_counted(tmp_path: Path) -> None:
     # the truncated and the non-tar shard: each retried once later in the epoch, then dropped for it
     assert dropped["shard_retry"] == dropped["shard_error"] == 2
     assert "000040000" not in keys
+
+
+def test_a_prefix_and_a_glob_list_only_tar_objects_as_full_urls() -> None:
+    """Object-store listing through fsspec (the memory filesystem stands in for s3:// here)."""
+    import fsspec
+
+    from ldmscale.data import expand_shard_urls
+
+    fs = fsspec.filesystem("memory")
+    for name in ("00001.tar", "00000.tar", "00000_stats.json", "00000.parquet"):
+        fs.pipe(f"/laion-prefix-test/{name}", b"x")
+    expected = ["memory:///laion-prefix-test/00000.tar", "memory:///laion-prefix-test/00001.tar"]
+    assert expand_shard_urls("memory:///laion-prefix-test/") == expected
+    assert expand_shard_urls("memory:///laion-prefix-test/*.tar") == expected
