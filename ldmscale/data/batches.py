@@ -21,14 +21,18 @@ from ldmscale.data import storage
 from ldmscale.data.decode import decode_image, stack_uint8
 from ldmscale.data.filters import IMAGE_EXTS
 from ldmscale.data.stream import SourceStream
+from ldmscale.latents.format import LATENT_EXT, collate_latents, decode_latent
 
 log = logging.getLogger(__name__)
 
 
 class SampleDecoder(Protocol):
-    """Raw sample (bytes by extension) -> the arrays of one training example; raises on bad data."""
+    """Raw sample (bytes by extension) -> the arrays of one training example (raises on bad data), and the
+    collation of a micro-batch's examples."""
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, np.ndarray]: ...
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]: ...
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]: ...
 
 
 class ImageDecoder:
@@ -46,6 +50,9 @@ class ImageDecoder:
             out["style_pixels"] = self._reference(sample, image)
         return out
 
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {name: stack_uint8([e[name] for e in examples]) for name in examples[0]}
+
     def _reference(self, sample: dict[str, Any], image: np.ndarray) -> np.ndarray:
         """The style reference of a sample: its metadata partner, else an augmented view of itself."""
         from ldmscale.style.refs import REF_BYTES, augment_view
@@ -54,6 +61,16 @@ class ImageDecoder:
         if REF_BYTES in sample:
             return decode_image(sample[REF_BYTES], self.cfg.resolution, self.cfg.center_crop)
         return augment_view(image, self.seed, sample["__key__"], self.style.crop_scale, self.style.shuffle_grid)
+
+
+class LatentDecoder:
+    """data.format=latents: the stored posterior moments (and text embeddings) of ldmscale-encode, no JPEG."""
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return decode_latent(sample[LATENT_EXT])
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate_latents(examples)
 
 
 class EpochBatches(torch.utils.data.IterableDataset):
@@ -77,7 +94,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
         self.cfg, self.urls, self.tokenizer, self.style = cfg, urls, tokenizer, style
         self.seed, self.epoch, self.micro_batch = seed, epoch, micro_batch
         self.roles, self.first_batch = roles, first_batch
-        self.decoder = decoder or ImageDecoder(cfg, seed, style)
+        self.decoder = decoder or (LatentDecoder() if cfg.format == "latents" else ImageDecoder(cfg, seed, style))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # spawned workers (the GPU default) start without the parent's registered openers and options
@@ -105,7 +122,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
                 yield batch
 
     def _collate(self, samples: Iterator[dict[str, Any]], counts: Counter[str]) -> dict[str, Any]:
-        examples: list[dict[str, np.ndarray]] = []
+        examples: list[dict[str, Any]] = []
         captions: list[str] = []
         keys: list[str] = []
         while len(examples) < self.micro_batch:
@@ -120,7 +137,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
                 continue
             captions.append(sample["txt"].decode("utf-8", "replace").strip())
             keys.append(sample["__key__"])
-        batch: dict[str, Any] = {name: stack_uint8([e[name] for e in examples]) for name in examples[0]}
+        batch: dict[str, Any] = self.decoder.collate(examples)
         batch.update(captions=captions, keys=keys)
         if self.tokenizer is not None:  # the autoencoder stage has no text
             from ldmscale.encoders import tokenize
