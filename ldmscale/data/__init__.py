@@ -19,10 +19,10 @@ from ldmscale.data.position import DataPosition, PositionError
 from ldmscale.data.preflight import DataPlan, count_samples, shared_plan
 from ldmscale.data.shardlist import check_shards_reachable, expand_shard_urls
 from ldmscale.data.storage import StorageError
-from ldmscale.data.stream import SourceStream, source_shards
+from ldmscale.data.stream import SourceStream, shards_for, source_shards
 
 __all__ = [
     "IMAGE_EXTS", "DataPlan", "DataPosition", "PositionError", "ResumableLoader", "SourceStream", "StorageError",
     "check_shards_reachable", "count_samples", "decode_image", "expand_shard_urls", "normalize_pixels",
-    "reject_reason", "shared_plan", "source_shards", "stack_uint8", "to_tensor",
+    "reject_reason", "shared_plan", "shards_for", "source_shards", "stack_uint8", "to_tensor",
 ]

@@ -53,6 +53,11 @@ def source_shards(n_urls: int, seed: int, epoch: int, src: Source) -> list[int]:
     return order[rank::world][role::workers]
 
 
+def shards_for(urls: list[str], seed: int, epoch: int, rank: int, world: int, role: int, workers: int) -> list[str]:
+    """The URLs of source (rank, world, role, workers) for an epoch, in its order (ldmscale-encode splits so)."""
+    return [urls[i] for i in source_shards(len(urls), seed, epoch, (rank, world, role, workers))]
+
+
 def resume_cost(cursor: dict[str, Any] | None, split_size: int) -> dict[str, int]:
     """What resuming a source from `cursor` costs, against replaying its epoch from the start: shards not
     read again, shards reopened (the current block's first one), raw samples read and thrown away."""
