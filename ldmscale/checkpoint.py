@@ -3,6 +3,9 @@
 Layout under <out_dir>/checkpoints:
   step_00001000/   DeepSpeed's files (model, optimizer and scheduler shards of every rank)
                    ema.safetensors, trainer_state.json, config.yaml, COMPLETE
+                   ranks/rank00000.json ...   each rank's own state (its data position), written by that rank:
+                   DeepSpeed's client_state is written by data-parallel rank 0 only under ZeRO 0-2
+  step_00001000_universal/   made once from step_00001000 (ds_to_universal) to resume on another world size
   latest           the tag of the newest COMPLETE checkpoint (the same file DeepSpeed's tools read)
 
 `latest` is replaced atomically, only after every rank finished writing and COMPLETE exists, so a
@@ -15,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +81,9 @@ def find_tag_dir(path: Path) -> Path:
         path = path / tag
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint; give a run dir, its checkpoints/ or a step_* folder")
+    if not is_complete(path) and not any(path.glob("*model_states.pt")) and not (path / "trainer_state.json").exists():
+        raise CheckpointError(f"{path} is not a checkpoint (no DeepSpeed files, no trainer_state.json); give a run "
+                              f"dir, its checkpoints/ or a step_* folder")
     if not is_complete(path):
         raise CheckpointError(
             f"{path} is a partial checkpoint (no COMPLETE marker: its save was interrupted); use an earlier step"
@@ -85,6 +93,78 @@ def find_tag_dir(path: Path) -> Path:
 
 def read_trainer_state(tag_dir: Path) -> dict[str, Any]:
     return json.loads((tag_dir / "trainer_state.json").read_text())
+
+
+def rank_state_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / "ranks" / f"rank{rank:05d}.json"
+
+
+def write_rank_state(tag_dir: Path, rank: int, state: dict[str, Any]) -> None:
+    """This rank's own state (e.g. its data position), atomically; every rank calls it for itself."""
+    path = rank_state_file(tag_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(state))
+
+
+def read_rank_states(tag_dir: Path, world: int) -> list[dict[str, Any]]:
+    """Every saved rank's own state, in rank order; a missing one is an error (a partial or foreign save)."""
+    missing = [r for r in range(world) if not rank_state_file(tag_dir, r).exists()]
+    if missing:
+        raise CheckpointError(f"{tag_dir} lacks the per-rank state of rank(s) {missing[:5]} of {world}: it was not "
+                              f"written by every rank; resume from an earlier step")
+    return [json.loads(rank_state_file(tag_dir, r).read_text()) for r in range(world)]
+
+
+# ---------------------------------------------------------------- another world size
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    return tag_dir.with_name(f"{tag_dir.name}_universal")
+
+
+def convert_to_universal(tag_dir: Path) -> float:
+    """DeepSpeed's universal checkpoint of tag_dir, beside it (once: a finished conversion is reused).
+    Returns the seconds it took (0 when reused). Run by one process; the others wait for it."""
+    out = universal_dir(tag_dir)
+    if is_complete(out):
+        return 0.0
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted conversion starts over
+    t0 = time.perf_counter()
+    # a subprocess: the converter starts worker pools, which must not fork a process holding a process group;
+    # --inject_missing_state: ZeRO-1/2 checkpoints lack the universal metadata it needs
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CheckpointError(f"ds_to_universal failed on {tag_dir} (exit {proc.returncode}): "
+                              f"{(proc.stdout + proc.stderr).strip()[-600:]}")
+    atomic_write_text(out / COMPLETE, "")
+    return time.perf_counter() - t0
+
+
+def prepare_universal(tag_dir: Path) -> float:
+    """Collective: rank 0 converts tag_dir to a universal checkpoint, the others wait. Returns its seconds."""
+    seconds = convert_to_universal(tag_dir) if dist.rank() == 0 else 0.0
+    dist.barrier()
+    if not is_complete(universal_dir(tag_dir)):
+        raise CheckpointError(f"{universal_dir(tag_dir)} is not complete after the conversion")
+    return seconds
+
+
+def prepare_elastic(tag_dir: Path | None, world: int, zero_stage: int) -> tuple[bool, str]:
+    """Collective. Resuming tag_dir on `world` ranks: (load its universal conversion?, the line to print).
+    ZeRO 1-3 partition the optimizer by rank, so another world size needs DeepSpeed's universal checkpoint;
+    ZeRO-0 keeps everything whole in rank 0's file and loads as it is."""
+    if tag_dir is None:
+        return False, ""
+    saved = int(read_trainer_state(tag_dir).get("world_size", world))
+    if saved == world:
+        return False, ""
+    if zero_stage == 0:
+        return False, f"resuming a {saved}-rank checkpoint on {world} ranks (ZeRO-0: no conversion needed)"
+    seconds = prepare_universal(tag_dir)
+    return True, f"resuming a {saved}-rank checkpoint on {world} ranks: converting ({seconds:.1f} s)"
 
 
 class CheckpointStore:
@@ -101,8 +181,9 @@ class CheckpointStore:
         trainer_state: dict[str, Any],
         ema_state: dict[str, torch.Tensor] | None,
         config_yaml: str,
+        rank_state: dict[str, Any] | None = None,
     ) -> Path:
-        """Collective: every rank must call it. Returns the tag folder."""
+        """Collective: every rank must call it, with its own `rank_state`. Returns the tag folder."""
         tag = tag_for(step)
         tag_dir = self.root / tag
         if dist.rank() == 0:
@@ -111,6 +192,8 @@ class CheckpointStore:
             (tag_dir / COMPLETE).unlink(missing_ok=True)
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
+        if rank_state is not None:
+            write_rank_state(tag_dir, dist.rank(), rank_state)
         if dist.rank() == 0:
             if ema_state is not None:
                 atomic_save_tensors(tag_dir / "ema.safetensors", ema_state)
@@ -124,14 +207,17 @@ class CheckpointStore:
         dist.barrier()
         return tag_dir
 
-    def load(self, engine: Any, tag_dir: Path, load_optimizer: bool = True) -> dict[str, Any]:
-        """Collective. Restores engine (weights, optimizer, LR schedule) and returns the trainer state."""
+    def load(self, engine: Any, tag_dir: Path, load_optimizer: bool = True, universal: bool = False) -> dict[str, Any]:
+        """Collective. Restores engine (weights, optimizer, LR schedule) and returns the trainer state.
+        universal: load the converted folder beside tag_dir (prepare_universal; the engine's DeepSpeed config
+        must say checkpoint.load_universal)."""
         if not any(tag_dir.glob("*model_states.pt")) or not (tag_dir / "trainer_state.json").exists():
             # DeepSpeed would fail with a bare AssertionError here
             raise CheckpointError(f"{tag_dir} lacks DeepSpeed's model states or trainer_state.json; it is not a "
                                   f"checkpoint this trainer wrote (or its files were deleted)")
         path, _ = engine.load_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=load_optimizer,
+            str(tag_dir.parent), tag=universal_dir(tag_dir).name if universal else tag_dir.name,
+            load_optimizer_states=load_optimizer,
             load_lr_scheduler_states=load_optimizer,
         )
         if path is None:  # DeepSpeed only warns; a silent fresh start would waste the run
@@ -147,6 +233,7 @@ class CheckpointStore:
         for t in tags:
             if t not in survivors and t < newest:
                 shutil.rmtree(self.root / t, ignore_errors=True)
+                shutil.rmtree(universal_dir(self.root / t), ignore_errors=True)
 
 
 @dataclass
@@ -175,23 +262,26 @@ class Checkpointer:
         self.train_state, self.config_yaml, self.world_size = train_state, config_yaml, world_size
         self.saved_step = -1
 
-    def restore(self, tag_dir: Path) -> None:
-        state = self.store.load(self.engine, tag_dir)
+    def restore(self, tag_dir: Path, universal: bool = False) -> str:
+        """Everything from tag_dir (its universal conversion for the engine when `universal`); every rank takes
+        its own data position, or a share of all of them on another world size. Returns the data's resume note."""
+        state = self.store.load(self.engine, tag_dir, universal=universal)
         self.train_state.load_state_dict(state)
         if self.ema is not None:
             self.ema.load_state_dict(load_ema(tag_dir))  # every rank takes its share
-        if state.get("data"):
-            self.loader.load_state_dict(state["data"])
+        saved_world = int(state.get("world_size", self.world_size))
+        note = self.loader.load_state_dict([r["data"] for r in read_rank_states(tag_dir, saved_world)])
         self.saved_step = self.train_state.step  # that step is on disk already
+        return note
 
     def maybe_save(self, step: int, force: bool = False) -> Path | None:
         """Save at every `every`-th step, or now with force (preemption, the end); never the same step twice."""
         if step == self.saved_step or not (force or step % self.every == 0):
             return None
-        state = {**self.train_state.state_dict(), "data": self.loader.state_dict(), "world_size": self.world_size,
-                 "time": time.time()}
+        state = {**self.train_state.state_dict(), "world_size": self.world_size, "time": time.time()}
         ema = self.ema.state_dict() if self.ema is not None else None  # collective: full on rank 0
-        tag_dir = self.store.save(self.engine, step, state, ema, self.config_yaml)
+        tag_dir = self.store.save(self.engine, step, state, ema, self.config_yaml,
+                                  rank_state={"data": self.loader.state_dict()})
         self.saved_step = step
         return tag_dir
 

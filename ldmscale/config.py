@@ -67,10 +67,13 @@ class DataConfig:
     random_flip: bool = False
     num_workers: int = 2  # DataLoader workers per rank (0 = decode in the training process)
     shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
-    samples_per_epoch: int = 0  # 0 = count from the shards' *_stats.json files
+    samples_per_epoch: int = 0  # 0 = the shards' *_stats.json `successes` x the filters' measured pass rate
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     # loader worker processes: auto = spawn on CUDA (fork after CUDA init is unsafe), fork on CPU (faster start)
     start_method: Literal["auto", "fork", "spawn"] = "auto"
+    # share of a worker's shards that may fail twice in an epoch (retried once, later) before the run stops
+    max_failed_shards: float = 0.1
+    max_member_bytes: int = 64 * 2**20  # tar members above this are skipped unread (`too_large`); 0 = no cap
     filters: FilterConfig = field(default_factory=FilterConfig)
 
     def check(self) -> None:
@@ -80,6 +83,8 @@ class DataConfig:
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _probability("data.caption_dropout", self.caption_dropout)
+        _probability("data.max_failed_shards", self.max_failed_shards)
+        _positive("data.max_member_bytes", self.max_member_bytes, allow_zero=True)
         if not self.shards:
             raise ConfigError(
                 "data.shards is empty; give shard URLs, e.g. data.shards='[s3://bucket/{00000..00099}.tar]'"
@@ -182,7 +187,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    warmup_steps: int = 500  # linear warm-up of the LR, then cosine (DeepSpeed's WarmupCosineLR)
+    warmup_steps: int = 500  # linear warm-up of the LR, then cosine (DeepSpeed's WarmupCosineLR); 0 = none
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
     # on CUDA, DeepSpeed's FusedAdam (multi-tensor kernel, JIT-built once per TORCH_EXTENSIONS_DIR); false or on
@@ -193,6 +198,7 @@ class OptimConfig:
         _positive("optim.lr", self.lr)
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
 
 
 @dataclass
@@ -522,6 +528,9 @@ def validate(cfg: Config, world_size: int | None = None, device_type: str | None
             f"train.micro_batch_size ({t.micro_batch_size}) = {per_step}; make it a multiple of {per_step}"
         )
     if m.unet not in UNET_PRESETS:
+        if "/" not in m.unet and not Path(os.path.expanduser(m.unet)).exists():  # hub ids are org/name
+            raise ConfigError(f"model.unet={m.unet!r} is no preset ({', '.join(UNET_PRESETS)}), folder or hub id "
+                              f"(org/name)")
         check_model_ref("model.unet", m.unet, need="config.json")
     if t.eval_every and t.stage != "diffusion":
         raise ConfigError("train.eval_every (a diffusion validation loss) is for train.stage=diffusion; set it to 0")

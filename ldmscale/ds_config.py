@@ -58,8 +58,11 @@ def build_ds_config(cfg: Config, world: int) -> dict[str, Any]:
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": t.max_steps,
-                "warmup_num_steps": o.warmup_steps,
-                "warmup_min_ratio": 0.0,
+                # 0 = no warm-up. WarmupCosineLR refuses 0 steps and sets LR 0 for the first one; started past
+                # iteration -1 it leaves the optimizer's LR for step 1, and a min ratio of 1 keeps it there
+                "warmup_num_steps": max(1, o.warmup_steps),
+                "warmup_min_ratio": 0.0 if o.warmup_steps else 1.0,
+                "last_batch_iteration": -1 if o.warmup_steps else 0,
                 "cos_min_ratio": o.min_lr_ratio,
                 "warmup_type": "linear",
             },

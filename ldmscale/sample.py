@@ -206,7 +206,8 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         m = load_trained(a.checkpoint, a.weights, a.device)
     except (CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"ldmscale-sample: {e}") from None
+        print(f"ldmscale-sample: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     res = m.cfg.data.resolution if m.cfg else None
     tokens, labels, style_scale = None, [q for q in prompts for _ in range(a.num_images)], 1.0
     if a.style_image:

@@ -19,9 +19,10 @@ import deepspeed
 import torch
 
 from ldmscale import dist, preemption
-from ldmscale.checkpoint import Checkpointer, TrainState, resolve_resume
-from ldmscale.config import Config, ConfigError, dump_config, load_config, validate
-from ldmscale.data import ResumableLoader, StorageError, check_shards_reachable, count_samples, expand_shard_urls
+from ldmscale.checkpoint import Checkpointer, CheckpointError, TrainState, prepare_elastic, resolve_resume
+from ldmscale.config import Config, ConfigError, dump_config, load_config, validate, world_size_from_env
+from ldmscale.data import ResumableLoader, StorageError, shared_plan
+from ldmscale.data.shardlist import check_split, expand_without_listing
 from ldmscale.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.ema import EMA, warmup_decay
 from ldmscale.eval.validation import build_validator
@@ -52,45 +53,51 @@ def absolutize_model_paths(cfg: Config) -> None:
             setattr(cfg.style, key, str(Path(ref).resolve()))
 
 
-def check_data(cfg: Config) -> int:
-    """Before any process group: an empty shard list, a wrong endpoint, bad credentials or uncountable shards
-    fail here, fast, on every rank alike. Returns the samples per epoch."""
-    try:
-        urls = expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
-        check_shards_reachable(urls, cfg.data.storage_options)
-        if cfg.train.eval_every:  # the validation shards too, before they are read at start-up
-            check_shards_reachable(expand_shard_urls(cfg.data.val_shards, cfg.data.storage_options),
-                                   cfg.data.storage_options)
+def check_data_early(cfg: Config, world: int) -> list[str] | None:
+    """Before any process group and without listing the store: too few shards for ranks x workers, and latent
+    shards made for another config (when the shard list is local or a brace pattern; a listed prefix is checked
+    once the plan is shared). Returns the URLs when known."""
+    urls = expand_without_listing(cfg.data.shards)
+    if urls is not None:
+        check_split(len(urls), world, cfg.data.num_workers)
         check_shard_format(cfg, urls)  # latent shards: their manifest must match this config (a ConfigError)
-        return count_samples(cfg.data, urls)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise StorageError(str(e)) from None
+    return urls
 
 
 def main(cfg: Config, resume: str = "auto") -> TrainResult:
-    # Check the data before any process group: a wrong endpoint or bad credentials fail in seconds, everywhere
-    samples_per_epoch = check_data(cfg)
+    # Check what needs neither a process group nor the store: the resume folder, the shard split
+    out = Path(cfg.train.out_dir)
+    tag_dir = resolve_resume(out / "checkpoints", resume)
+    early_urls = check_data_early(cfg, world_size_from_env())
 
     # Setup: process group, the checks that need the world size and device, the run folder
     info = dist.init_distributed()
     validate(cfg, world_size=info.world_size, device_type=info.device.type)
     absolutize_model_paths(cfg)
-    out = Path(cfg.train.out_dir)
     config_yaml = dump_config(cfg)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
-    tag_dir = resolve_resume(out / "checkpoints", resume)
+
+    # Plan the data once: rank 0 lists, checks and sizes it (with retries), every rank gets the plan or its error
+    plan = shared_plan(cfg.data, check_val=cfg.train.eval_every > 0)
+    check_split(len(plan.urls), info.world_size, cfg.data.num_workers)
+    if early_urls is None:  # a listed prefix: the latent manifest could only be checked now
+        check_shard_format(cfg, plan.urls)
+    dist.print0(plan.summary())
 
     # Create the stage (frozen encoders outside the engine, the module DeepSpeed trains), the engine and the EMA
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark  # fixed shapes: the fastest kernels, found once
     stage = build_stage(cfg, info.device, precision_dtype(cfg), fresh=tag_dir is None)
     trainable = [(n, p) for n, p in stage.module.named_parameters() if p.requires_grad]
+    # another world size: DeepSpeed's universal checkpoint, converted once by rank 0 beside the original
+    universal, elastic_note = prepare_elastic(tag_dir, info.world_size, cfg.deepspeed.zero_stage)
+    ds_config = build_ds_config(cfg, info.world_size)
+    if universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
-        model=stage.module, model_parameters=[p for _, p in trainable], config=build_ds_config(cfg, info.world_size)
+        model=stage.module, model_parameters=[p for _, p in trainable], config=ds_config
     )
     # each rank averages its own share of the optimizer's fp32 masters: no communication per step
     ema = EMA(trainable, cfg.train.ema_decay, engine.optimizer) if cfg.train.ema_decay > 0 else None
@@ -98,7 +105,8 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     # Setup data: every rank its own shards; every worker the same number of batches per epoch
     loader = ResumableLoader(
         cfg.data, stage.tokenizer, seed=cfg.train.seed, rank=info.rank, world=info.world_size,
-        micro_batch=cfg.train.micro_batch_size, samples_per_epoch=samples_per_epoch, style=cfg.style,
+        micro_batch=cfg.train.micro_batch_size, samples_per_epoch=plan.samples_per_epoch,
+        global_batch=cfg.train.global_batch_size, urls=plan.urls, style=cfg.style,
     )
 
     # Setup validation (train.eval_every): fixed held-out samples read once, each rank its share
@@ -111,8 +119,11 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
                         world_size=info.world_size)
     monitor = Monitor(cfg, out, info.is_main)
     if tag_dir is not None:
-        ckpt.restore(tag_dir)
+        note = "; ".join(filter(None, [elastic_note, ckpt.restore(tag_dir, universal=universal)]))
         monitor.event(f"resumed from {tag_dir} at step {state.step}")
+        monitor.event(note)  # rank 0's; every other rank prints its own data resume too
+        if not info.is_main:
+            print(note, flush=True)
     elif stage.init_note:
         monitor.event(f"style step 2: U-Net initialised from {stage.init_note}")
     gas = accumulation_steps(cfg, info.world_size)
@@ -219,11 +230,14 @@ def cli(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         main(cfg, args.resume)  # prints FINISHED step=N or PREEMPTED step=N
-    except StorageError as e:  # raised by the first check in main(), before any process group
+    except StorageError as e:  # the data plan or split: before the heavy set-up, the same on every rank
         print(f"ldmscale-train: data error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except ConfigError as e:  # a latent set made for another config, found by the same first check
+    except ConfigError as e:  # a latent set made for another config, found by the data checks
         print(f"ldmscale-train: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except CheckpointError as e:  # --resume names no checkpoint: before any process group
+        print(f"ldmscale-train: resume error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     dist.cleanup()
 

@@ -11,7 +11,17 @@ import pytest
 import torch
 
 from ldmscale import dist
-from ldmscale.checkpoint import CheckpointError, CheckpointStore, latest_tag, resolve_resume, tag_for
+from ldmscale.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    is_complete,
+    latest_tag,
+    prepare_universal,
+    read_rank_states,
+    resolve_resume,
+    tag_for,
+    universal_dir,
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +99,40 @@ def test_deepspeed_load_failure_is_not_silent(engine: object, tmp_path: Path) ->
     (bad / "COMPLETE").write_text("")
     with pytest.raises(CheckpointError, match="lacks DeepSpeed's model states"):
         CheckpointStore(tmp_path, 2).load(engine, bad)
+
+
+def test_each_rank_state_is_saved_by_its_rank_and_read_back(engine: object, tmp_path: Path) -> None:
+    ck = CheckpointStore(tmp_path, keep_last=2)
+    _train_step(engine)
+    tag_dir = ck.save(engine, 1, {"step": 1, "world_size": 1}, None, "", rank_state={"data": {"epoch": 3}})
+    assert read_rank_states(tag_dir, 1) == [{"data": {"epoch": 3}}]
+    with pytest.raises(CheckpointError, match=r"lacks the per-rank state of rank\(s\) \[1\] of 2"):
+        read_rank_states(tag_dir, 2)
+
+
+def test_universal_conversion_is_made_once_loads_and_is_pruned(engine: object, tmp_path: Path) -> None:
+    """ZeRO-2 -> ds_to_universal -> an engine configured with checkpoint.load_universal gets the same weights."""
+    ck = CheckpointStore(tmp_path, keep_last=1)
+    _train_step(engine)
+    tag_dir = ck.save(engine, 1, {"step": 1}, None, "")
+    saved = _weights(engine)
+    assert prepare_universal(tag_dir) > 0 and is_complete(universal_dir(tag_dir))
+    assert prepare_universal(tag_dir) == 0.0  # reused, not converted again
+    model = torch.nn.Linear(8, 8)
+    ds = {"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}},
+          "zero_optimization": {"stage": 2}, "checkpoint": {"load_universal": True}}
+    other, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+    assert not torch.equal(_weights(other), saved)
+    assert ck.load(other, tag_dir, universal=True) == {"step": 1}
+    assert torch.equal(_weights(other), saved)
+    _train_step(engine)
+    ck.save(engine, 2, {"step": 2}, None, "")
+    assert not tag_dir.exists() and not universal_dir(tag_dir).exists()  # pruned with its checkpoint
+
+
+def test_a_folder_that_is_no_checkpoint_is_named_so(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path / "no" / "such"))

@@ -115,6 +115,16 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def kill_after_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 400) -> None:
+    """SIGKILL the run (every rank and the launcher) once its log shows `step`: mid-run, no chance to save."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not any(r["step"] >= step for r in _steps(out)):
+        assert proc.poll() is None, (out.parent / f"{out.name}.log").read_text()[-3000:]
+        time.sleep(0.2)
+    kill_tree(proc.pid)
+    proc.wait()
+
+
 def test_resume_after_kill_reproduces_the_uninterrupted_run(runs: dict) -> None:
     ref, res = runs["reference"], runs["killed"]
     events = [json.loads(x).get("event", "") for x in (res / "log.jsonl").read_text().splitlines()]

@@ -3,6 +3,7 @@ out of DataLoader workers, resume across a radosgw restart, and the startup chec
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -85,19 +86,15 @@ def test_webdataset_reads_every_sample(shards, opts):
         _check_sample(s)
 
 
+def _register_in_worker(storage_options: dict, worker_id: int) -> None:
+    storage.register_gopen_schemes(storage_options)
+
+
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_two_workers(shards, opts, context):
-    if context == "fork":
-        # Fork workers inherit the registration; the pipeline stage is belt and braces.
-        ds = wds.DataPipeline(
-            wds.SimpleShardList(list(shards)), storage.RegisterSchemes(opts), wds.split_by_worker,
-            wds.tarfile_to_samples(),
-        )
-        init = None
-    else:
-        # Spawned workers start from a fresh interpreter: register through worker_init_fn.
-        ds = wds.WebDataset(list(shards), shardshuffle=False, empty_check=False)
-        init = storage.worker_init_fn(opts)
+    # Fork workers inherit the registration; spawned ones start from a fresh interpreter and register again.
+    ds = wds.WebDataset(list(shards), shardshuffle=False, empty_check=False)
+    init = None if context == "fork" else functools.partial(_register_in_worker, opts)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context=context,
                                          worker_init_fn=init)
     samples = list(loader)

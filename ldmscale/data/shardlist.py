@@ -8,20 +8,19 @@ end a 1,000-rank job in seconds with one line that says what to fix.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 
 import braceexpand
 import fsspec
 
-from ldmscale.config import DataConfig
 from ldmscale.data.storage import (
     LOCAL_PROTOCOLS,
     S3_FAST_CONFIG,
     S3_PROTOCOLS,
     StorageError,
     exception_chain,
+    is_throttling,
     is_transient,
     protocol_of,
     scrub,
@@ -81,6 +80,29 @@ def expand_shard_urls(spec: str | list[str], storage_options: dict | None = None
     return urls
 
 
+def expand_without_listing(spec: str | list[str]) -> list[str] | None:
+    """The shard URLs when no object store must be asked (local paths, brace patterns), else None: lets
+    every rank check the split before any process group without a request to the store."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not all(is_local(s) or ("{" in s and not s.endswith("/")) for s in specs):
+        return None
+    try:
+        return expand_shard_urls(specs)
+    except ValueError:
+        return None  # nothing found: the preflight says so with its own message
+
+
+def check_split(n_urls: int, world: int, workers: int) -> None:
+    """Every loader worker of every rank needs a shard of its own (a StorageError: the CLIs exit 2 on it)."""
+    workers = max(1, workers)
+    if n_urls < world * workers:
+        raise StorageError(
+            f"{n_urls} shards cannot feed {world} ranks x {workers} loader workers (data.num_workers): every worker "
+            f"needs a shard of its own; set data.num_workers <= {max(1, n_urls // world)} or split the data into "
+            f"more shards"
+        )
+
+
 # ---------------------------------------------------------------- startup check
 
 
@@ -124,37 +146,8 @@ def check_shards_reachable(urls: list[str], storage_options: dict | None) -> Non
     except Exception as e:
         detail = scrub(f"{type(e).__name__}: {e}", storage_options)[:300]
         hint = _fix_hint(url, e, endpoint)
-        raise StorageError(f"{scrub(url)}: {hint} ({detail})") from None
+        err = StorageError(f"{scrub(url)}: {hint} ({detail})")
+        err.transient = is_throttling(e)  # the preflight retries these (a busy store), not a wrong setting
+        raise err from None
     if info.get("type") == "directory":
         raise StorageError(f"{scrub(url)}: is a prefix, not a shard — end it with '/' to list its .tar files")
-
-
-# ---------------------------------------------------------------- epoch size
-
-
-STATS_SAMPLED = 16
-
-
-def count_samples(cfg: DataConfig, urls: list[str] | None = None) -> int:
-    """Samples per epoch: the config's, else from img2dataset's `successes` in NNNNN_stats.json.
-
-    With many shards only STATS_SAMPLED evenly spaced stats files are read and the mean is scaled up: every
-    rank computes this, and 41,455 reads per rank at start-up would be a storm. An epoch is only where the
-    shard order is reshuffled, so an estimate is enough, and every rank reads the same files (same result).
-    """
-    if cfg.samples_per_epoch:
-        return cfg.samples_per_epoch
-    urls = urls if urls is not None else expand_shard_urls(cfg.shards, cfg.storage_options)
-    n = len(urls)
-    picked = urls if n <= STATS_SAMPLED else [urls[i * n // STATS_SAMPLED] for i in range(STATS_SAMPLED)]
-    total = 0
-    for url in picked:
-        stats_url = url[: -len(".tar")] + "_stats.json"
-        try:
-            with fsspec.open(stats_url, "rt", **storage_options_for(stats_url, cfg.storage_options)) as f:
-                total += int(json.load(f)["successes"])
-        except (OSError, KeyError, ValueError) as exc:
-            raise ValueError(
-                f"cannot count samples: {stats_url} is missing or unreadable ({exc}); set data.samples_per_epoch"
-            ) from None
-    return total * len(urls) // len(picked)

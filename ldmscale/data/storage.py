@@ -11,7 +11,6 @@ reader and never reach the filesystem.
 from __future__ import annotations
 
 import errno
-import functools
 import io
 import json
 import logging
@@ -19,7 +18,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -65,6 +64,8 @@ _TRANSIENT_NAMES = {
 
 class StorageError(RuntimeError):
     """Object storage is misconfigured or unreachable; the message says what failed and how to fix it."""
+
+    transient: bool = False  # worth retrying (throttling, a reset connection), as opposed to a wrong setting
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,22 @@ def is_transient(exc: BaseException) -> bool:
         if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(e).__mro__):
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+_BUSY_STATUS = {429, 500, 502, 503, 504}
+
+
+def is_throttling(exc: BaseException) -> bool:
+    """A busy store's answer (503 SlowDown, 429, 5xx, a read timeout, a reset connection): worth retrying
+    at start-up, unlike a refused connection or a wrong setting, which must fail in seconds."""
+    for e in exception_chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:  # botocore ClientError
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return status in _BUSY_STATUS or response["Error"].get("Code") in _TRANSIENT_CODES
+        if isinstance(e, ConnectionResetError) or any(c.__name__ == "ReadTimeoutError" for c in type(e).__mro__):
             return True
     return False
 
@@ -284,33 +301,12 @@ class FsspecGopen:
 
 def register_gopen_schemes(storage_options: dict | None = None) -> None:
     """Route webdataset's s3://, gs://, gcs://, http(s):// and every other fsspec protocol through
-    fsspec with retry/resume. Fork workers inherit this; for spawn workers see RegisterSchemes and
-    worker_init_fn (or set LDMSCALE_STORAGE_OPTIONS, which is read when this module is imported)."""
+    fsspec with retry/resume. Fork workers inherit this; spawn workers call it themselves (the loader's
+    dataset does, in __iter__), or set LDMSCALE_STORAGE_OPTIONS, which is read when this module is imported."""
     opener = FsspecGopen(storage_options)
     protocols = set(fsspec.available_protocols()) | {"s3", "s3a", "gs", "gcs", "http", "https"}
     for proto in protocols - set(LOCAL_PROTOCOLS):
         gopen_schemes[proto] = opener
-
-
-class RegisterSchemes:
-    """Pipeline stage that registers the openers in whichever process iterates it (fork or spawn
-    DataLoader worker), then passes samples through. Put it before the tar-opening stage."""
-
-    def __init__(self, storage_options: dict | None = None):
-        self.storage_options = dict(storage_options or {})
-
-    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
-        register_gopen_schemes(self.storage_options)
-        yield from src
-
-
-def _register_in_worker(storage_options: dict | None, worker_id: int) -> None:
-    register_gopen_schemes(storage_options)
-
-
-def worker_init_fn(storage_options: dict | None) -> Callable[[int], None]:
-    """A picklable DataLoader worker_init_fn that registers the openers with these options."""
-    return functools.partial(_register_in_worker, dict(storage_options or {}))
 
 
 def _options_from_env() -> dict:
