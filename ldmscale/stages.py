@@ -20,7 +20,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from ldmscale import dist, noise
 from ldmscale.autoencoder import AutoencoderObjective, measure_scaling_factor, save_vae
 from ldmscale.config import Config
-from ldmscale.data import ResumableLoader, count_samples, normalize_pixels
+from ldmscale.data import ResumableLoader, normalize_pixels
 from ldmscale.ema import EMA, gathered
 from ldmscale.encoders import FrozenEncoders, load_vae, tokenize
 from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
@@ -71,7 +71,8 @@ class Stage:
     def periodic(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
         """Once in a while during training (every train.sample_every steps)."""
 
-    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int,
+               loader: ResumableLoader) -> None:
         """After the last step."""
 
     def trained_weights(self, engine: Any, ema: EMA | None) -> dict[str, torch.Tensor]:
@@ -163,7 +164,8 @@ class DiffusionStage(Stage):
         if self.cfg.train.sample_every and step % self.cfg.train.sample_every == 0:
             self.sample_grid(engine, ema, monitor, out, step)
 
-    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int,
+               loader: ResumableLoader) -> None:
         every = self.cfg.train.sample_every
         if not (every and step % every == 0):  # else periodic() drew this step's grid already
             self.sample_grid(engine, ema, monitor, out, step)
@@ -206,7 +208,8 @@ class AutoencoderStage(Stage):
         post = noise.randn(self.cfg.train.seed, ids, self.latent_shape, noise.Stream.POSTERIOR)
         return engine(pixels, post.to(self.device))
 
-    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int,
+               loader: ResumableLoader) -> None:
         """Export the trained VAE as a diffusers folder with its measured latent scaling factor."""
         weights = self.trained_weights(engine, ema)
         if dist.rank() == 0:
@@ -214,8 +217,10 @@ class AutoencoderStage(Stage):
             vae = type(self.trained).from_config(self.trained.config)
             vae.load_state_dict(weights, strict=True)
             vae.eval()
+            # the training run's shard list and epoch size (no second listing of the store), read as one rank
             probe = ResumableLoader(cfg.data, None, seed=cfg.train.seed + 1, rank=0, world=1,
-                                    micro_batch=cfg.train.micro_batch_size, samples_per_epoch=count_samples(cfg.data))
+                                    micro_batch=cfg.train.micro_batch_size, samples_per_epoch=loader.samples_per_epoch,
+                                    urls=loader.urls)
             batches = (normalize_pixels(next(probe)["pixels"]) for _ in range(10**9))
             factor = measure_scaling_factor(vae, batches, cfg.autoencoder.scaling_samples)
             save_vae(vae, weights, factor, out / "vae")

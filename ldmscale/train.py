@@ -193,7 +193,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     if status == "finished":
         if ckpt.maybe_save(state.step, force=True):
             monitor.event(f"saved checkpoint step {state.step}")
-        stage.finish(engine, ema, monitor, out, state.step)
+        stage.finish(engine, ema, monitor, out, state.step, loader)
         monitor.event(f"FINISHED step={state.step}")
     if keys_log is not None:
         keys_log.close()

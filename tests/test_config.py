@@ -89,3 +89,15 @@ def test_saved_config_masks_storage_credentials(assets: Path, tmp_path: Path) ->
     assert "hunter2" not in text and "AKIAEXAMPLE" not in text
     assert "http://127.0.0.1:7480" in text
     assert cfg.data.storage_options["secret"] == "hunter2"  # the live config keeps what the loader needs
+
+
+def test_saved_config_without_a_newer_field_keeps_the_value_its_run_used() -> None:
+    """A style run saved before style.colour_stats existed trained without it: loading its config must not turn it
+    on (the encoder's weights would no longer fit), while a config that names the field keeps its value."""
+    from ldmscale.config import config_from_yaml_text, dump_config
+
+    old = "style:\n  enabled: true\n  num_tokens: 4\n"
+    assert config_from_yaml_text(old).style.colour_stats is False
+    fresh = load_config(None, ["data.shards=[x.tar]", "train.stage=autoencoder", "style.enabled=true"])
+    assert fresh.style.colour_stats is True
+    assert config_from_yaml_text(dump_config(fresh)).style.colour_stats is True

@@ -56,6 +56,7 @@ class ResumableLoader:
         self.workers = max(1, cfg.num_workers)
         check_split(len(self.urls), world, self.workers)
         gb = global_batch or micro_batch * world
+        self.samples_per_epoch = samples_per_epoch
         self.batches_per_epoch = max(1, samples_per_epoch // gb) * max(1, gb // (micro_batch * world))
         self.position = position if position is not None else self._fresh(0)
         self.dropped: dict[int, dict[str, int]] = {}
