@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ldmscale.config import load_config
-from ldmscale.data import DataPosition, ResumableLoader
+from ldmscale.data import ResumableLoader
 from ldmscale.data.shard_writer import iter_tar_samples
 from tests.conftest import REPO, free_port, tiny_overrides
 from tests.s3_fixtures import S3Server
@@ -55,6 +55,6 @@ def test_encode_s3_to_s3_then_train_from_s3_latents(assets: Path, s3_server: S3S
     for rank in range(2):
         loader = ResumableLoader(cfg.data, None, seed=cfg.train.seed, rank=rank, world=2,
                                  micro_batch=cfg.train.micro_batch_size, samples_per_epoch=cfg.data.samples_per_epoch,
-                                 position=DataPosition())
+                                 global_batch=cfg.train.global_batch_size)
         want = {step: next(loader)["keys"] for step in range(1, STEPS + 1)}
         assert _keys(out, rank) == want
