@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 
 from ldmscale.config import Config, ConfigError, ModelConfig
-from ldmscale.data.storage import scrub, storage_options_for
+from ldmscale.data.storage import StorageError, scrub, storage_options_for
 from ldmscale.latents.writer import join, read_json, shard_name, write_bytes_atomic
 
 MANIFEST = "manifest.json"
@@ -158,9 +158,20 @@ def manifest_for(cfg: Config) -> dict[str, Any]:
 def check_shard_format(cfg: Config, urls: list[str]) -> None:
     """The pre-flight for data.format: latent shards need a matching manifest; image shards must not be latents."""
     if cfg.data.format == "latents":
-        check_manifest(cfg, read_manifest(urls, cfg.data.storage_options), urls)
+        try:
+            manifest = read_manifest(urls, cfg.data.storage_options)
+        except (ConfigError, StorageError):
+            raise
+        except Exception as e:  # the store refused (credentials, endpoint): say so in one line, exit 2
+            raise StorageError(f"{scrub(shards_dir(urls[0]))}/{MANIFEST}: cannot read the latent manifest "
+                               f"({scrub(f'{type(e).__name__}: {e}')[:200]}) — check data.shards, "
+                               f"data.storage_options and the AWS credentials") from None
+        check_manifest(cfg, manifest, urls)
         return
-    found = read_json(join(shards_dir(urls[0]), MANIFEST), cfg.data.storage_options)
+    try:
+        found = read_json(join(shards_dir(urls[0]), MANIFEST), cfg.data.storage_options)
+    except Exception:  # image shards: a store that refuses is reported, with its fix, by the data preflight
+        return
     if found is not None and found.get("format") == FORMAT:
         raise ConfigError(f"data.shards names latent shards (written by ldmscale-encode; {scrub(shards_dir(urls[0]))}"
                           f"/{MANIFEST}) but data.format=images: set data.format=latents")
