@@ -6,7 +6,7 @@
 set -euo pipefail
 # The daemons started here outlive this script: they must not inherit the caller's descriptors beyond
 # stdio (a `flock LOCK cmd` caller's lock would otherwise stay held by munged/radosgw until they stop).
-for fd in /proc/$$/fd/*; do n=${fd##*/}; [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-" 2>/dev/null; done
+for fd in /proc/$$/fd/*; do n=${fd##*/}; { [ "$n" -gt 2 ] && eval "exec $n>&-"; } 2>/dev/null || true; done
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"

@@ -11,7 +11,7 @@
 set -euo pipefail
 # The daemons started here outlive this script: they must not inherit the caller's descriptors beyond
 # stdio (a `flock LOCK cmd` caller's lock would otherwise stay held by munged/radosgw until they stop).
-for fd in /proc/$$/fd/*; do n=${fd##*/}; [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-" 2>/dev/null; done
+for fd in /proc/$$/fd/*; do n=${fd##*/}; { [ "$n" -gt 2 ] && eval "exec $n>&-"; } 2>/dev/null || true; done
 
 DIR="${LDMSCALE_SLURM_DIR:-/tmp/ldmscale-slurm}"
 CPUS="${LDMSCALE_SLURM_CPUS:-4}"
