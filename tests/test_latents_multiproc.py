@@ -17,7 +17,7 @@ from ldmscale.data import decode_image, normalize_pixels, stack_uint8
 from ldmscale.data.shard_writer import iter_tar_samples
 from ldmscale.latents.format import LATENT_EXT, decode_latent
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
-from tests.test_multiproc import _command, _keys, _last_per_step, _steps, _wait, kill_tree
+from tests.test_multiproc import _command, _keys, _last_per_step, _steps, _wait, kill_after_step, kill_tree
 
 pytestmark = pytest.mark.multiproc
 MAX_STEPS = 10
@@ -93,12 +93,7 @@ def test_trainer_from_latents_killed_and_resumed_matches_the_uninterrupted_run(l
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     _wait(_train(assets, latent_set["out"], reference), reference)
     proc = _train(assets, latent_set["out"], killed)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(r["step"] >= 5 for r in _steps(killed)):
-        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        time.sleep(0.2)
-    kill_tree(proc.pid)
-    proc.wait()
+    kill_after_step(proc, killed, 5, timeout=300)
     assert max(r["step"] for r in _steps(killed)) < MAX_STEPS
     _wait(_train(assets, latent_set["out"], killed), killed)
     events = [r.get("event", "") for r in map(json.loads, (killed / "log.jsonl").read_text().splitlines())]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from ldmscale.style.encoder import COLOUR_STATS_DIM
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
-from tests.test_multiproc import _command, _last_per_step, _steps, kill_tree
+from tests.test_multiproc import _command, _last_per_step, _steps, kill_after_step
 
 pytestmark = pytest.mark.multiproc
 MAX_STEPS = 8
@@ -66,12 +66,7 @@ def style_runs(request: pytest.FixtureRequest, assets: Path, step1: Path) -> dic
     reference, killed = root / "reference", root / "killed"
     _ok(_run(_command("deepspeed", free_port(), _style_args(assets, reference, step1, case)), reference), reference)
     proc = _run(_command("deepspeed", free_port(), _style_args(assets, killed, step1, case)), killed)
-    deadline = time.time() + 400
-    while time.time() < deadline and not any(r["step"] >= 4 for r in _steps(killed)):
-        assert proc.poll() is None, (root / "killed.log").read_text()[-3000:]
-        time.sleep(0.2)
-    kill_tree(proc.pid)
-    proc.wait()
+    kill_after_step(proc, killed, 4)
     time.sleep(1.0)
     assert max(r["step"] for r in _steps(killed)) < MAX_STEPS
     _ok(_run(_command("deepspeed", free_port(), _style_args(assets, killed, step1, case)), killed), killed)
