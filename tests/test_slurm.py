@@ -12,6 +12,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,15 +215,29 @@ def jobs(slurm_cluster: SlurmCluster) -> Iterator[list[str]]:
 def reference(
     slurm_cluster: SlurmCluster, assets: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[int, float]:
-    """Loss per step of an uninterrupted run through the same sbatch script (same world size, same config)."""
+    """Loss per step of an uninterrupted run through the same sbatch script (same world size, same config).
+
+    While it runs, another program holds the job-specific rendezvous port (20000 + job id % 20000) of the next
+    few job ids, as a daemon or a killed run's lingering rank may on a real node: the script must pick a free
+    port instead of failing every rank with EADDRINUSE.
+    """
     out = tmp_path_factory.mktemp("slurm") / "reference"
-    job_id = sbatch_train(slurm_cluster, assets, out)
+    next_id = int(slurm_last_job_id())
+    held_ports = [20000 + (next_id + k) % 20000 for k in range(3)]
+    held = [held_port(port) for port in held_ports]
     try:
-        fields = wait_until(lambda: job_done(job_id), JOB_TIMEOUT_S, f"reference job {job_id}")
+        job_id = sbatch_train(slurm_cluster, assets, out)
+        try:
+            fields = wait_until(lambda: job_done(job_id), JOB_TIMEOUT_S, f"reference job {job_id}")
+        finally:
+            subprocess.run(["scancel", job_id], check=False, timeout=30)
     finally:
-        subprocess.run(["scancel", job_id], check=False, timeout=30)
+        for sock in held:
+            sock.close()
     text = slurm_text(out / f"job-{job_id}.out")
     assert fields.get("JobState") == "COMPLETED", text
+    port = int(re.search(r"master=\S+:(\d+)", text).group(1))
+    assert port not in held_ports, text
     assert f"FINISHED step={MAX_STEPS}" in text, text
     rows = step_losses(out)
     assert [s for s, _ in rows] == list(range(1, MAX_STEPS + 1)), text
@@ -404,6 +419,17 @@ def test_launch_impossible_node_count_passes_slurms_message(
     proc = run_launch_cli(slurm_cluster, [*launch_args(assets, out), "--nodes", "3"])
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Node count specification invalid" in proc.stderr, proc.stderr
+
+
+def held_port(port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:port (or the port left alone if something already holds it)."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    except OSError:
+        pass  # already taken by someone else: just as good for the test
+    return sock
 
 
 def slurm_last_job_id() -> str:
