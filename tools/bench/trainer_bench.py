@@ -34,11 +34,11 @@ import torch.nn.functional as F  # noqa: E402
 from ldmscale import dist  # noqa: E402
 from ldmscale.config import load_config  # noqa: E402
 from ldmscale.data import normalize_pixels  # noqa: E402
-from ldmscale.data.stream import DataPosition  # noqa: E402
+from ldmscale.data.position import DataPosition  # noqa: E402
 from ldmscale.ds_config import build_ds_config, precision_dtype  # noqa: E402
 from ldmscale.ema import EMA, warmup_decay  # noqa: E402
 from ldmscale.models import build_unet  # noqa: E402
-from ldmscale.monitor import Monitor, StepStats, StepTimer, peak_tflops  # noqa: E402
+from ldmscale.monitor import DROP_REASONS, Monitor, StepStats, StepTimer, peak_tflops  # noqa: E402
 from ldmscale.offline_models import train_tokenizer, write_text_encoder, write_vae  # noqa: E402
 from ldmscale.stages import build_stage  # noqa: E402
 
@@ -68,8 +68,8 @@ class FixedBatches:
 
     position = DataPosition()
 
-    def dropped_counts(self) -> dict[str, int]:
-        return {}
+    def dropped_vector(self) -> list[float]:
+        return [0.0] * len(DROP_REASONS)
 
 
 class Ldmscale:
@@ -90,7 +90,7 @@ class Ldmscale:
 
     def __call__(self, batch: dict[str, Any]) -> None:
         t = self.cfg.train
-        ids = list(range(self.step * t.global_batch_size, (self.step + 1) * t.global_batch_size))
+        ids = range(self.step * t.global_batch_size, (self.step + 1) * t.global_batch_size)
         stats = StepStats()
         loss, parts = self.task.loss(self.engine, batch, ids, self.step)
         self.engine.backward(loss)
