@@ -1,8 +1,15 @@
-"""Per-sample randomness as a pure function of (seed, global sample index, stream).
+"""Per-sample randomness as a pure function of (seed, global sample index, stream), drawn on the device.
 
 DeepSpeed checkpoints hold no RNG state, and global RNGs advance differently with world size and
-accumulation. Drawing every sample's timestep, noise and dropout from its own generator makes a
-resumed run bitwise equal to an uninterrupted one, and 1 rank x accumulation 2 equal to 2 ranks.
+accumulation. Every value here is a function of (seed, stream, sample id, element index) only, so a resumed
+run is bitwise equal to an uninterrupted one, and 1 rank x accumulation 2 equal to 2 ranks.
+
+The generator is counter-based: element j of sample `id` is SplitMix64's output number j+1 for a state keyed
+by (seed, stream, id), computed with int64 tensor ops on the device the draw is needed on. One batch costs a
+dozen elementwise kernels; the per-sample CPU `torch.Generator`s this replaced cost a generator, a kernel and
+a stack per sample and stream, plus an unpinned host-to-device copy, all on the step's critical path
+(tools/bench/noise_bench.py measures both). Integer ops are exact, so the bits are the same on every device;
+the float transforms (log, cos) may differ by an ulp between CPU and GPU kernels.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from enum import IntEnum
 import torch
 
 _MASK = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's state increment
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 class Stream(IntEnum):
@@ -26,28 +35,84 @@ class Stream(IntEnum):
     SAMPLING = 8
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+def splitmix64(x: int) -> int:
+    """SplitMix64 on a Python int (the reference the tensor version must equal; also keys (seed, stream))."""
+    x = (x + _GAMMA) & _MASK
+    x = ((x ^ (x >> 30)) * _M1) & _MASK
+    x = ((x ^ (x >> 27)) * _M2) & _MASK
+    return x ^ (x >> 31)
 
 
-def generator_for(seed: int, sample_id: int, stream: Stream) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(_splitmix64(_splitmix64(_splitmix64(seed) ^ int(stream)) ^ sample_id))
-    return g
+def _as_int64(c: int) -> int:
+    """The int64 with the same 64 bits as the unsigned constant c."""
+    c &= _MASK
+    return c - (1 << 64) if c >= 1 << 63 else c
 
 
-def randn(seed: int, ids: Sequence[int], shape: Sequence[int], stream: Stream) -> torch.Tensor:
-    """[len(ids), *shape] standard normal; row i depends only on (seed, ids[i], stream)."""
-    return torch.stack([torch.randn(tuple(shape), generator=generator_for(seed, int(i), stream)) for i in ids])
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic: it copies the sign bit)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def rand(seed: int, ids: Sequence[int], stream: Stream) -> torch.Tensor:
-    """[len(ids)] uniform in [0, 1)."""
-    return torch.cat([torch.rand(1, generator=generator_for(seed, int(i), stream)) for i in ids])
+def splitmix64_tensor(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 elementwise on int64 tensors holding uint64 bit patterns (adds and multiplies wrap).
+    In place on a fresh copy: the CPU path is bound by memory passes, not arithmetic."""
+    x = x + _as_int64(_GAMMA)
+    x ^= _srl(x, 30)
+    x *= _as_int64(_M1)
+    x ^= _srl(x, 27)
+    x *= _as_int64(_M2)
+    x ^= _srl(x, 31)
+    return x
 
 
-def randint(seed: int, ids: Sequence[int], high: int, stream: Stream) -> torch.Tensor:
-    return torch.cat([torch.randint(high, (1,), generator=generator_for(seed, int(i), stream)) for i in ids])
+def _ids_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(ids, range):  # the trainer's case: built on the device, nothing to copy
+        return torch.arange(ids.start, ids.stop, ids.step, dtype=torch.int64, device=device)
+    # non_blocking: a small pageable copy is staged at once; a blocking one would wait for the GPU's queue
+    return torch.as_tensor(list(ids) if not torch.is_tensor(ids) else ids, dtype=torch.int64).to(
+        device, non_blocking=True)
+
+
+def random_bits(seed: int, ids: Sequence[int] | torch.Tensor, count: int, stream: Stream,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """[len(ids), count] int64 of 64 random bits each; row i depends only on (seed, ids[i], stream)."""
+    device = torch.device(device or "cpu")
+    base = splitmix64(splitmix64(seed & _MASK) ^ int(stream))
+    keys = splitmix64_tensor(_ids_tensor(ids, device) ^ _as_int64(base))
+    # SplitMix64's sequence from state `key`: output j (from 0) is mix(key + (j + 1) * gamma)
+    steps = torch.arange(count, dtype=torch.int64, device=device) * _as_int64(_GAMMA)
+    return splitmix64_tensor(keys[:, None] + steps[None, :])
+
+
+def _unit(bits: torch.Tensor) -> torch.Tensor:
+    """Top 53 bits -> float64 uniform in [0, 1)."""
+    return _srl(bits, 11).double() * 2.0**-53
+
+
+def randn(seed: int, ids: Sequence[int] | torch.Tensor, shape: Sequence[int], stream: Stream,
+          device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[len(ids), *shape] standard normal (Box-Muller on two 24-bit fields of each 64-bit draw)."""
+    shape = tuple(int(s) for s in shape)
+    count = 1
+    for s in shape:
+        count *= s
+    # Box-Muller gives two normals per 64-bit draw (r cos, r sin): half the integer work
+    bits = random_bits(seed, ids, (count + 1) // 2, stream, device)
+    # float32 from 24-bit uniforms, as torch's own randn: u1 in (0, 1] keeps the log finite (tails to 5.8 sigma)
+    r = (_srl(bits, 40).float() + 1.0).mul_(2.0**-24).log_().mul_(-2.0).sqrt_()
+    theta = ((bits >> 16) & 0xFFFFFF).float().mul_(2.0 * torch.pi * 2.0**-24)
+    z = torch.stack([r * theta.cos(), r.mul_(theta.sin_())], dim=-1).flatten(1)[:, :count]
+    return z.to(dtype).reshape(len(z), *shape)
+
+
+def rand(seed: int, ids: Sequence[int] | torch.Tensor, stream: Stream,
+         device: torch.device | str | None = None) -> torch.Tensor:
+    """[len(ids)] float64 uniform in [0, 1) (float64: a float32 could round up to 1.0)."""
+    return _unit(random_bits(seed, ids, 1, stream, device)[:, 0])
+
+
+def randint(seed: int, ids: Sequence[int] | torch.Tensor, high: int, stream: Stream,
+            device: torch.device | str | None = None) -> torch.Tensor:
+    """[len(ids)] int64 uniform in [0, high)."""
+    return (_unit(random_bits(seed, ids, 1, stream, device)[:, 0]) * high).long().clamp_(max=high - 1)

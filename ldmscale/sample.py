@@ -79,7 +79,7 @@ def generate(
         sched = make_scheduler(sampler, scheduler_config)
         sched.set_timesteps(steps, device=device)
         ids = indices[start : start + n] if indices is not None else range(first_index + start, first_index + start + n)
-        latents = noise.randn(seed, ids, shape, noise.Stream.SAMPLING).to(device) * sched.init_noise_sigma
+        latents = noise.randn(seed, ids, shape, noise.Stream.SAMPLING, device) * sched.init_noise_sigma
         cond = encoders.embed_prompts(batch).to(device, dtype)
         context = torch.cat([encoders.embed_prompts([""] * n).to(device, dtype), cond]) if guidance_scale != 1 else cond
         if style_tokens is not None:

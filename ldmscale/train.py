@@ -153,7 +153,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
             # global sample index: the same sample gets the same noise whatever the world size or accumulation
             slot = (micro * info.world_size + info.rank) * cfg.train.micro_batch_size
             first = state.step * cfg.train.global_batch_size + slot
-            loss, parts = stage.loss(engine, batch, list(range(first, first + len(batch["keys"]))), state.step)
+            loss, parts = stage.loss(engine, batch, range(first, first + len(batch["keys"])), state.step)
             engine.backward(loss)
             engine.step()
             stats.add(loss, parts)

@@ -67,8 +67,8 @@ class Validator:
         """Timesteps uniform in the bucket's third of the schedule, and the noise, for (sample, bucket)."""
         keys = [VAL_ID_BASE + 3 * j + bucket for j in ids]
         width = self.num_timesteps // len(BUCKETS)
-        t = bucket * width + noise.randint(self.seed, keys, width, noise.Stream.TIMESTEP)
-        return t, noise.randn(self.seed, keys, self.latent_shape, noise.Stream.NOISE)
+        t = bucket * width + noise.randint(self.seed, keys, width, noise.Stream.TIMESTEP, self.device)
+        return t, noise.randn(self.seed, keys, self.latent_shape, noise.Stream.NOISE, self.device)
 
     @torch.no_grad()
     def local_sums(self, module: torch.nn.Module) -> torch.Tensor:
@@ -81,12 +81,13 @@ class Validator:
             if n == 0:  # this rank's share ran out: a zero-weight batch keeps the forward passes in step
                 sl, ids = slice(0, 1), v.ids[:1]
             pixels = normalize_pixels(v.pixels[sl].to(self.device))
-            post = noise.randn(self.seed, [VAL_ID_BASE + 3 * j for j in ids], self.latent_shape, noise.Stream.POSTERIOR)
+            post = noise.randn(self.seed, [VAL_ID_BASE + 3 * j for j in ids], self.latent_shape, noise.Stream.POSTERIOR,
+                               self.device)
             latents = self.encoders.encode_images(pixels, post)
             context = self.encoders.encode_text(v.input_ids[sl].to(self.device))
             for k in range(len(BUCKETS)):
                 t, eps = self._draws(ids, k)
-                loss, parts = module(latents, context, eps.to(self.device), t.to(self.device))
+                loss, parts = module(latents, context, eps, t)
                 sums[k] += parts["mse"].double() * n
                 sums[len(BUCKETS) + k] += loss.detach().double() * n
             sums[-1] += n
