@@ -10,6 +10,7 @@ sample ids, so resume stays bitwise.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,15 @@ class DiffusionStage(Stage):
         if cfg.style.enabled:
             # last: after step 1's weights are in (to_k_style copies to_k) and the attention kind is chosen
             add_style_path(unet, self.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
-        self.empty_ids = tokenize(self.tokenizer, [""])
+        self.empty_ids = tokenize(self.tokenizer, [""]).to(device)
+        self._empty = None
+
+    def _empty_context(self) -> torch.Tensor:
+        """The text encoder's output for "" (the frozen encoder gives it once), [1, tokens, dim]."""
+        if self._empty is None:
+            with torch.no_grad():
+                self._empty = self.encoders.encode_text(self.empty_ids)
+        return self._empty
 
     def flops_per_sample(self) -> float:
         ctx = (self.tokenizer.model_max_length, self.encoders.text_dim)
@@ -123,42 +132,44 @@ class DiffusionStage(Stage):
         """The VAE encode that latents on the fly cost per image (reported apart from the U-Net's FLOPs)."""
         return encode_flops_per_sample(self.encoders.vae, self.cfg.data.resolution)
 
-    def loss(self, engine: Any, batch: dict[str, Any], ids: list[int], step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, engine: Any, batch: dict[str, Any], ids: Sequence[int], step: int) -> tuple[torch.Tensor, dict]:
         """One micro-batch -> (loss, parts). `ids` are the global sample indices, `step` the optimizer step."""
         seed, m = self.cfg.train.seed, self.cfg.model
-        post = noise.randn(seed, ids, self.latent_shape, noise.Stream.POSTERIOR)
+        # No host sync in a micro-batch: every draw is made on the device, every copy from the (pinned) batch is
+        # non-blocking, and the caption dropout is a select on the device. A blocking copy would make the CPU wait
+        # for the GPU's queue to drain before it could launch the next kernels.
+        post = noise.randn(seed, ids, self.latent_shape, noise.Stream.POSTERIOR, self.device)
         if "moments" in batch:  # data.format=latents: the same posterior draw, from the stored moments
-            latents = self.encoders.latents_from_moments(batch["moments"], post)
+            latents = self.encoders.latents_from_moments(batch["moments"].to(self.device, non_blocking=True), post)
         else:
             latents = self.encoders.encode_images(normalize_pixels(batch["pixels"].to(self.device, non_blocking=True)),
                                                   post)
         # classifier-free guidance: a per-sample share of captions becomes ""
-        input_ids = batch["input_ids"].clone()
-        drop = noise.rand(seed, ids, noise.Stream.CAPTION_DROP) < self.cfg.data.caption_dropout
-        input_ids[drop] = self.empty_ids
+        drop = noise.rand(seed, ids, noise.Stream.CAPTION_DROP, self.device) < self.cfg.data.caption_dropout
         if "text_embeddings" in batch:  # stored by ldmscale-encode --text-embeddings
-            context = batch["text_embeddings"].to(self.device)
-            context[drop] = self.encoders.encode_text(self.empty_ids)[0]
+            context = batch["text_embeddings"].to(self.device, non_blocking=True)
+            context = torch.where(drop[:, None, None], self._empty_context().to(context.dtype), context)
         else:
-            context = self.encoders.encode_text(input_ids)
-        timesteps = noise.randint(seed, ids, m.num_train_timesteps, noise.Stream.TIMESTEP)
-        eps = noise.randn(seed, ids, self.latent_shape, noise.Stream.NOISE)
+            input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+            context = self.encoders.encode_text(torch.where(drop[:, None], self.empty_ids, input_ids))
+        timesteps = noise.randint(seed, ids, m.num_train_timesteps, noise.Stream.TIMESTEP, self.device)
+        eps = noise.randn(seed, ids, self.latent_shape, noise.Stream.NOISE, self.device)
         if m.noise_offset:
-            offset = noise.randn(seed, ids, (self.latent_shape[0], 1, 1), noise.Stream.NOISE_OFFSET)
+            offset = noise.randn(seed, ids, (self.latent_shape[0], 1, 1), noise.Stream.NOISE_OFFSET, self.device)
             eps = eps + m.noise_offset * offset
-        args = [latents, context, eps.to(self.device), timesteps.to(self.device)]
+        args = [latents, context, eps, timesteps]
         if self.cfg.style.enabled:
             args += self._style_args(batch, ids, step)
         return engine(*args)
 
-    def _style_args(self, batch: dict[str, Any], ids: list[int], step: int) -> list[Any]:
+    def _style_args(self, batch: dict[str, Any], ids: Sequence[int], step: int) -> list[Any]:
         """(style input, reparameterisation noise, keep mask, beta): all from the sample ids, so resume is exact."""
         s, seed = self.cfg.style, self.cfg.train.seed
         pixels = normalize_pixels(batch["style_pixels"].to(self.device, non_blocking=True))
         refs = style_input(self.style_frozen, pixels)
-        z = noise.randn(seed, ids, (s.num_tokens, self.encoders.text_dim), noise.Stream.STYLE)
-        keep = (noise.rand(seed, ids, noise.Stream.STYLE_DROP) >= s.dropout).float()
-        return [refs, z.to(self.device), keep.to(self.device), beta_at(s, step)]
+        z = noise.randn(seed, ids, (s.num_tokens, self.encoders.text_dim), noise.Stream.STYLE, self.device)
+        keep = (noise.rand(seed, ids, noise.Stream.STYLE_DROP, self.device) >= s.dropout).float()
+        return [refs, z, keep, beta_at(s, step)]
 
     def periodic(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
         if self.cfg.train.sample_every and step % self.cfg.train.sample_every == 0:
@@ -203,10 +214,10 @@ class AutoencoderStage(Stage):
         self.trained = vae
         _prepare(vae, cfg)
 
-    def loss(self, engine: Any, batch: dict[str, Any], ids: list[int], step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, engine: Any, batch: dict[str, Any], ids: Sequence[int], step: int) -> tuple[torch.Tensor, dict]:
         pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True))
-        post = noise.randn(self.cfg.train.seed, ids, self.latent_shape, noise.Stream.POSTERIOR)
-        return engine(pixels, post.to(self.device))
+        post = noise.randn(self.cfg.train.seed, ids, self.latent_shape, noise.Stream.POSTERIOR, self.device)
+        return engine(pixels, post)
 
     def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int,
                loader: ResumableLoader) -> None:
