@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tools/bench/trainer_bench.py on one GPU, in one command of <= 8 minutes including the install: the SD 1.5 U-Net,
 # bf16, latents encoded on the fly, 256 and 512 px, with and without torch.compile; img/s per GPU, MFU, and the
-# ratio against the bare PyTorch loop. Prepare the wheels on the CPU machine first (bash ../shared/device/
+# ratio against the bare PyTorch loop; then tools/bench/noise_bench.py on the GPU. Prepare the wheels on the CPU machine first (bash ../shared/device/
 # prepare_wheels.sh, from the project root: they land in .whl/), then on the GPU host, from the project root:
 #   bash tools/bench/gpu_trainer_bench.sh 2>&1 | tee "$OUT/trainer_bench.txt"
 set -uo pipefail
@@ -17,3 +17,5 @@ for run in "256 32" "512 16"; do
       --precision bf16 --rounds 3 --steps 5 --warmup 3 $compile 2>&1 | grep -v '^\[' | tail -6
   done
 done
+echo "=== per-sample draws: counter-based on the GPU vs per-sample CPU generators + copy"
+timeout 60 python3 tools/bench/noise_bench.py --device cuda 2>&1 | tail -4
