@@ -106,6 +106,9 @@ def sbatch_train(cluster: SlurmCluster, assets: Path, out_dir: Path, **extra: ob
         GPUS_PER_NODE="0",
         PYTHON=sys.executable,
         LDMSCALE_ROOT=str(REPO),
+        # a submitting shell left with a single process's rendezvous (as after an in-process torch run): sbatch
+        # exports it to every task, which must still take its rank from Slurm
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_PORT="29500",
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
