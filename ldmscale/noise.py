@@ -4,8 +4,9 @@ DeepSpeed checkpoints hold no RNG state, and global RNGs advance differently wit
 accumulation. Every value here is a function of (seed, stream, sample id, element index) only, so a resumed
 run is bitwise equal to an uninterrupted one, and 1 rank x accumulation 2 equal to 2 ranks.
 
-The generator is counter-based: element j of sample `id` is SplitMix64's output number j+1 for a state keyed
-by (seed, stream, id), computed with int64 tensor ops on the device the draw is needed on. One batch costs a
+The generator is counter-based: draw j of sample `id` is SplitMix64's output number j+1 for a state keyed by
+(seed, stream, id), computed with int64 tensor ops on the device the draw is needed on (normals take two
+elements from each draw, Box-Muller's cos and sin; uniforms and integers one draw). One batch costs a
 dozen elementwise kernels; the per-sample CPU `torch.Generator`s this replaced cost a generator, a kernel and
 a stack per sample and stream, plus an unpinned host-to-device copy, all on the step's critical path
 (tools/bench/noise_bench.py measures both). Integer ops are exact, so the bits are the same on every device;
@@ -14,6 +15,7 @@ the float transforms (log, cos) may differ by an ulp between CPU and GPU kernels
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from enum import IntEnum
 
@@ -94,9 +96,7 @@ def randn(seed: int, ids: Sequence[int] | torch.Tensor, shape: Sequence[int], st
           device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[len(ids), *shape] standard normal (Box-Muller on two 24-bit fields of each 64-bit draw)."""
     shape = tuple(int(s) for s in shape)
-    count = 1
-    for s in shape:
-        count *= s
+    count = math.prod(shape)
     # Box-Muller gives two normals per 64-bit draw (r cos, r sin): half the integer work
     bits = random_bits(seed, ids, (count + 1) // 2, stream, device)
     # float32 from 24-bit uniforms, as torch's own randn: u1 in (0, 1] keeps the log finite (tails to 5.8 sigma)

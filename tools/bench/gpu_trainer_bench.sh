@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # tools/bench/trainer_bench.py on one GPU, in one command of <= 8 minutes including the install: the SD 1.5 U-Net,
 # bf16, latents encoded on the fly, 256 and 512 px, with and without torch.compile; img/s per GPU, MFU, and the
-# ratio against the bare PyTorch loop; then tools/bench/noise_bench.py on the GPU. Prepare the wheels on the CPU machine first (bash ../shared/device/
-# prepare_wheels.sh, from the project root: they land in .whl/), then on the GPU host, from the project root:
+# ratio against the bare PyTorch loop; then tools/bench/noise_bench.py on the GPU. Prepare the wheels on the CPU
+# machine first (bash ../shared/device/prepare_wheels.sh, from the project root: they land in .whl/), then on the
+# GPU host, from the project root:
 #   bash tools/bench/gpu_trainer_bench.sh 2>&1 | tee "$OUT/trainer_bench.txt"
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
