@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import deepspeed
 import torch
 
 from ldmscale import dist, preemption
@@ -25,6 +24,7 @@ from ldmscale.data import ResumableLoader, StorageError, shared_plan
 from ldmscale.data.shardlist import check_split, expand_without_listing
 from ldmscale.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.ema import EMA, warmup_decay
+from ldmscale.engine import build_engine
 from ldmscale.eval.validation import build_validator
 from ldmscale.latents.manifest import check_shard_format
 from ldmscale.monitor import Monitor, StepStats, StepTimer, peak_tflops, rank_keys_file
@@ -96,9 +96,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     ds_config = build_ds_config(cfg, info.world_size)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(
-        model=stage.module, model_parameters=[p for _, p in trainable], config=ds_config
-    )
+    engine = build_engine(stage.module, [p for _, p in trainable], ds_config)
     # each rank averages its own share of the optimizer's fp32 masters: no communication per step
     ema = EMA(trainable, cfg.train.ema_decay, engine.optimizer) if cfg.train.ema_decay > 0 else None
 

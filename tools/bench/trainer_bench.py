@@ -27,7 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -37,6 +36,7 @@ from ldmscale.data import normalize_pixels  # noqa: E402
 from ldmscale.data.position import DataPosition  # noqa: E402
 from ldmscale.ds_config import build_ds_config, precision_dtype  # noqa: E402
 from ldmscale.ema import EMA, warmup_decay  # noqa: E402
+from ldmscale.engine import build_engine  # noqa: E402
 from ldmscale.models import build_unet  # noqa: E402
 from ldmscale.monitor import DROP_REASONS, Monitor, StepStats, StepTimer, peak_tflops  # noqa: E402
 from ldmscale.offline_models import train_tokenizer, write_text_encoder, write_vae  # noqa: E402
@@ -82,8 +82,7 @@ class Ldmscale:
         if compile_unet:
             self.task.module.unet = torch.compile(self.task.module.unet)
         trainable = [(n, p) for n, p in self.task.module.named_parameters() if p.requires_grad]
-        self.engine, *_ = deepspeed.initialize(model=self.task.module, model_parameters=[p for _, p in trainable],
-                                               config=build_ds_config(cfg, 1))
+        self.engine = build_engine(self.task.module, [p for _, p in trainable], build_ds_config(cfg, 1))
         self.ema = EMA(trainable, cfg.train.ema_decay, self.engine.optimizer)
         self.monitor = Monitor(cfg, out, is_main=True)
         self.timer, self.loader, self.step = StepTimer(), FixedBatches(), 0
@@ -155,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=10, help="steps per round and loop")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("overrides", nargs="*", help="more config overrides for ldmscale's side (section.key=value), "
+                    "e.g. 'deepspeed.extra={zero_optimization: {contiguous_gradients: false}}'")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
     p.update({k: v for k, v in (("resolution", args.resolution), ("precision", args.precision),
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data.shards=[{root}]", f"train.micro_batch_size={p['batch']}", f"train.global_batch_size={p['batch']}",
         f"deepspeed.precision={p['precision']}", f"deepspeed.zero_stage={args.zero}", "train.ema_decay=0.9999",
         f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", "optim.warmup_steps=10",
-        f"train.max_steps={10**6}", f"train.out_dir={root / 'run'}", "wandb.mode=disabled",
+        f"train.max_steps={10**6}", f"train.out_dir={root / 'run'}", "wandb.mode=disabled", *args.overrides,
     ])
     ldm = Ldmscale(cfg, info.device, root / "run", args.compile)
     bare = Bare(ldm, args.compile)
