@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import deepspeed
@@ -9,14 +10,27 @@ import torch
 
 
 def build_engine(module: torch.nn.Module, params: list[torch.nn.Parameter], ds_config: dict[str, Any]) -> Any:
-    """`deepspeed.initialize`, minus the work that a single data-parallel rank does for nothing.
+    """`deepspeed.initialize`, minus two costs of DeepSpeed's ZeRO-0 fp32 path that buy nothing here.
 
-    ZeRO-0 on one rank: DeepSpeed still flattens every gradient into buckets, all-reduces them with itself and
-    copies them back after each accumulation boundary (a full extra read and write of the gradients per step).
-    The all-reduce of one rank is the identity and the average divides by 1, so skipping it leaves every value
-    bitwise the same (tests/test_engine.py). ZeRO-1/2/3 reduce inside their optimizer and keep their path:
-    their partitioned state is what a later resume on more ranks converts."""
+    - On one data-parallel rank the ZeRO-0 engine still flattens every gradient into buckets, all-reduces them
+      with itself and copies them back at each accumulation boundary. The all-reduce of one rank is the identity
+      and the average divides by 1, so it is skipped: every value stays bitwise the same (tests/test_engine.py).
+    - ZeRO-0 fp32 clips with DeepSpeed's model-parallel-aware `clip_grad_norm_`: one norm kernel per parameter,
+      an all-reduce of a norm that every data-parallel rank already has (the gradients were averaged before the
+      step, and ldmscale has no model or expert parallelism), and the norm thrown away, so no grad_norm is
+      logged. Here torch's multi-tensor `clip_grad_norm_` clips and the engine reports its norm.
+    ZeRO-1/2/3 reduce and clip inside their optimizer and keep their path: their partitioned state is what a later
+    resume on more ranks converts."""
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
-    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
-        engine.enable_backward_allreduce = False
+    if engine.zero_optimization_stage() == 0:
+        if engine.dp_world_size == 1:
+            engine.enable_backward_allreduce = False
+        if not (engine.fp16_enabled() or engine.bfloat16_enabled()):  # those clip in their own optimizer wrappers
+            engine.clip_fp32_gradients = types.MethodType(_clip_and_record_norm, engine)
     return engine
+
+
+def _clip_and_record_norm(engine: Any) -> None:
+    """ZeRO-0 fp32 clipping (called by DeepSpeed before the optimizer step), keeping the norm for the logs."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.gradient_clipping())

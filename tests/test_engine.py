@@ -1,4 +1,5 @@
-"""build_engine on one data-parallel rank: ZeRO-0 skips the all-reduce with itself, and nothing else changes."""
+"""build_engine: ZeRO-0 on one rank skips the all-reduce with itself (nothing else changes); ZeRO-0 fp32 clips with
+torch's multi-tensor norm and reports it."""
 
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ def _model() -> torch.nn.Module:
                                torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
 
 
-def _config(stage: int) -> dict[str, Any]:
-    # accumulation over 2 micro-batches and active clipping: the reduction's place in the step matters for both
+def _config(stage: int, clip: float = 0.0) -> dict[str, Any]:
+    # accumulation over 2 micro-batches: the reduction happens at the boundary only
     return {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
-            "gradient_clipping": 0.05, "zero_optimization": {"stage": stage},
+            "gradient_clipping": clip, "zero_optimization": {"stage": stage},
             "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}}}
 
 
@@ -73,7 +74,28 @@ def test_zero0_single_rank_skips_the_allreduce_with_identical_weights() -> None:
     got = _train(lean, steps=3)
     assert lean_calls[0] == 0
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
-    assert lean.get_global_grad_norm() == plain.get_global_grad_norm()
+
+
+def test_zero0_fp32_clips_like_deepspeed_and_reports_the_norm() -> None:
+    model = _model()
+    plain, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=_config(0, 0.05))
+    expected = _train(plain, steps=3)
+
+    model = _model()
+    lean = build_engine(model, list(model.parameters()), _config(0, 0.05))
+    norms: list[float] = []
+    clip = lean.clip_fp32_gradients
+
+    def measuring() -> None:  # the global norm before clipping, in float64 from the gradients themselves
+        grads = [p.grad.double().flatten() for p in lean.module.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.cat(grads))))
+        clip()
+
+    lean.clip_fp32_gradients = measuring
+    got = _train(lean, steps=3)
+    assert len(norms) == 3 and min(norms) > 0.05  # once per step, and the clip bites
+    assert float(lean.get_global_grad_norm()) == pytest.approx(norms[-1], rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(expected, got, strict=True))
 
 
 def test_partitioned_stages_keep_their_reduction() -> None:
