@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         slow = any(item.get_closest_marker(m) for m in SLOW_MARKERS) or "assets" in getattr(item, "fixturenames", ())
         if not slow:
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="session")
+def _single_rank_group() -> Iterator[dict[str, str]]:
+    """One process group of world size 1, made once per session: DeepSpeed keeps its own handles on the groups it
+    saw, so a group destroyed and made again breaks the next engine. Yields the variables its rendezvous set."""
+    saved = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(var, None)
+    from ldmscale import dist  # not at the top: importing DeepSpeed would slow every test's start
+
+    dist.init_distributed()
+    rendezvous = {k: v for k, v in os.environ.items() if saved.get(k) != v}
+    os.environ.clear()
+    os.environ.update(saved)
+    yield rendezvous
+    dist.cleanup()
+
+
+@pytest.fixture(scope="module")
+def single_rank_group(_single_rank_group: dict[str, str]) -> Iterator[None]:
+    """The session's world-size-1 group, with its rendezvous variables set (DeepSpeed reads them) only while the
+    module that asked for it runs: left set, they would reach later tests' child processes (torchrun, sbatch)."""
+    saved = dict(os.environ)
+    os.environ.update(_single_rank_group)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def free_port() -> int:

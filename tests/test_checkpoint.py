@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import deepspeed
 import pytest
 import torch
 
-from ldmscale import dist
 from ldmscale.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -25,20 +23,13 @@ from ldmscale.checkpoint import (
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[object]:
-    saved = dict(os.environ)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(var, None)
-    dist.init_distributed()
+def engine(single_rank_group: None) -> Iterator[object]:
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 8)
     ds = {"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}},
           "zero_optimization": {"stage": 2}}
     eng, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     yield eng
-    dist.cleanup()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _train_step(eng: object) -> None:

@@ -3,28 +3,18 @@ torch's multi-tensor norm and reports it."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import deepspeed
 import pytest
 import torch
 
-from ldmscale import dist
 from ldmscale.engine import build_engine
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group() -> Iterator[None]:
-    saved = dict(os.environ)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(var, None)
-    dist.init_distributed()
-    yield
-    dist.cleanup()
-    os.environ.clear()
-    os.environ.update(saved)
+def _group(single_rank_group: None) -> None:
+    """Every test here builds engines in this process."""
 
 
 def _model() -> torch.nn.Module:
