@@ -16,9 +16,9 @@ def build_engine(module: torch.nn.Module, params: list[torch.nn.Parameter], ds_c
       with itself and copies them back at each accumulation boundary. The all-reduce of one rank is the identity
       and the average divides by 1, so it is skipped: every value stays bitwise the same (tests/test_engine.py).
     - ZeRO-0 fp32 clips with DeepSpeed's model-parallel-aware `clip_grad_norm_`: one norm kernel per parameter,
-      an all-reduce of a norm that every data-parallel rank already has (the gradients were averaged before the
-      step, and ldmscale has no model or expert parallelism), and the norm thrown away, so no grad_norm is
-      logged. Here torch's multi-tensor `clip_grad_norm_` clips and the engine reports its norm.
+      then the norm thrown away, so no grad_norm is logged. Here torch's multi-tensor norm and clip do it (with
+      the norm averaged over the data-parallel ranks as DeepSpeed does; ldmscale has no model or expert
+      parallelism) and the engine reports the norm.
     ZeRO-1/2/3 reduce and clip inside their optimizer and keep their path: their partitioned state is what a later
     resume on more ranks converts."""
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
@@ -33,4 +33,11 @@ def build_engine(module: torch.nn.Module, params: list[torch.nn.Parameter], ds_c
 def _clip_and_record_norm(engine: Any) -> None:
     """ZeRO-0 fp32 clipping (called by DeepSpeed before the optimizer step), keeping the norm for the logs."""
     params = [p for p in engine.module.parameters() if p.grad is not None]
-    engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.gradient_clipping())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if engine.dp_world_size > 1:
+        # the gradients are averaged already; averaging the norm too makes every replica use one coefficient
+        # even if a reduction left its last bits different
+        torch.distributed.all_reduce(norm)
+        norm /= engine.dp_world_size
+    torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
+    engine._global_grad_norm = norm

@@ -4,6 +4,7 @@ The sharded EMA: each rank averages only its share of the fp32 master weights, w
 update; consolidated it is bitwise the full-copy EMA in fp32 runs and the EMA of the fp32 masters in bf16
 runs; a fresh EMA loaded from the consolidated file reproduces it exactly. Gradient checkpointing under
 ZeRO-3 (diffusers U-Nets have failed there upstream) recomputes and trains exactly like the plain run.
+ldmscale's ZeRO-0 fp32 clipping keeps the replicas identical and reports the gradient norm.
 """
 
 from __future__ import annotations
@@ -80,3 +81,11 @@ def test_bf16_runs_reduce_in_fp32_and_accumulate_in_fp32_where_deepspeed_can(rep
         assert r["optimizer"] == "BF16_Optimizer" and r["accumulation_dtype"] == "torch.float32"
     elif zero > 1:
         assert r["accumulation_dtype"] == "torch.float32"
+
+
+def test_zero0_clipping_keeps_replicas_identical_and_reports_the_norm(report: list[dict]) -> None:
+    ranks = [r["clip"] for r in report]
+    # every step's norm is logged, the same on both ranks, and large enough that the clip bites (max_norm 0.05)
+    assert ranks[0]["norms"] == ranks[1]["norms"] and min(ranks[0]["norms"]) > 0.05
+    assert ranks[0]["weights_bits"] == ranks[1]["weights_bits"]  # the two replicas stayed bitwise the same
+    assert all(r["max_diff_to_deepspeed"] < 1e-5 for r in ranks)  # and train as DeepSpeed's own clipping does

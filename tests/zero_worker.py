@@ -1,5 +1,6 @@
 """One rank of tests/test_zero_paths.py (started by torchrun, 2 ranks): the sharded EMA and gradient
-checkpointing under real DeepSpeed engines, every ZeRO stage, fp32 and bf16. Writes its findings as JSON.
+checkpointing under real DeepSpeed engines, every ZeRO stage, fp32 and bf16, and ldmscale's ZeRO-0 clipping
+(ldmscale.engine). Writes its findings as JSON.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/zero_worker.py OUT.json
 """
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ldmscale import dist
 from ldmscale.ds_config import bf16_reduction
 from ldmscale.ema import EMA, gathered
+from ldmscale.engine import build_engine
 from ldmscale.models import build_unet
 
 STEPS = 3
@@ -68,13 +70,17 @@ def ds_config(zero: int, precision: str) -> dict[str, Any]:
     return cfg
 
 
-def make_engine(zero: int, precision: str, checkpointing: bool = False) -> Any:
+def make_engine(zero: int, precision: str, checkpointing: bool = False, clip: float = 0.0,
+                lean: bool = False) -> Any:
+    """DeepSpeed's own engine, or the trainer's (`lean`: ldmscale.engine.build_engine)."""
     torch.manual_seed(0)
     unet = build_unet("tiny", 4, 32, 8)
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    engine, *_ = deepspeed.initialize(model=unet, model_parameters=list(unet.parameters()),
-                                      config=ds_config(zero, precision))
+    cfg = {**ds_config(zero, precision), "gradient_clipping": clip}
+    if lean:
+        return build_engine(unet, list(unet.parameters()), cfg)
+    engine, *_ = deepspeed.initialize(model=unet, model_parameters=list(unet.parameters()), config=cfg)
     return engine
 
 
@@ -163,6 +169,21 @@ def checkpointing_case() -> dict[str, Any]:
     return result
 
 
+def clip_case() -> dict[str, Any]:
+    """ZeRO-0 fp32 with clipping on 2 ranks (each its own data): DeepSpeed's engine against ldmscale's, whose
+    clip uses torch's multi-tensor norm averaged over the ranks and reports it."""
+    plain, lean = make_engine(0, "fp32", clip=0.05), make_engine(0, "fp32", clip=0.05, lean=True)
+    norms = []
+    for step in range(STEPS):
+        train_step(plain, step)
+        train_step(lean, step)
+        norms.append(float(lean.get_global_grad_norm()))
+    flat = {name: torch.cat([p.detach().flatten() for p in e.module.parameters()]) for name, e in
+            (("plain", plain), ("lean", lean))}
+    return {"norms": norms, "max_diff_to_deepspeed": float((flat["plain"] - flat["lean"]).abs().max()),
+            "weights_bits": flat["lean"].view(torch.int32).sum().item()}
+
+
 def main() -> None:
     out_path = sys.argv[1]
     dist.init_distributed()
@@ -172,6 +193,7 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             report["ema"][f"{zero}-{precision}"] = ema_case(zero, precision, tmp)
     report["checkpointing"] = checkpointing_case()
+    report["clip"] = clip_case()
     with open(f"{out_path}.rank{dist.rank()}", "w") as f:
         json.dump(report, f, indent=1)
     dist.barrier()
