@@ -37,7 +37,7 @@ def _clip_and_record_norm(engine: Any) -> None:
     if engine.dp_world_size > 1:
         # the gradients are averaged already; averaging the norm too makes every replica use one coefficient
         # even if a reduction left its last bits different
-        torch.distributed.all_reduce(norm)
+        torch.distributed.all_reduce(norm, group=engine.data_parallel_group)
         norm /= engine.dp_world_size
     torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
     engine._global_grad_norm = norm
