@@ -8,7 +8,7 @@ The config is loaded and validated here first, so a typo fails on this terminal,
 Preemption / time limit: submitit asks Slurm for USR2 `--signal-delay` seconds before the limit; Slurm
 sends it to every task. submitit's own handler would checkpoint and requeue from rank 0 alone, mid-step
 ("Not checkpointing nor requeuing since I am a slave" on the others), which cannot work when a save is a
-collective. So the trainer's handler (ldmscale.preemption, installed by train.main on every rank) takes
+collective. So the trainer's handler (ldmscale.runtime.preemption, installed by train.main on every rank) takes
 the signal instead; all ranks save together at the next step boundary and main() returns "preempted".
 Only then does rank 0 call the submitit handler it saved before training: that runs checkpoint(), dumps
 the resubmission and `scontrol requeue`s the job with submitit's timeout accounting. The requeued job
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+
+from ldmscale.runtime.cli import run_cli
 
 # Slurm job states after which the job will not run again by itself (a requeued job is PENDING).
 TERMINAL_STATES = {
@@ -64,9 +66,9 @@ class TrainTask(submitit.helpers.Checkpointable):
         usr_sig = env._usr_sig()
         submitit_handler = signal.getsignal(usr_sig)
 
-        from ldmscale import dist, preemption
         from ldmscale.config import load_config
-        from ldmscale.train import main
+        from ldmscale.runtime import dist, preemption
+        from ldmscale.trainer.loop import main
 
         result = main(load_config(self.config, self.overrides), resume="auto")
         dist.cleanup()
@@ -246,13 +248,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, submit, wait and resubmit until finished. Returns the process exit code."""
-    from ldmscale.config import load_config
+    from ldmscale.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except Exception as exc:  # noqa: BLE001 - any config problem is reported the same way, before submission
-        print(f"ldmscale-launch: config error, nothing submitted: {exc}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:
+        raise ConfigError(f"nothing submitted: {exc}") from None
     out_dir = Path(cfg.train.out_dir)
     args.log_dir = args.log_dir or str(out_dir / "slurm")
     executor = build_executor(args)
@@ -298,7 +299,7 @@ def _print_wandb(out_dir: Path) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    sys.exit(run(parse_args(argv)))
+    run_cli("ldmscale-launch", lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def _single_rank_group() -> Iterator[dict[str, str]]:
     saved = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(var, None)
-    from ldmscale import dist  # not at the top: importing DeepSpeed would slow every test's start
+    from ldmscale.runtime import dist  # not at the top: importing DeepSpeed would slow every test's start
 
     dist.init_distributed()
     rendezvous = {k: v for k, v in os.environ.items() if saved.get(k) != v}

@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "tools" / "slurm_local"
 # Jobs get their own torch-extensions cache: a job killed mid-way through a JIT build (a preemption test) must
-# not leave a lock that hangs the next one. (ldmscale.dist skips DeepSpeed's CPU shm op, the usual such build.)
+# not leave a lock that hangs the next one. (ldmscale.runtime.dist skips DeepSpeed's CPU shm op, the usual such build.)
 EXTENSIONS_DIR = REPO / ".cache" / "torch_extensions_slurm"
 
 

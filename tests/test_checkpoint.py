@@ -14,12 +14,12 @@ from ldmscale.checkpoint import (
     CheckpointStore,
     is_complete,
     latest_tag,
-    prepare_universal,
     read_rank_states,
     resolve_resume,
     tag_for,
     universal_dir,
 )
+from ldmscale.checkpoint.elastic import prepare_universal
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ldmscale.config import ConfigError, load_config, parse_override, validate
-from ldmscale.ds_config import build_ds_config
+from ldmscale.trainer.ds_config import build_ds_config
 from tests.conftest import REPO, tiny_overrides, train_env
 
 TINY = REPO / "configs/tiny.yaml"

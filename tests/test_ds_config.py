@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ldmscale.config import load_config
-from ldmscale.ds_config import build_ds_config
+from ldmscale.trainer.ds_config import build_ds_config
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ldmscale.ema import EMA
+from ldmscale.trainer.ema import EMA
 
 
 def test_ema_tracks_the_decayed_average() -> None:
@@ -34,7 +34,7 @@ def test_ema_keeps_fp32_of_bf16_weights_and_reloads() -> None:
 
 
 def test_warmup_decay_starts_low_and_reaches_the_cap() -> None:
-    from ldmscale.ema import warmup_decay
+    from ldmscale.trainer.ema import warmup_decay
 
     assert warmup_decay(0.9999, 0) == 0.1  # the first update nearly copies the weights
     assert warmup_decay(0.9999, 90) == 0.91

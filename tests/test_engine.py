@@ -9,7 +9,7 @@ import deepspeed
 import pytest
 import torch
 
-from ldmscale.engine import build_engine
+from ldmscale.trainer.engine import build_engine
 
 
 @pytest.fixture(scope="module", autouse=True)

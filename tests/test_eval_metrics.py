@@ -19,8 +19,8 @@ from scipy import linalg
 from ldmscale.eval import cli
 from ldmscale.eval.clip_score import build_clip_score
 from ldmscale.eval.fid import GaussianStats, PixelFeatures, build_fid, load_stats, stats_of
-from ldmscale.eval.prompts import PromptError, rank_indices, read_prompts
 from ldmscale.eval.reference import rank_batches
+from ldmscale.inference.prompts import PromptError, rank_indices, read_prompts
 from tests.eval_assets import write_tiny_clip
 
 CPU = torch.device("cpu")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ldmscale.config import load_config
-from ldmscale.stages import build_stage
+from ldmscale.trainer.stages import build_stage
 from tests.conftest import REPO, tiny_overrides
 
 

@@ -16,9 +16,9 @@ import torch
 
 from ldmscale.config import ConfigError, load_config
 from ldmscale.data import decode_image, normalize_pixels, stack_uint8
+from ldmscale.data.latent_format import LATENT_EXT, decode_latent, encode_latent, read_latent
 from ldmscale.data.shard_writer import iter_tar_samples
 from ldmscale.latents import encode
-from ldmscale.latents.format import LATENT_EXT, decode_latent, encode_latent, read_latent
 from tests.conftest import REPO, tiny_overrides, train_env
 from tests.s3_fixtures import make_laion_tar, shard_keys
 
@@ -61,7 +61,7 @@ def encoded(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_one_latent_shard_per_image_shard_with_the_same_samples(encoded: dict, assets: Path) -> None:
-    from ldmscale.encoders import load_vae
+    from ldmscale.models.encoders import load_vae
 
     out, cfg = encoded["out"], encoded["cfg"]
     sources = sorted((assets / "digits/train").glob("*.tar"))
@@ -81,7 +81,7 @@ def test_one_latent_shard_per_image_shard_with_the_same_samples(encoded: dict, a
 
 
 def test_manifest_describes_the_set(encoded: dict, assets: Path) -> None:
-    from ldmscale.encoders import VAE_ENCODER_PARTS, load_vae, weights_hash
+    from ldmscale.models.encoders import VAE_ENCODER_PARTS, load_vae, weights_hash
 
     m = json.loads((encoded["out"] / "manifest.json").read_text())
     n_src = sum(1 for p in (assets / "digits/train").glob("*.tar") for _ in latent_samples(p))
@@ -185,7 +185,7 @@ def test_run_from_latent_shards_matches_the_run_from_their_image_shards(encoded:
 
 
 def test_latent_mode_loads_no_vae_encoder(assets: Path) -> None:
-    from ldmscale.encoders import FrozenEncoders
+    from ldmscale.models.encoders import FrozenEncoders
 
     cfg = encode_cfg(assets, assets / "digits/train")
     enc = FrozenEncoders.load(cfg.model, torch.device("cpu"), torch.float32, vae_encoder=False)

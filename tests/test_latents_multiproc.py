@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ldmscale.data import decode_image, normalize_pixels, stack_uint8
+from ldmscale.data.latent_format import LATENT_EXT, decode_latent
 from ldmscale.data.shard_writer import iter_tar_samples
-from ldmscale.latents.format import LATENT_EXT, decode_latent
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
 from tests.test_multiproc import _command, _keys, _last_per_step, _steps, _wait, kill_after_step, kill_tree
 
@@ -58,7 +58,7 @@ def latent_set(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_encoder_killed_and_restarted_completes_without_rewriting_finished_shards(latent_set: dict,
                                                                                   assets: Path) -> None:
     from ldmscale.config import load_config
-    from ldmscale.encoders import load_vae
+    from ldmscale.models.encoders import load_vae
 
     out = latent_set["out"]
     assert 0 < len(latent_set["done_before_kill"]) < 8

@@ -152,7 +152,7 @@ def test_checkpoints_are_complete_and_pruned(runs: dict) -> None:
 
 def test_sample_cli_writes_pngs_and_grid(runs: dict, tmp_path: Path) -> None:
     out = tmp_path / "samples"
-    cmd = [sys.executable, "-m", "ldmscale.sample", str(runs["reference"]), "--prompt", "a handwritten digit 3",
+    cmd = [sys.executable, "-m", "ldmscale.inference.sample", str(runs["reference"]), "--prompt", "a handwritten digit 3",
            "--prompt", "a handwritten digit 7 " + "very " * 40 + "long", "--num-images", "2", "--steps", "3",
            "--sampler", "dpmsolver++", "--out", str(out)]
     r = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -167,7 +167,7 @@ def test_sample_cli_writes_pngs_and_grid(runs: dict, tmp_path: Path) -> None:
 
 
 def test_sample_raw_weights_differ_from_ema(runs: dict) -> None:
-    from ldmscale.export import load_trained
+    from ldmscale.inference.export import load_trained
 
     ema = load_trained(runs["reference"], "ema").unet.state_dict()
     raw = load_trained(runs["reference"], "raw").unet.state_dict()
@@ -179,7 +179,7 @@ def test_partial_checkpoint_is_refused(runs: dict, tmp_path: Path) -> None:
     partial = tmp_path / "step_00000012"
     shutil.copytree(runs["reference"] / "checkpoints" / "step_00000012", partial)
     (partial / "COMPLETE").unlink()
-    r = subprocess.run([sys.executable, "-m", "ldmscale.sample", str(partial), "--prompt", "x"], env=train_env(),
+    r = subprocess.run([sys.executable, "-m", "ldmscale.inference.sample", str(partial), "--prompt", "x"], env=train_env(),
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode != 0 and "partial checkpoint" in r.stderr
 
@@ -187,7 +187,7 @@ def test_partial_checkpoint_is_refused(runs: dict, tmp_path: Path) -> None:
 def test_export_loads_in_stable_diffusion_pipeline(runs: dict, tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from ldmscale.export import export_pipeline
+    from ldmscale.inference.export import export_pipeline
 
     out = export_pipeline(runs["reference"], tmp_path / "pipe")
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)

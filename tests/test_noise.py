@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from ldmscale import noise
+from ldmscale.models import noise
 
 
 def test_int64_tensor_splitmix_equals_the_uint64_reference() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ldmscale import noise
 from ldmscale.config import ModelConfig
-from ldmscale.models import build_unet
-from ldmscale.objective import LatentDiffusion, build_noise_scheduler
+from ldmscale.models import noise
+from ldmscale.models.networks import build_unet
+from ldmscale.models.objective import LatentDiffusion, build_noise_scheduler
 
 
 def _module(prediction_type: str, snr_gamma: float = 0.0) -> LatentDiffusion:

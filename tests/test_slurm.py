@@ -400,7 +400,7 @@ def test_launch_config_error_is_reported_before_submission(
     before = slurm_last_job_id()
     proc = run_launch_cli(slurm_cluster, launch_args(assets, out, "train.bogus_key=1"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "config error, nothing submitted" in proc.stderr and "bogus_key" in proc.stderr, proc.stderr
+    assert "config error: nothing submitted" in proc.stderr and "bogus_key" in proc.stderr, proc.stderr
     assert slurm_last_job_id() == before and not (out / "slurm").exists()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ldmscale.config import load_config
-from ldmscale.ds_config import build_ds_config
+from ldmscale.trainer.ds_config import build_ds_config
 from tests.conftest import REPO, tiny_overrides, train_env
 
 TINY = REPO / "configs/tiny.yaml"
@@ -38,7 +38,7 @@ def test_start_up_mistakes_exit_2_with_one_line(assets: Path, tmp_path: Path, ca
     else:
         (tmp_path / "photos").mkdir()
         (tmp_path / "photos" / "cat.txt").write_text("not a checkpoint")
-        cmd = ["-m", "ldmscale.sample", str(tmp_path / "photos"), "--prompt", "a cat"]
+        cmd = ["-m", "ldmscale.inference.sample", str(tmp_path / "photos"), "--prompt", "a cat"]
         expected = "ldmscale-sample: " + f"{tmp_path / 'photos'} is not a checkpoint"
     r = _run(cmd, env)
     assert r.returncode == 2, r.stderr[-3000:]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ldmscale.config import load_config
-from ldmscale.stages import build_stage
+from ldmscale.trainer.stages import build_stage
 from tests.conftest import REPO, tiny_overrides
 
 META = torch.device("meta")

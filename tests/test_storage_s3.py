@@ -1,4 +1,4 @@
-"""ldmscale.storage against a real S3 server (Ceph radosgw): shard listing, webdataset streaming in and
+"""ldmscale.data.storage against a real S3 server (Ceph radosgw): shard listing, webdataset streaming in and
 out of DataLoader workers, resume across a radosgw restart, and the startup check's error messages."""
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def test_radosgw_restart_mid_read_loses_and_repeats_nothing(s3_server, s3_fs, s3
     # Bigger images and 64 KiB reads make every shard take many GETs, so the restart lands mid-shard.
     shards = upload_laion_shards(s3_fs, f"{s3_bucket}/restart", 3, 40, img_size=64)
     storage.register_gopen_schemes({**opts, **NO_BOTOCORE_RETRY, "read_block_size": 64 * 1024})
-    caplog.set_level(logging.DEBUG, logger="ldmscale.storage")
+    caplog.set_level(logging.DEBUG, logger="ldmscale.data.storage")
     keys, restarter = [], None
     for sample in wds.WebDataset(list(shards), shardshuffle=False, empty_check=False):
         keys.append(sample["__key__"])
@@ -162,7 +162,7 @@ def test_radosgw_restart_mid_read_loses_and_repeats_nothing(s3_server, s3_fs, s3
 
 
 def test_missing_object_is_not_retried(s3_bucket, opts, caplog):
-    caplog.set_level(logging.DEBUG, logger="ldmscale.storage")
+    caplog.set_level(logging.DEBUG, logger="ldmscale.data.storage")
     t0 = time.monotonic()
     with pytest.raises(FileNotFoundError):
         storage.open_url(f"s3://{s3_bucket}/laion/99999.tar", opts)
@@ -180,7 +180,7 @@ def test_check_ok_and_missing_first_shard(shards, opts, s3_bucket):
 
 @pytest.mark.parametrize("field", ["key", "secret"])
 def test_wrong_credentials_fail_fast_and_quietly(shards, opts, field, caplog):
-    caplog.set_level(logging.DEBUG, logger="ldmscale.storage")
+    caplog.set_level(logging.DEBUG, logger="ldmscale.data.storage")
     bad = {**opts, field: f"wrong-{field}-Zq9xK2"}
     t0 = time.monotonic()
     with pytest.raises(storage.StorageError) as err:

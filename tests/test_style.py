@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from ldmscale import noise
 from ldmscale.config import ConfigError, ModelConfig, StyleConfig, load_config
-from ldmscale.models import build_unet
-from ldmscale.objective import LatentDiffusion, build_noise_scheduler
+from ldmscale.data.style_refs import REF_BYTES, REF_KEY, augment_view, pair_by_style
+from ldmscale.models import noise
+from ldmscale.models.networks import build_unet
+from ldmscale.models.objective import LatentDiffusion, build_noise_scheduler
 from ldmscale.style.attention import StyleAttnProcessor, add_style_path, is_style_key
 from ldmscale.style.encoder import StyleEncoder, beta_at, kl_to_standard_normal
-from ldmscale.style.refs import REF_BYTES, REF_KEY, augment_view, pair_by_style
 from tests.conftest import REPO, tiny_overrides
 
 TEXT_DIM = 32

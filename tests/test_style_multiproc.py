@@ -102,7 +102,7 @@ def test_style_resume_after_kill_is_bitwise(style_runs: dict) -> None:
 def test_sample_cli_with_style_image(style_runs: dict, tmp_path: Path, assets: Path) -> None:
     if style_runs["case"] != "zero3-metadata":
         pytest.skip("sampling is the same for both reference modes: checked once, on the ZeRO-3 shards")
-    from ldmscale.export import load_trained
+    from ldmscale.inference.export import load_trained
 
     m = load_trained(style_runs["reference"], "raw")  # ZeRO-3 shards consolidated, style path rebuilt
     assert m.style is not None and any(".to_v_style." in k for k in m.unet.state_dict())
@@ -112,7 +112,7 @@ def test_sample_cli_with_style_image(style_runs: dict, tmp_path: Path, assets: P
     ref = tmp_path / "ref.jpg"
     ref.write_bytes(sample["jpg"])
     out = tmp_path / "samples"
-    cmd = [sys.executable, "-m", "ldmscale.sample", str(style_runs["reference"]), "--prompt", "a handwritten digit 3",
+    cmd = [sys.executable, "-m", "ldmscale.inference.sample", str(style_runs["reference"]), "--prompt", "a handwritten digit 3",
            "--prompt", "", "--style-image", str(ref), "--style-scale", "2", "--num-images", "2", "--steps", "3",
            "--out", str(out)]
     r = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -54,7 +54,7 @@ def test_grid_drawn_by_all_ranks_is_the_single_process_grid(runs: dict[str, Path
     """tiny.yaml: 2 prompts x 2 images, 4 steps, DDIM, guidance 7.5; rank 0 drew images 0 and 2, rank 1 1 and 3."""
     grid_dir = runs["full"] / "samples" / "step_00000004"
     ref = runs["root"] / "single"
-    subprocess.run([sys.executable, "-m", "ldmscale.sample", str(runs["full"]), "--prompt", "a handwritten digit 3",
+    subprocess.run([sys.executable, "-m", "ldmscale.inference.sample", str(runs["full"]), "--prompt", "a handwritten digit 3",
                     "--prompt", "a handwritten digit 7", "--num-images", "2", "--steps", "4", "--out", str(ref)],
                    env=train_env(), cwd=REPO, check=True, capture_output=True)
     got, want = (json.loads((d / "samples.json").read_text()) for d in (grid_dir, ref))

@@ -10,7 +10,7 @@ import torch
 
 from ldmscale.config import load_config
 from ldmscale.eval.validation import BUCKETS, Validator, load_validation_set, metrics_from_sums
-from ldmscale.stages import DiffusionStage
+from ldmscale.trainer.stages import DiffusionStage
 from tests.conftest import REPO, tiny_overrides
 
 CPU = torch.device("cpu")

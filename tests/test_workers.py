@@ -16,7 +16,7 @@ from tests.conftest import REPO, train_env
 # Runs in a session of its own (start_new_session), so killpg(0) reaches exactly it and its workers.
 PROBE = r"""
 import json, os, signal, sys, threading
-from ldmscale import preemption
+from ldmscale.runtime import preemption
 from ldmscale.config import DataConfig
 from ldmscale.data import ResumableLoader
 

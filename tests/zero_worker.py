@@ -1,6 +1,6 @@
 """One rank of tests/test_zero_paths.py (started by torchrun, 2 ranks): the sharded EMA and gradient
 checkpointing under real DeepSpeed engines, every ZeRO stage, fp32 and bf16, and ldmscale's ZeRO-0 clipping
-(ldmscale.engine). Writes its findings as JSON.
+(ldmscale.trainer.engine). Writes its findings as JSON.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/zero_worker.py OUT.json
 """
@@ -20,11 +20,11 @@ import torch.distributed as tdist
 from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import load_file, save_file
 
-from ldmscale import dist
-from ldmscale.ds_config import bf16_reduction
-from ldmscale.ema import EMA, gathered
-from ldmscale.engine import build_engine
-from ldmscale.models import build_unet
+from ldmscale.models.networks import build_unet
+from ldmscale.runtime import dist
+from ldmscale.trainer.ds_config import bf16_reduction
+from ldmscale.trainer.ema import EMA, gathered
+from ldmscale.trainer.engine import build_engine
 
 STEPS = 3
 DECAY = 0.7  # far from 1, so every step moves the average visibly
@@ -72,7 +72,7 @@ def ds_config(zero: int, precision: str) -> dict[str, Any]:
 
 def make_engine(zero: int, precision: str, checkpointing: bool = False, clip: float = 0.0,
                 lean: bool = False) -> Any:
-    """DeepSpeed's own engine, or the trainer's (`lean`: ldmscale.engine.build_engine)."""
+    """DeepSpeed's own engine, or the trainer's (`lean`: ldmscale.trainer.engine.build_engine)."""
     torch.manual_seed(0)
     unet = build_unet("tiny", 4, 32, 8)
     if checkpointing:

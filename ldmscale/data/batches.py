@@ -20,8 +20,8 @@ from ldmscale.config import DataConfig, StyleConfig
 from ldmscale.data import storage
 from ldmscale.data.decode import decode_image, stack_uint8
 from ldmscale.data.filters import IMAGE_EXTS
+from ldmscale.data.latent_format import LATENT_EXT, collate_latents, decode_latent
 from ldmscale.data.stream import SourceStream
-from ldmscale.latents.format import LATENT_EXT, collate_latents, decode_latent
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class ImageDecoder:
 
     def _reference(self, sample: dict[str, Any], image: np.ndarray) -> np.ndarray:
         """The style reference of a sample: its metadata partner, else an augmented view of itself."""
-        from ldmscale.style.refs import REF_BYTES, augment_view
+        from ldmscale.data.style_refs import REF_BYTES, augment_view
 
         assert self.style is not None
         if REF_BYTES in sample:
@@ -140,7 +140,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
         batch: dict[str, Any] = self.decoder.collate(examples)
         batch.update(captions=captions, keys=keys)
         if self.tokenizer is not None:  # the autoencoder stage has no text
-            from ldmscale.encoders import tokenize
+            from ldmscale.models.encoders import tokenize
 
             batch["input_ids"] = tokenize(self.tokenizer, captions)
         return batch

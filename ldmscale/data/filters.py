@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ldmscale.config import FilterConfig
-from ldmscale.latents.format import LATENT_EXT
+from ldmscale.data.latent_format import LATENT_EXT
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

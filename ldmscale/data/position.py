@@ -15,11 +15,15 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from ldmscale.runtime.errors import InputError
+
 FORMAT = 2  # 1 was (epoch, batches, consumed per role): a replay from the epoch's start
 
 
-class PositionError(ValueError):
+class PositionError(InputError, ValueError):
     """A saved data position cannot be resumed here; the message says why and what to do."""
+
+    kind = "resume error"
 
 
 def role_batches(total: int, workers: int, role: int) -> int:

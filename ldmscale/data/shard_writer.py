@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from ldmscale.atomic import atomic_write
+from ldmscale.runtime.atomic import atomic_write
 
 # img2dataset's key has 4 digits for the index inside a shard; more samples would collide with the next shard.
 MAX_SAMPLES_PER_SHARD = 10_000

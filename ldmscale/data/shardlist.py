@@ -30,6 +30,11 @@ from ldmscale.data.storage import (
 # ---------------------------------------------------------------- shard lists
 
 
+class ShardListError(StorageError, ValueError):
+    """data.shards names no shard."""
+
+
+
 def is_local(url: str) -> bool:
     return protocol_of(url) in LOCAL_PROTOCOLS
 
@@ -67,7 +72,7 @@ def _expand_one(spec: str, storage_options: dict | None) -> tuple[list[str], str
 
 def expand_shard_urls(spec: str | list[str], storage_options: dict | None = None) -> list[str]:
     """Shard URLs from a brace pattern, a list, a local glob or directory, or an object-store prefix
-    ending in '/' (its .tar objects, sorted). Raises ValueError when nothing is found."""
+    ending in '/' (its .tar objects, sorted). Raises ShardListError (a ValueError) when nothing is found."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     looked: list[str] = []
@@ -76,7 +81,7 @@ def expand_shard_urls(spec: str | list[str], storage_options: dict | None = None
         urls.extend(found)
         looked.append(what)
     if not urls:
-        raise ValueError(f"no shards found for {spec!r}: looked for {'; '.join(looked) or 'nothing'}")
+        raise ShardListError(f"no shards found for {spec!r}: looked for {'; '.join(looked) or 'nothing'}")
     return urls
 
 

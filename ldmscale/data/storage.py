@@ -27,7 +27,8 @@ import fsspec
 # `import webdataset.gopen` would give the gopen function (the package re-exports it), not the module.
 from webdataset.gopen import gopen_schemes
 
-from ldmscale.redact import redact, scrub  # noqa: F401  (re-exported: storage.redact, storage.scrub)
+from ldmscale.runtime.errors import InputError
+from ldmscale.runtime.redact import redact, scrub  # noqa: F401  (re-exported: storage.redact, storage.scrub)
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ _TRANSIENT_NAMES = {
 }
 
 
-class StorageError(RuntimeError):
+class StorageError(InputError, RuntimeError):
     """Object storage is misconfigured or unreachable; the message says what failed and how to fix it."""
+
+    kind = "data error"
 
     transient: bool = False  # worth retrying (throttling, a reset connection), as opposed to a wrong setting
 

@@ -149,7 +149,7 @@ class SourceStream:
             number = self._state["block"]
             seeded(self.seed, self.epoch, *self.src, -1, number).shuffle(block)
             if self.style is not None:
-                from ldmscale.style.refs import pair_by_style
+                from ldmscale.data.style_refs import pair_by_style
 
                 # within the block: a resume rebuilds the same pairs from the block alone
                 block = list(pair_by_style(iter(block), self.style.metadata_key, self.style.pair_window,

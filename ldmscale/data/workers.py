@@ -1,7 +1,7 @@
 """DataLoader worker processes that survive the cluster's preemption signals.
 
 slurmstepd delivers srun-forwarded and `--signal` signals (SIGUSR1/SIGUSR2/SIGTERM) to every process of the
-step, loader workers included. The trainer's main process turns them into a checkpoint (ldmscale.preemption);
+step, loader workers included. The trainer's main process turns them into a checkpoint (ldmscale.runtime.preemption);
 a worker must not die of them, or the main process fails with "DataLoader worker killed by signal" before it
 can save. Forked workers (the CPU default) inherit the trainer's handler, spawned ones (the CUDA default, as
 fork after CUDA init is unsafe) start with the default action, which terminates. So every worker ignores them,
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from ldmscale.preemption import PREEMPT_SIGNALS
+from ldmscale.runtime.preemption import PREEMPT_SIGNALS
 
 StartMethod = Literal["auto", "fork", "spawn"]
 

@@ -8,23 +8,18 @@ Every input is checked before the process group starts: a bad one is a one-line 
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 
-from ldmscale import dist
-from ldmscale.checkpoint import CheckpointError, find_tag_dir, read_trainer_state
+from ldmscale.checkpoint import find_tag_dir, load_trained, read_trainer_state
 from ldmscale.config import config_from_yaml_text
-from ldmscale.eval.clip_score import ClipError, build_clip_score, check_clip_model
+from ldmscale.eval.clip_score import build_clip_score, check_clip_model
 from ldmscale.eval.fid import FeatureError, GaussianStats, build_fid, load_stats, parse_features, stats_of
 from ldmscale.eval.generate import (
     GenerationSettings,
-    SettingsMismatch,
     check_settings,
     draw_missing,
     image_path,
@@ -32,16 +27,15 @@ from ldmscale.eval.generate import (
     write_index,
     write_settings,
 )
-from ldmscale.eval.prompts import PromptError, prompt_for, rank_indices, read_prompts
-from ldmscale.eval.reference import ReferenceError, rank_batches, reference_kind
+from ldmscale.eval.reference import rank_batches, reference_kind
 from ldmscale.eval.report import log_wandb, plot_sweep, write_json
-from ldmscale.export import load_trained
+from ldmscale.inference.prompts import PromptError, prompt_for, rank_indices, read_prompts
+from ldmscale.runtime import dist
+from ldmscale.runtime.cli import run_cli
+from ldmscale.runtime.errors import InputError
 
 # the scales of the Stable Diffusion model cards' and NeMo's FID-vs-CLIP curves (30k COCO-2014 val captions)
 DEFAULT_GUIDANCE = "1.5,2,3,4,5,6,7,8"
-INPUT_ERRORS = (CheckpointError, PromptError, FeatureError, ReferenceError, ClipError, SettingsMismatch, ValueError,
-                OSError)
-
 
 @dataclass
 class Plan:
@@ -60,14 +54,14 @@ def parse_guidance(text: str) -> list[float]:
     try:
         scales = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--guidance {text!r}: give comma-separated numbers, e.g. {DEFAULT_GUIDANCE}") from None
+        raise InputError(f"--guidance {text!r}: give comma-separated numbers, e.g. {DEFAULT_GUIDANCE}") from None
     if not scales or any(g < 1 for g in scales):
-        raise ValueError(f"--guidance {text!r}: give scales >= 1 (1 = no classifier-free guidance)")
+        raise InputError(f"--guidance {text!r}: give scales >= 1 (1 = no classifier-free guidance)")
     return scales
 
 
 def plan(a: argparse.Namespace, world: int) -> Plan:
-    """All input checks; raises one of INPUT_ERRORS with a message naming the problem and the fix."""
+    """All input checks; raises InputError with a message naming the problem and the fix."""
     parse_features(a.features)
     ref_kind = reference_kind(a.reference)
     if ref_kind == "stats":
@@ -75,12 +69,12 @@ def plan(a: argparse.Namespace, world: int) -> Plan:
         if stored and stored != a.features:
             raise FeatureError(f"--reference {a.reference} was computed with --features {stored}, not {a.features}")
         if a.save_reference_stats:
-            raise ValueError("--save-reference-stats needs reference images (shards or a folder), not an .npz")
+            raise InputError("--save-reference-stats needs reference images (shards or a folder), not an .npz")
     if a.checkpoint is None:
         if not a.save_reference_stats:
-            raise ValueError("give a CHECKPOINT to evaluate, or --save-reference-stats FILE to only write statistics")
+            raise InputError("give a CHECKPOINT to evaluate, or --save-reference-stats FILE to only write statistics")
         if a.resolution is None:
-            raise ValueError("--save-reference-stats without a CHECKPOINT needs --resolution (the generation size)")
+            raise InputError("--save-reference-stats without a CHECKPOINT needs --resolution (the generation size)")
         return Plan(a, [], [], None, None, "", "disabled")
     if a.clip_model:
         check_clip_model(a.clip_model)
@@ -90,7 +84,7 @@ def plan(a: argparse.Namespace, world: int) -> Plan:
     guidance = parse_guidance(a.guidance)
     num = a.num_images or len(prompts)
     if num < max(2, world):
-        raise ValueError(f"--num-images {num}: FID needs at least 2 images and every one of the {world} ranks one")
+        raise InputError(f"--num-images {num}: FID needs at least 2 images and every one of the {world} ranks one")
     path = Path(a.checkpoint)
     step, tag_dir, project, mode, res = None, None, "ldmscale", "disabled", a.resolution
     if not (path / "model_index.json").exists():
@@ -102,16 +96,6 @@ def plan(a: argparse.Namespace, world: int) -> Plan:
     check_settings(Path(a.out), settings)
     a.num_images = num
     return Plan(a, prompts, guidance, tag_dir, settings, project, a.wandb_mode or mode)
-
-
-def start_process_group() -> tuple[int, int, torch.device]:
-    rank, world, local = dist.world_info_from_env()
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
-    return rank, world, device
 
 
 def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
@@ -189,22 +173,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def cli(argv: list[str] | None = None) -> None:
-    a = parse_args(argv)
+def evaluate(a: argparse.Namespace) -> None:
     try:
-        p = plan(a, dist.world_info_from_env()[1])
-    except INPUT_ERRORS as e:
-        print(f"ldmscale-eval: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    rank, world, device = start_process_group()
-    report = run(p, rank, world, device)
-    if report is not None and rank == 0:
+        p = plan(a, dist.world_info_from_env()[1])  # every input check, before the process group
+    except (ValueError, OSError) as e:  # plan only reads and parses what the user named
+        raise e if isinstance(e, InputError) else InputError(str(e)) from None
+    info = dist.init_distributed(timeout_min=60, engine="torch")
+    report = run(p, info.rank, info.world_size, info.device)
+    if report is not None and info.is_main:
         out = Path(a.out)
         plot = plot_sweep(report["results"], out / "fid_vs_clip.png",
                           f"{Path(report['checkpoint']).name}: {a.num_images} images, {a.features}")
         print(f"ldmscale-eval: wrote {write_json(out, report)} and {plot}", flush=True)
         log_wandb(report, plot, p.wandb_project, p.wandb_mode, out)
     dist.cleanup()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli("ldmscale-eval", lambda: evaluate(parse_args(argv)))
 
 
 if __name__ == "__main__":

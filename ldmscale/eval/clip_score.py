@@ -15,8 +15,10 @@ from torch import nn
 from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
+from ldmscale.runtime.errors import InputError
 
-class ClipError(ValueError):
+
+class ClipError(InputError, ValueError):
     """A --clip-model that is neither a local CLIP folder nor a hub id."""
 
 

@@ -24,9 +24,10 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from transformers import CLIPImageProcessor, CLIPModel
 
 from ldmscale.eval.clip_score import embedding
+from ldmscale.runtime.errors import InputError
 
 
-class FeatureError(ValueError):
+class FeatureError(InputError, ValueError):
     """A --features spec that names no usable extractor; the message says what to pass."""
 
 

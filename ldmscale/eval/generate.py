@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from ldmscale.data import stack_uint8
-from ldmscale.eval.prompts import prompt_for
-from ldmscale.sample import generate, to_pil
+from ldmscale.inference.generate import generate, to_pil
+from ldmscale.inference.prompts import prompt_for
+from ldmscale.runtime.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class GenerationSettings:
     resolution: int | None
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(InputError, ValueError):
     """Images already in the output folder were drawn with other settings."""
 
 

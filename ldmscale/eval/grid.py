@@ -15,8 +15,9 @@ import torch
 import torch.distributed as tdist
 from PIL import Image
 
-from ldmscale.eval.prompts import rank_indices
-from ldmscale.sample import generate, to_uint8, write_samples
+from ldmscale.inference.generate import generate, to_uint8
+from ldmscale.inference.images import write_samples
+from ldmscale.inference.prompts import rank_indices
 
 
 def broadcast_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], device: torch.device) -> None:

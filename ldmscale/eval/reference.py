@@ -17,11 +17,12 @@ import webdataset as wds
 
 from ldmscale.data import IMAGE_EXTS, decode_image, stack_uint8
 from ldmscale.data.storage import register_gopen_schemes
+from ldmscale.runtime.errors import InputError
 
 FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class ReferenceError(ValueError):
+class ReferenceError(InputError, ValueError):
     """A --reference that holds no images or statistics."""
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from ldmscale import noise
 from ldmscale.data import IMAGE_EXTS, decode_image, expand_shard_urls, normalize_pixels, stack_uint8
-from ldmscale.encoders import tokenize
 from ldmscale.eval.reference import shard_samples
+from ldmscale.models import noise
+from ldmscale.models.encoders import tokenize
 
 VAL_ID_BASE = 1 << 60  # training ids are step * global_batch + slot: far below this
 BUCKETS = ("low", "mid", "high")

@@ -24,7 +24,6 @@ import torch
 from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
-from ldmscale import dist
 from ldmscale.config import Config, ConfigError, load_config
 from ldmscale.data import (
     IMAGE_EXTS,
@@ -36,12 +35,15 @@ from ldmscale.data import (
     stack_uint8,
     storage,
 )
+from ldmscale.data.latent_format import LATENT_EXT, LatentDtype, encode_latent
 from ldmscale.data.shardlist import check_shards_reachable
-from ldmscale.data.storage import StorageError, scrub
-from ldmscale.ds_config import precision_dtype
-from ldmscale.latents.format import LATENT_EXT, LatentDtype, encode_latent
+from ldmscale.data.storage import scrub
 from ldmscale.latents.manifest import vae_entry, write_manifest_if_complete
 from ldmscale.latents.writer import LatentShardWriter, is_complete, join, shard_name
+from ldmscale.runtime import dist
+from ldmscale.runtime.cli import run_cli
+from ldmscale.runtime.errors import InputError
+from ldmscale.trainer.ds_config import precision_dtype
 
 
 @dataclass
@@ -109,8 +111,14 @@ class Encoder:
     """The frozen VAE encoder (+ tokenizer, + text encoder with --text-embeddings) of the configured model."""
 
     def __init__(self, cfg: Config, device: torch.device, text_embeddings: bool, dtype: LatentDtype) -> None:
-        from ldmscale.encoders import VAE_ENCODER_PARTS, load_text_encoder, load_tokenizer, load_vae, weights_hash
         from ldmscale.latents.manifest import load_vae_config
+        from ldmscale.models.encoders import (
+            VAE_ENCODER_PARTS,
+            load_text_encoder,
+            load_tokenizer,
+            load_vae,
+            weights_hash,
+        )
 
         self.device, self.dtype, self.compute = device, dtype, precision_dtype(cfg)
         if device.type == "cpu" and self.compute == torch.float16:
@@ -132,7 +140,7 @@ class Encoder:
     @torch.no_grad()
     def members(self, rows: list[tuple[str, bytes, bytes | None]], pixels_uint8: torch.Tensor
                 ) -> list[tuple[str, dict[str, bytes]]]:
-        from ldmscale.encoders import tokenize
+        from ldmscale.models.encoders import tokenize
 
         pixels = normalize_pixels(pixels_uint8.to(self.device))
         post = self.vae.encode(pixels.to(self.compute)).latent_dist
@@ -249,26 +257,22 @@ def preflight(cfg: Config, out: str) -> None:
         raise ConfigError(f"--out {out} is where the image shards are: give the latent shards their own folder")
 
 
-def cli(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def encode(args: argparse.Namespace) -> int:
     if args.batch_size <= 0:
-        print("ldmscale-encode: --batch-size must be > 0", file=sys.stderr)
-        raise SystemExit(2)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        preflight(cfg, args.out)
-    except ConfigError as e:
-        print(f"ldmscale-encode: config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (StorageError, ValueError) as e:
-        print(f"ldmscale-encode: data error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise InputError(f"--batch-size {args.batch_size}: give a number of images per VAE forward > 0")
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg, args.out)
     res = main(cfg, args.out, dtype=args.dtype, batch_size=args.batch_size, text_embeddings=args.text_embeddings,
                progress=not args.no_progress)
     if res.failed:
         print(f"ldmscale-encode: {len(res.failed)} shards failed to read after retries "
               f"({', '.join(res.failed[:5])}); run the same command again to encode them", file=sys.stderr)
-        raise SystemExit(1)
+        return 1
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli("ldmscale-encode", lambda: encode(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def load_vae_config(model: ModelConfig) -> dict[str, Any]:
     """The VAE's config.json (no weights): enough for the pre-flight check, before any process group."""
     from diffusers import AutoencoderKL
 
-    from ldmscale.encoders import _part
+    from ldmscale.models.encoders import _part
 
     ref, sub = _part(model, "vae")
     return dict(AutoencoderKL.load_config(ref, subfolder=sub) if sub else AutoencoderKL.load_config(ref))

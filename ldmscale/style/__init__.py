@@ -2,6 +2,7 @@
 
 encoder.py     reference image -> K style tokens (variational: mean, log-variance; KL to N(0, I))
 attention.py   decoupled, zero-initialised style cross-attention added to every U-Net cross-attention block
-refs.py        which image is a sample's reference: an augmented view of itself, or a metadata partner
-step1_init.py  the U-Net weights a style run starts from (a step-1 text-only checkpoint)
+
+Which image is a sample's reference is the data's business (ldmscale/data/style_refs.py); the step-1 weights a
+style run starts from are loaded by ldmscale/checkpoint/warm_start.py.
 """

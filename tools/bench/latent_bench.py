@@ -57,7 +57,7 @@ def prepare(a: argparse.Namespace) -> tuple[Path, Path]:
         return shards, models
     from loader_bench import build_shards  # photo-like JPEG shards, 512-1024 px short side
 
-    from ldmscale.offline_models import train_tokenizer, write_text_encoder, write_vae
+    from ldmscale.models.offline import train_tokenizer, write_text_encoder, write_vae
 
     tars = build_shards(a.work, images=a.images, per_shard=max(a.batch * 2, 64), seed=0)
     if not (models / "vae").exists():

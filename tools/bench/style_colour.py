@@ -119,7 +119,7 @@ def score(images: list[np.ndarray], refs: list[dict[str, Any]], digits: list[int
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from ldmscale.data import to_tensor
-    from ldmscale.export import load_trained
+    from ldmscale.inference.export import load_trained
 
     pools = {k: load_set(args.data / FOLDERS[k]) for k in SETS}
     clf = SVC(gamma=0.001).fit(np.stack([content_features(h["rgb"]) for h in pools["seen"]]),

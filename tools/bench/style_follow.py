@@ -78,9 +78,10 @@ def load_heldout(folder: Path) -> list[dict[str, Any]]:
 
 
 def draw(run: Path, prompts: list[str], refs: list[np.ndarray] | None, args: argparse.Namespace) -> list[np.ndarray]:
-    from ldmscale.data import to_tensor
-    from ldmscale.export import load_trained
     from ldmscale.sample import generate
+
+    from ldmscale.data import to_tensor
+    from ldmscale.inference.export import load_trained
 
     m = load_trained(run, "ema", args.device)
     res = m.cfg.data.resolution if m.cfg else None

@@ -30,17 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ldmscale import dist  # noqa: E402
+from ldmscale.runtime import dist  # noqa: E402
 from ldmscale.config import load_config  # noqa: E402
 from ldmscale.data import normalize_pixels  # noqa: E402
 from ldmscale.data.position import DataPosition  # noqa: E402
-from ldmscale.ds_config import build_ds_config, precision_dtype  # noqa: E402
-from ldmscale.ema import EMA, warmup_decay  # noqa: E402
-from ldmscale.engine import build_engine  # noqa: E402
-from ldmscale.models import build_unet  # noqa: E402
-from ldmscale.monitor import DROP_REASONS, Monitor, StepStats, StepTimer, peak_tflops  # noqa: E402
-from ldmscale.offline_models import train_tokenizer, write_text_encoder, write_vae  # noqa: E402
-from ldmscale.stages import build_stage  # noqa: E402
+from ldmscale.models.networks import build_unet  # noqa: E402
+from ldmscale.models.offline import train_tokenizer, write_text_encoder, write_vae  # noqa: E402
+from ldmscale.trainer.ds_config import build_ds_config, precision_dtype  # noqa: E402
+from ldmscale.trainer.ema import EMA, warmup_decay  # noqa: E402
+from ldmscale.trainer.engine import build_engine  # noqa: E402
+from ldmscale.trainer.monitor import DROP_REASONS, Monitor, StepStats, StepTimer, peak_tflops  # noqa: E402
+from ldmscale.trainer.stages import build_stage  # noqa: E402
 
 # small: the CPU demo's U-Net on 32 px digits-sized inputs; sd15: Stable Diffusion 1.x (U-Net, VAE, CLIP-L sizes)
 PRESETS: dict[str, dict[str, Any]] = {

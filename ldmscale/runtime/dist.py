@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as tdist
@@ -73,21 +74,25 @@ def _skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_distributed(timeout_min: float = 30.0) -> DistInfo:
-    """Start the process group (NCCL on GPUs, gloo on CPU) the way DeepSpeed expects it."""
-    import deepspeed
-
+def init_distributed(timeout_min: float = 30.0, engine: Literal["deepspeed", "torch"] = "deepspeed") -> DistInfo:
+    """The one process-group setup (NCCL on GPUs, gloo on CPU). engine="deepspeed" (training): through DeepSpeed,
+    which keeps its own handles on the group; "torch" (evaluation, no DeepSpeed engine): torch's own, and none at
+    all for a single process."""
     rank, world, local = world_info_from_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-        _skip_cpu_shm_op()
-    if not tdist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_min)
-        )
+    timeout = datetime.timedelta(minutes=timeout_min)
+    if not tdist.is_initialized() and engine == "deepspeed":
+        import deepspeed
+
+        if device.type == "cpu":
+            _skip_cpu_shm_op()
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    elif not tdist.is_initialized() and world > 1:
+        tdist.init_process_group(backend, timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 

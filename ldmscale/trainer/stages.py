@@ -18,20 +18,21 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 
-from ldmscale import dist, noise
-from ldmscale.autoencoder import AutoencoderObjective, measure_scaling_factor, save_vae
+from ldmscale.checkpoint.warm_start import init_from_step1
 from ldmscale.config import Config
 from ldmscale.data import ResumableLoader, normalize_pixels
-from ldmscale.ema import EMA, gathered
-from ldmscale.encoders import FrozenEncoders, load_vae, tokenize
 from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
 from ldmscale.latents.manifest import check_encoders, manifest_for
-from ldmscale.models import build_unet, build_vae, strip_prefix, vae_downsample_factor
-from ldmscale.monitor import Monitor, encode_flops_per_sample, training_flops_per_sample
-from ldmscale.objective import LatentDiffusion, build_noise_scheduler
+from ldmscale.models import noise
+from ldmscale.models.autoencoder import AutoencoderObjective, measure_scaling_factor, save_vae
+from ldmscale.models.encoders import FrozenEncoders, load_vae, tokenize
+from ldmscale.models.networks import build_unet, build_vae, strip_prefix, vae_downsample_factor
+from ldmscale.models.objective import LatentDiffusion, build_noise_scheduler
+from ldmscale.runtime import dist
 from ldmscale.style.attention import add_style_path
 from ldmscale.style.encoder import beta_at, build_style, style_input
-from ldmscale.style.step1_init import init_from_step1
+from ldmscale.trainer.ema import EMA, gathered
+from ldmscale.trainer.monitor import Monitor, encode_flops_per_sample, training_flops_per_sample
 
 
 def _prepare(trained: torch.nn.Module, cfg: Config) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from ldmscale.checkpoint import find_tag_dir, load_ema
+from ldmscale.checkpoint.loading import load_ema, raw_state_dict
+from ldmscale.checkpoint.store import find_tag_dir
 from ldmscale.config import StyleConfig
-from ldmscale.export import raw_state_dict
-from ldmscale.models import strip_prefix
+from ldmscale.models.networks import strip_prefix
 
 
 def step1_unet_state(ref: str, weights: str) -> dict[str, torch.Tensor]:

@@ -1,26 +1,31 @@
-"""Turn a training checkpoint (any ZeRO stage) into models: for sampling, and as a diffusers folder.
-
-`ldmscale-export CKPT OUT` writes a StableDiffusionPipeline folder (safetensors) that diffusers loads
-with `StableDiffusionPipeline.from_pretrained(OUT)`.
-"""
+"""Weights out of a checkpoint for inference and warm starts: the EMA file, the raw weights consolidated from any
+ZeRO stage by DeepSpeed's own utility, and the whole trained model (U-Net, frozen encoders, scheduler, style
+path) that sampling, evaluation and export start from."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
 
-from ldmscale.checkpoint import CheckpointError, find_tag_dir, load_ema
+from ldmscale.checkpoint.store import CheckpointError, find_tag_dir
 from ldmscale.config import Config, ModelConfig, config_from_yaml_text
-from ldmscale.encoders import FrozenEncoders
-from ldmscale.models import build_unet, strip_prefix, vae_downsample_factor
-from ldmscale.objective import build_noise_scheduler
+from ldmscale.models.encoders import FrozenEncoders
+from ldmscale.models.networks import build_unet, strip_prefix, vae_downsample_factor
+from ldmscale.models.objective import build_noise_scheduler
 from ldmscale.style.attention import add_style_path
 from ldmscale.style.encoder import StyleReference, build_style
+
+
+def load_ema(tag_dir: Path) -> dict[str, torch.Tensor]:
+    f = tag_dir / "ema.safetensors"
+    if not f.exists():
+        raise CheckpointError(f"{tag_dir} holds no EMA weights (train.ema_decay was 0); use raw weights")
+    return load_file(str(f))
 
 
 def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -75,33 +80,3 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
     return TrainedModel(cfg, unet.to(device, dtype).eval(), enc, sched, style)
 
 
-def export_pipeline(path: str | Path, out: str | Path, weights: str = "ema") -> Path:
-    m = load_trained(path, weights)
-    if m.style is not None:
-        raise CheckpointError(
-            f"{path} is a style-conditioned checkpoint: StableDiffusionPipeline has no style path; sample it with "
-            f"ldmscale-sample --style-image, or export its step-1 (text-only) run"
-        )
-    pipe = StableDiffusionPipeline(
-        vae=m.encoders.vae, text_encoder=m.encoders.text_encoder, tokenizer=m.encoders.tokenizer, unet=m.unet,
-        scheduler=DDIMScheduler.from_config(m.scheduler_config), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    return Path(out)
-
-
-def cli(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="ldmscale-export", description="Checkpoint -> diffusers pipeline folder")
-    p.add_argument("checkpoint", help="run dir, its checkpoints/ folder, or a step_* folder")
-    p.add_argument("out", help="output folder for StableDiffusionPipeline.from_pretrained")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
-    a = p.parse_args(argv)
-    try:
-        print(export_pipeline(a.checkpoint, a.out, a.weights))
-    except CheckpointError as e:
-        raise SystemExit(f"ldmscale-export: {e}") from None
-
-
-if __name__ == "__main__":
-    cli()

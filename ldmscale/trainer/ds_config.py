@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ldmscale.config import Config, _deep_merge
+from ldmscale.config import Config, deep_merge
 
 _OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 
@@ -75,7 +75,7 @@ def build_ds_config(cfg: Config, world: int) -> dict[str, Any]:
     }
     if d.precision == "bf16":
         ds.update(bf16_reduction(d.zero_stage))
-    return _deep_merge(ds, d.extra)
+    return deep_merge(ds, d.extra)
 
 
 def precision_dtype(cfg: Config) -> torch.dtype:

@@ -18,8 +18,8 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldmscale.models import VAE_PRESETS as _MODEL_VAE_PRESETS
-from ldmscale.models import build_vae
+from ldmscale.models.networks import VAE_PRESETS as _MODEL_VAE_PRESETS
+from ldmscale.models.networks import build_vae
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"

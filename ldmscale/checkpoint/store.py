@@ -18,25 +18,29 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from ldmscale import dist
-from ldmscale.atomic import atomic_save_tensors, atomic_write_text
+from ldmscale.runtime import dist
+from ldmscale.runtime.atomic import atomic_save_tensors, atomic_write_text
+from ldmscale.runtime.errors import InputError
 
 COMPLETE = "COMPLETE"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(InputError, RuntimeError):
+    """A checkpoint that cannot be used as asked; the message names the folder or file and what to do."""
+
+    kind = "checkpoint error"
+
+
+class ResumeError(CheckpointError):
+    """--resume names no checkpoint that can be resumed."""
+
+    kind = "resume error"
 
 
 def tag_for(step: int) -> str:
@@ -115,56 +119,8 @@ def read_rank_states(tag_dir: Path, world: int) -> list[dict[str, Any]]:
     return [json.loads(rank_state_file(tag_dir, r).read_text()) for r in range(world)]
 
 
-# ---------------------------------------------------------------- another world size
-
-
 def universal_dir(tag_dir: Path) -> Path:
     return tag_dir.with_name(f"{tag_dir.name}_universal")
-
-
-def convert_to_universal(tag_dir: Path) -> float:
-    """DeepSpeed's universal checkpoint of tag_dir, beside it (once: a finished conversion is reused).
-    Returns the seconds it took (0 when reused). Run by one process; the others wait for it."""
-    out = universal_dir(tag_dir)
-    if is_complete(out):
-        return 0.0
-    shutil.rmtree(out, ignore_errors=True)  # an interrupted conversion starts over
-    t0 = time.perf_counter()
-    # a subprocess: the converter starts worker pools, which must not fork a process holding a process group;
-    # --inject_missing_state: ZeRO-1/2 checkpoints lack the universal metadata it needs
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CheckpointError(f"ds_to_universal failed on {tag_dir} (exit {proc.returncode}): "
-                              f"{(proc.stdout + proc.stderr).strip()[-600:]}")
-    atomic_write_text(out / COMPLETE, "")
-    return time.perf_counter() - t0
-
-
-def prepare_universal(tag_dir: Path) -> float:
-    """Collective: rank 0 converts tag_dir to a universal checkpoint, the others wait. Returns its seconds."""
-    seconds = convert_to_universal(tag_dir) if dist.rank() == 0 else 0.0
-    dist.barrier()
-    if not is_complete(universal_dir(tag_dir)):
-        raise CheckpointError(f"{universal_dir(tag_dir)} is not complete after the conversion")
-    return seconds
-
-
-def prepare_elastic(tag_dir: Path | None, world: int, zero_stage: int) -> tuple[bool, str]:
-    """Collective. Resuming tag_dir on `world` ranks: (load its universal conversion?, the line to print).
-    ZeRO 1-3 partition the optimizer by rank, so another world size needs DeepSpeed's universal checkpoint;
-    ZeRO-0 keeps everything whole in rank 0's file and loads as it is."""
-    if tag_dir is None:
-        return False, ""
-    saved = int(read_trainer_state(tag_dir).get("world_size", world))
-    if saved == world:
-        return False, ""
-    if zero_stage == 0:
-        return False, f"resuming a {saved}-rank checkpoint on {world} ranks (ZeRO-0: no conversion needed)"
-    seconds = prepare_universal(tag_dir)
-    return True, f"resuming a {saved}-rank checkpoint on {world} ranks: converting ({seconds:.1f} s)"
 
 
 class CheckpointStore:
@@ -234,60 +190,3 @@ class CheckpointStore:
             if t not in survivors and t < newest:
                 shutil.rmtree(self.root / t, ignore_errors=True)
                 shutil.rmtree(universal_dir(self.root / t), ignore_errors=True)
-
-
-@dataclass
-class TrainState:
-    """The loop's own counters, saved in trainer_state.json."""
-
-    step: int = 0
-    samples_seen: int = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "samples_seen": self.samples_seen}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.step, self.samples_seen = int(d["step"]), int(d["samples_seen"])
-
-
-class Checkpointer:
-    """Built once with everything a checkpoint holds: the DeepSpeed engine (weights, optimizer, LR schedule),
-    the EMA, the loader's data position and the train state. It decides when to save (`maybe_save`) and
-    restores all of them (`restore`). Every rank calls both: DeepSpeed's save and load are collectives."""
-
-    def __init__(self, root: Path, *, keep_last: int, every: int, engine: Any, ema: Any, loader: Any,
-                 train_state: TrainState, config_yaml: str, world_size: int) -> None:
-        self.store = CheckpointStore(root, keep_last)
-        self.every, self.engine, self.ema, self.loader = every, engine, ema, loader
-        self.train_state, self.config_yaml, self.world_size = train_state, config_yaml, world_size
-        self.saved_step = -1
-
-    def restore(self, tag_dir: Path, universal: bool = False) -> str:
-        """Everything from tag_dir (its universal conversion for the engine when `universal`); every rank takes
-        its own data position, or a share of all of them on another world size. Returns the data's resume note."""
-        state = self.store.load(self.engine, tag_dir, universal=universal)
-        self.train_state.load_state_dict(state)
-        if self.ema is not None:
-            self.ema.load_state_dict(load_ema(tag_dir))  # every rank takes its share
-        saved_world = int(state.get("world_size", self.world_size))
-        note = self.loader.load_state_dict([r["data"] for r in read_rank_states(tag_dir, saved_world)])
-        self.saved_step = self.train_state.step  # that step is on disk already
-        return note
-
-    def maybe_save(self, step: int, force: bool = False) -> Path | None:
-        """Save at every `every`-th step, or now with force (preemption, the end); never the same step twice."""
-        if step == self.saved_step or not (force or step % self.every == 0):
-            return None
-        state = {**self.train_state.state_dict(), "world_size": self.world_size, "time": time.time()}
-        ema = self.ema.state_dict() if self.ema is not None else None  # collective: full on rank 0
-        tag_dir = self.store.save(self.engine, step, state, ema, self.config_yaml,
-                                  rank_state={"data": self.loader.state_dict()})
-        self.saved_step = step
-        return tag_dir
-
-
-def load_ema(tag_dir: Path) -> dict[str, torch.Tensor]:
-    f = tag_dir / "ema.safetensors"
-    if not f.exists():
-        raise CheckpointError(f"{tag_dir} holds no EMA weights (train.ema_decay was 0); use raw weights")
-    return load_file(str(f))

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from ldmscale.runtime.errors import InputError
 
-class PromptError(ValueError):
+
+class PromptError(InputError, ValueError):
     """A prompts file that cannot be read; the message names the file and the fix."""
 
 
