@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ldmscale.config import load_config
 from ldmscale.trainer.ds_config import build_ds_config
-
-pytestmark = pytest.mark.unit
 
 
 def _ds(*overrides: str) -> dict:
@@ -31,3 +30,16 @@ def test_fp32_runs_are_left_alone_and_bf16_reduction_can_be_turned_back() -> Non
     ds = _ds("deepspeed.precision=bf16", "deepspeed.extra={communication_data_type: bf16, data_types: "
              "{grad_accum_dtype: bf16}}")
     assert ds["communication_data_type"] == "bf16" and ds["data_types"] == {"grad_accum_dtype": "bf16"}
+
+
+def test_warmup_zero_means_no_warm_up() -> None:
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    params = _ds("optim.warmup_steps=0", "optim.lr=0.01")["scheduler"]["params"]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = WarmupCosineLR(opt, **params)  # DeepSpeed refused warmup_num_steps=0 after the process group was up
+    lrs = [opt.param_groups[0]["lr"]]  # what the first optimizer step uses
+    for _ in range(3):
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == lrs[1] == pytest.approx(0.01) and 0.009 < lrs[3] < lrs[2] < 0.01  # full LR, then cosine

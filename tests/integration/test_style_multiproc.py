@@ -17,10 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from ldmscale.style.encoder import COLOUR_STATS_DIM
-from tests.conftest import REPO, free_port, tiny_overrides, train_env
+from tests.conftest import REPO, SAMPLE_CLI, free_port, tiny_overrides, train_env
 from tests.test_multiproc import _command, _last_per_step, _steps, kill_after_step
 
-pytestmark = pytest.mark.multiproc
 MAX_STEPS = 8
 
 
@@ -112,7 +111,7 @@ def test_sample_cli_with_style_image(style_runs: dict, tmp_path: Path, assets: P
     ref = tmp_path / "ref.jpg"
     ref.write_bytes(sample["jpg"])
     out = tmp_path / "samples"
-    cmd = [sys.executable, "-m", "ldmscale.inference.sample", str(style_runs["reference"]), "--prompt", "a handwritten digit 3",
+    cmd = [*SAMPLE_CLI, str(style_runs["reference"]), "--prompt", "a handwritten digit 3",
            "--prompt", "", "--style-image", str(ref), "--style-scale", "2", "--num-images", "2", "--steps", "3",
            "--out", str(out)]
     r = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300, cwd=REPO)

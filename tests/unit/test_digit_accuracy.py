@@ -13,7 +13,7 @@ from PIL import Image
 
 from ldmscale.data.shard_writer import iter_tar_samples
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_tool(relpath: str) -> ModuleType:

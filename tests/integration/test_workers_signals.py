@@ -46,12 +46,3 @@ def test_workers_survive_preemption_signals_to_the_process_group(assets: Path, m
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["batches"] == 33  # 1 + 2 epochs of 16
     assert out["received"] == ["SIGTERM", "SIGUSR1", "SIGUSR2"]
-
-
-@pytest.mark.unit
-def test_auto_start_method_is_spawn_on_cuda_and_fork_on_cpu() -> None:
-    from ldmscale.data.workers import resolve_start_method
-
-    assert resolve_start_method("auto", "cuda") == "spawn"
-    assert resolve_start_method("auto", "cpu") == "fork"
-    assert resolve_start_method("spawn", "cpu") == "spawn"

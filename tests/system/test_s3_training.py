@@ -26,7 +26,7 @@ from ldmscale.data import shardlist, storage
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
 from tests.s3_fixtures import S3Server, upload_laion_shards
 
-pytestmark = [pytest.mark.s3, pytest.mark.multiproc]
+pytestmark = pytest.mark.s3
 
 MAX_STEPS = 30
 RESTART_AT_STEP = 3

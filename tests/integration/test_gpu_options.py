@@ -18,7 +18,6 @@ import pytest
 
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
 
-pytestmark = pytest.mark.multiproc
 STEPS = 3
 GPU_OPTIONS = {
     "deepspeed.precision": "bf16", "model.attention": "sdpa", "model.gradient_checkpointing": "true",

@@ -22,7 +22,6 @@ from ldmscale.eval.fid import GaussianStats
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
 from tests.eval_assets import write_tiny_clip
 
-pytestmark = pytest.mark.multiproc
 GUIDANCE = "1,3"
 NUM_IMAGES = 8
 

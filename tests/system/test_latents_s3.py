@@ -19,7 +19,7 @@ from tests.test_latents_multiproc import encode_command
 from tests.test_multiproc import _command, _keys
 from tests.test_s3_training import _s3_env
 
-pytestmark = [pytest.mark.s3, pytest.mark.multiproc]
+pytestmark = pytest.mark.s3
 STEPS = 4
 
 

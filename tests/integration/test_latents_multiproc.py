@@ -19,7 +19,6 @@ from ldmscale.data.shard_writer import iter_tar_samples
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
 from tests.test_multiproc import _command, _keys, _last_per_step, _steps, _wait, kill_after_step, kill_tree
 
-pytestmark = pytest.mark.multiproc
 MAX_STEPS = 10
 
 

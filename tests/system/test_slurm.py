@@ -29,7 +29,7 @@ from tests.slurm_fixtures import SlurmCluster
 
 pytestmark = pytest.mark.slurm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 60
 # Only the preemption save may make a checkpoint, so "resumed at the PREEMPTED step" proves that save worked.
 NO_PERIODIC = {"train.max_steps": MAX_STEPS, "train.ckpt_every": 1000}

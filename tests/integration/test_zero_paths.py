@@ -18,7 +18,6 @@ import pytest
 
 from tests.conftest import REPO, free_port, train_env
 
-pytestmark = pytest.mark.multiproc
 CASES = [f"{z}-{p}" for z in range(4) for p in ("fp32", "bf16")]
 
 

@@ -20,9 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, free_port, tiny_overrides, train_env
+from tests.conftest import REPO, SAMPLE_CLI, free_port, tiny_overrides, train_env
 
-pytestmark = pytest.mark.multiproc
 MAX_STEPS = 12
 
 
@@ -152,7 +151,7 @@ def test_checkpoints_are_complete_and_pruned(runs: dict) -> None:
 
 def test_sample_cli_writes_pngs_and_grid(runs: dict, tmp_path: Path) -> None:
     out = tmp_path / "samples"
-    cmd = [sys.executable, "-m", "ldmscale.inference.sample", str(runs["reference"]), "--prompt", "a handwritten digit 3",
+    cmd = [*SAMPLE_CLI, str(runs["reference"]), "--prompt", "a handwritten digit 3",
            "--prompt", "a handwritten digit 7 " + "very " * 40 + "long", "--num-images", "2", "--steps", "3",
            "--sampler", "dpmsolver++", "--out", str(out)]
     r = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -179,7 +178,7 @@ def test_partial_checkpoint_is_refused(runs: dict, tmp_path: Path) -> None:
     partial = tmp_path / "step_00000012"
     shutil.copytree(runs["reference"] / "checkpoints" / "step_00000012", partial)
     (partial / "COMPLETE").unlink()
-    r = subprocess.run([sys.executable, "-m", "ldmscale.inference.sample", str(partial), "--prompt", "x"], env=train_env(),
+    r = subprocess.run([*SAMPLE_CLI, str(partial), "--prompt", "x"], env=train_env(),
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode != 0 and "partial checkpoint" in r.stderr
 

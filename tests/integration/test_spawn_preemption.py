@@ -18,7 +18,6 @@ import pytest
 
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
 
-pytestmark = pytest.mark.multiproc
 MAX_STEPS = 10
 
 

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, free_port, tiny_overrides, train_env
+from tests.conftest import REPO, SAMPLE_CLI, free_port, tiny_overrides, train_env
 
-pytestmark = pytest.mark.multiproc
 VAL_KEYS = {"val/mse_low", "val/mse_mid", "val/mse_high", "val/mse", "val/loss"}
 
 
@@ -54,7 +53,7 @@ def test_grid_drawn_by_all_ranks_is_the_single_process_grid(runs: dict[str, Path
     """tiny.yaml: 2 prompts x 2 images, 4 steps, DDIM, guidance 7.5; rank 0 drew images 0 and 2, rank 1 1 and 3."""
     grid_dir = runs["full"] / "samples" / "step_00000004"
     ref = runs["root"] / "single"
-    subprocess.run([sys.executable, "-m", "ldmscale.inference.sample", str(runs["full"]), "--prompt", "a handwritten digit 3",
+    subprocess.run([*SAMPLE_CLI, str(runs["full"]), "--prompt", "a handwritten digit 3",
                     "--prompt", "a handwritten digit 7", "--num-images", "2", "--steps", "4", "--out", str(ref)],
                    env=train_env(), cwd=REPO, check=True, capture_output=True)
     got, want = (json.loads((d / "samples.json").read_text()) for d in (grid_dir, ref))

@@ -19,7 +19,6 @@ from ldmscale.data import ResumableLoader, expand_shard_urls, source_shards
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
 from tests.test_multiproc import _keys, _steps, kill_after_step
 
-pytestmark = pytest.mark.multiproc
 TINY = REPO / "configs/tiny.yaml"
 
 

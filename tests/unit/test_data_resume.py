@@ -12,13 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from webdataset.gopen import gopen_schemes
 
 from ldmscale.config import DataConfig, FilterConfig
 from ldmscale.data import ResumableLoader
-from ldmscale.data.batches import EpochBatches
 from ldmscale.data.shard_writer import ShardSample, write_laion_shards
 
 BYTES: Counter[str] = Counter()  # bytes read per scheme by the openers below (num_workers=0: this process)
@@ -203,17 +201,3 @@ def test_the_rest_of_an_epoch_is_re_divided_each_sample_once(shards: list[Path],
     assert nxt == [r[-4:] for r in fresh]
 
 
-@pytest.mark.subprocess
-def test_spawned_workers_resume_like_forked_ones(shards: list[Path]) -> None:
-    """The GPU path starts DataLoader workers with spawn: roles, cursors and openers must travel by pickle."""
-    urls = [str(p) for p in shards]
-    first = _loader(urls, workers=2)
-    _keys(first, 7)
-    state = json.loads(json.dumps(first.state_dict()))
-    expected = _keys(first, 6)
-    resumed = _loader(urls, workers=2)
-    resumed.load_state_dict(state)
-    ds = EpochBatches(resumed.cfg, resumed.urls, None, seed=resumed.seed, epoch=resumed.position.epoch,
-                      micro_batch=4, roles=resumed.position.roles, first_batch=resumed.position.batches)
-    spawned = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn"))
-    assert [next(spawned)["keys"] for _ in range(6)] == expected

@@ -14,7 +14,7 @@ from tests.conftest import tiny_overrides
 from tests.slurm_fixtures import SlurmCluster
 
 pytestmark = pytest.mark.slurm
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Stands in for the interpreter in slurm/train.sbatch (its PYTHON parameter): reports what the task sees, and the
 # command line of the srun that started it (srun runs on this host, its pid is in the step's record).

@@ -23,7 +23,7 @@ from ldmscale.data.shard_writer import (
     write_laion_shards,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 JSON_FIELDS = {
     "url", "caption", "key", "status", "error_message", "width", "height", "original_width",
     "original_height", "exif", "sha256", "NSFW", "similarity", "LICENSE",

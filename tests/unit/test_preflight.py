@@ -9,26 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 
 from ldmscale.config import DataConfig, FilterConfig
 from ldmscale.data import StorageError, preflight
 from ldmscale.data.shard_writer import ShardSample, write_laion_shards
-from tests.conftest import free_port
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_plan_shards(root: Path) -> Path:
     """4 shards x 25 samples; 2 in 5 captions are 3 characters long, the rest 20."""
-    root = tmp_path_factory.mktemp("plan")
     img = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
     write_laion_shards([ShardSample(img, "abc" if i % 5 < 2 else "x" * 20) for i in range(100)], root,
                        samples_per_shard=25, progress=False)
     return root
 
 
-@pytest.mark.unit
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_plan_shards(tmp_path_factory.mktemp("plan"))
+
+
 def test_the_epoch_is_sized_by_the_samples_that_pass_the_filters(shards: Path) -> None:
     plan = preflight.plan_data(DataConfig(shards=[str(shards)], filters=FilterConfig(min_caption_chars=10)))
     assert len(plan.urls) == 4 and plan.in_shards == 100
@@ -36,7 +36,6 @@ def test_the_epoch_is_sized_by_the_samples_that_pass_the_filters(shards: Path) -
     assert "100 samples in the shards, ~60.0% pass data.filters" in plan.summary()
 
 
-@pytest.mark.unit
 def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
     from botocore.exceptions import ClientError
 
@@ -78,14 +77,3 @@ def _rank(rank: int, port: int, cfg: DataConfig, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.multiproc
-def test_rank_zero_plans_and_every_rank_gets_the_plan_or_its_error(shards: Path, tmp_path: Path) -> None:
-    good = DataConfig(shards=[str(shards)], filters=FilterConfig(min_caption_chars=10))
-    bad = DataConfig(shards=[str(tmp_path / "nothing-here")])
-    for name, cfg in (("good", good), ("bad", bad)):
-        (tmp_path / name).mkdir()
-        mp.start_processes(_rank, args=(free_port(), cfg, str(tmp_path / name)), nprocs=2, start_method="spawn")
-    got = [json.loads((tmp_path / "good" / f"rank{r}.json").read_text()) for r in range(2)]
-    assert got[0] == got[1] and got[1]["epoch"] == 60 and len(got[1]["urls"]) == 4
-    errors = [json.loads((tmp_path / "bad" / f"rank{r}.json").read_text()) for r in range(2)]
-    assert errors[0] == errors[1] and "no shards found" in errors[1]["error"]

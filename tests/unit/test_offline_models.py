@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ldmscale.data.shard_writer import ShardSample, write_laion_shards
 from ldmscale.models.offline import captions_from_shards, train_tokenizer, write_text_encoder, write_vae
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = [f"a handwritten digit {d}" for d in range(10)] * 5 + ["a small red square", "two blue lines"]
 
 
