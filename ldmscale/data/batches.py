@@ -22,6 +22,7 @@ from ldmscale.data.decode import decode_image, stack_uint8
 from ldmscale.data.filters import IMAGE_EXTS
 from ldmscale.data.latent_format import LATENT_EXT, collate_latents, decode_latent
 from ldmscale.data.stream import SourceStream
+from ldmscale.data.tokens import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,5 @@ class EpochBatches(torch.utils.data.IterableDataset):
         batch: dict[str, Any] = self.decoder.collate(examples)
         batch.update(captions=captions, keys=keys)
         if self.tokenizer is not None:  # the autoencoder stage has no text
-            from ldmscale.models.encoders import tokenize
-
             batch["input_ids"] = tokenize(self.tokenizer, captions)
         return batch

@@ -1,5 +1,5 @@
-"""`ldmscale-export CKPT OUT`: a training checkpoint (any ZeRO stage) as a diffusers folder. It writes a StableDiffusionPipeline folder (safetensors) that diffusers loads
-with `StableDiffusionPipeline.from_pretrained(OUT)`.
+"""`ldmscale-export CKPT OUT`: a training checkpoint (any ZeRO stage) as a StableDiffusionPipeline folder
+(safetensors) that diffusers loads with `StableDiffusionPipeline.from_pretrained(OUT)`.
 """
 
 from __future__ import annotations

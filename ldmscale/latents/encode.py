@@ -43,7 +43,7 @@ from ldmscale.latents.writer import LatentShardWriter, is_complete, join, shard_
 from ldmscale.runtime import dist
 from ldmscale.runtime.cli import run_cli
 from ldmscale.runtime.errors import InputError
-from ldmscale.trainer.ds_config import precision_dtype
+from ldmscale.runtime.precision import torch_dtype
 
 
 @dataclass
@@ -120,7 +120,7 @@ class Encoder:
             weights_hash,
         )
 
-        self.device, self.dtype, self.compute = device, dtype, precision_dtype(cfg)
+        self.device, self.dtype, self.compute = device, dtype, torch_dtype(cfg.deepspeed.precision)
         if device.type == "cpu" and self.compute == torch.float16:
             self.compute = torch.float32
         vae = load_vae(cfg.model)

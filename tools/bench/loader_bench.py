@@ -45,17 +45,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from ldmscale.config import DataConfig  # noqa: E402
-from ldmscale.data import (  # noqa: E402
+from ldmscale.config import DataConfig
+from ldmscale.data import (
     ResumableLoader,
     decode_image,
-    storage,  # noqa: E402
+    storage,
     to_tensor,
 )
-from ldmscale.data.shard_writer import ShardSample, write_laion_shards  # noqa: E402
+from ldmscale.data.shard_writer import ShardSample, write_laion_shards
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9)
