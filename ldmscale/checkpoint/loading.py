@@ -45,7 +45,7 @@ class TrainedModel:
     unet: UNet2DConditionModel
     encoders: FrozenEncoders
     scheduler_config: dict[str, Any]
-    style: Any = None  # ldmscale.style.StyleReference for style-conditioned checkpoints
+    style: Any = None  # ldmscale.style.encoder.StyleReference for style checkpoints
 
 
 def load_trained(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",

@@ -1,7 +1,7 @@
 """The data plan of a run, made once per job: rank 0 expands the shard list, checks the store answers, reads
 the epoch size and estimates the filters' pass rate (with retries), and broadcasts the result (or the error)
-to every rank. 1,024 ranks each listing, HEADing and reading stats with one attempt was a start-up storm that a
-single throttling reply ended."""
+to every rank, so the start-up requests do not grow with the number of ranks (every rank listing, HEADing and
+reading stats with one attempt is a storm that one throttling reply ends; docs/results/resume-scale.md)."""
 
 from __future__ import annotations
 

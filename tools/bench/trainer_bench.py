@@ -1,7 +1,7 @@
 """ldmscale's training step against a bare PyTorch loop on the same U-Net, frozen VAE and text encoder, batch
 and optimizer, measured side by side in one process: alternating rounds (the order flips every round), medians.
 
-    python tools/bench/trainer_bench.py --preset small                      # CPU: the README figure
+    python tools/bench/trainer_bench.py --preset small                      # CPU: docs/results/trainer-bench.md
     python tools/bench/trainer_bench.py --preset sd15 --resolution 512 --precision bf16 [--compile]   # one GPU
 
 ldmscale's step is the trainer's: the stage's loss (VAE encode on the fly, text encoding, per-sample noise,
