@@ -108,11 +108,28 @@ class ModelConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile's mode
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile's backend
     channels_last: bool = False  # NHWC activations into the U-Net: faster convolutions on tensor cores
+    # how training timesteps are drawn (docs/training-recipes.md): uniform over [0, num_train_timesteps) | the
+    # logit-normal of SD3 (Esser et al. 2024): t = floor(sigmoid(logit_mean + logit_std * z) * num_train_timesteps),
+    # z standard normal, which trains the middle of the schedule more than its ends
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0  # logit_normal: the centre (> 0 favours noisier timesteps)
+    logit_std: float = 1.0  # logit_normal: the spread (large values approach two peaks at the ends)
+    # immiscible diffusion (Li et al. 2024): within each micro-batch the drawn noises are assigned to the latents by
+    # a minimum-total-distance linear assignment (scipy's linear_sum_assignment on the host; a B x B matrix)
+    immiscible: bool = False
+    # rescale the betas to zero terminal SNR (Lin et al. 2024, diffusers' rescale_betas_zero_snr): the last timestep
+    # is pure noise, as at sampling. Needs v_prediction; sampling and exported schedulers then space timesteps
+    # "trailing" (they start at the last one)
+    zero_terminal_snr: bool = False
 
     def check(self) -> None:
         _positive("model.num_train_timesteps", self.num_train_timesteps)
         _positive("model.snr_gamma", self.snr_gamma, allow_zero=True)
         _positive("model.noise_offset", self.noise_offset, allow_zero=True)
+        _positive("model.logit_std", self.logit_std)
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ConfigError("model.zero_terminal_snr=true needs model.prediction_type=v_prediction (at zero SNR the "
+                              "noisy latent is pure noise and an epsilon prediction says nothing about the image)")
 
 
 @dataclass

@@ -16,6 +16,10 @@ from ldmscale.style.encoder import kl_to_standard_normal
 
 
 def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    """The training schedule. Its config is what sampling, evaluation and export build their schedulers from
+    (inference.samplers), so model.zero_terminal_snr travels with it: the rescaled betas, and "trailing" timestep
+    spacing, which starts sampling at the last (pure-noise) timestep as Lin et al. 2024 prescribe."""
+    zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if cfg.zero_terminal_snr else {}
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
@@ -23,6 +27,7 @@ def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
         beta_end=0.012,
         prediction_type=cfg.prediction_type,
         clip_sample=False,
+        **zero_snr,
     )
 
 

@@ -23,7 +23,7 @@ from ldmscale.config import Config
 from ldmscale.data import ResumableLoader, normalize_pixels
 from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
 from ldmscale.latents.manifest import check_encoders, manifest_for
-from ldmscale.models import noise
+from ldmscale.models import immiscible, noise
 from ldmscale.models.autoencoder import AutoencoderObjective, measure_scaling_factor, save_vae
 from ldmscale.models.encoders import FrozenEncoders, load_vae, tokenize
 from ldmscale.models.networks import build_unet, build_vae, strip_prefix, vae_downsample_factor
@@ -145,6 +145,13 @@ class DiffusionStage(Stage):
         else:
             latents = self.encoders.encode_images(normalize_pixels(batch["pixels"].to(self.device, non_blocking=True)),
                                                   post)
+        eps = noise.randn(seed, ids, self.latent_shape, noise.Stream.NOISE, self.device)
+        if m.noise_offset:
+            offset = noise.randn(seed, ids, (self.latent_shape[0], 1, 1), noise.Stream.NOISE_OFFSET, self.device)
+            eps = eps + m.noise_offset * offset
+        # model.immiscible: the latent-noise scores go to the host now; the assignment is awaited only after the
+        # text encoder and the other draws are queued, so the device has work while the host solves it
+        pending = immiscible.start(latents, eps) if m.immiscible else None
         # classifier-free guidance: a per-sample share of captions becomes ""
         drop = noise.rand(seed, ids, noise.Stream.CAPTION_DROP, self.device) < self.cfg.data.caption_dropout
         if "text_embeddings" in batch:  # stored by ldmscale-encode --text-embeddings
@@ -153,15 +160,12 @@ class DiffusionStage(Stage):
         else:
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
             context = self.encoders.encode_text(torch.where(drop[:, None], self.empty_ids, input_ids))
-        timesteps = noise.randint(seed, ids, m.num_train_timesteps, noise.Stream.TIMESTEP, self.device)
-        eps = noise.randn(seed, ids, self.latent_shape, noise.Stream.NOISE, self.device)
-        if m.noise_offset:
-            offset = noise.randn(seed, ids, (self.latent_shape[0], 1, 1), noise.Stream.NOISE_OFFSET, self.device)
-            eps = eps + m.noise_offset * offset
-        args = [latents, context, eps, timesteps]
-        if self.cfg.style.enabled:
-            args += self._style_args(batch, ids, step)
-        return engine(*args)
+        timesteps = noise.timesteps(seed, ids, m.num_train_timesteps, m.timestep_sampling, m.logit_mean, m.logit_std,
+                                    self.device)
+        extra = self._style_args(batch, ids, step) if self.cfg.style.enabled else []
+        if pending is not None:
+            eps = eps[immiscible.finish(pending)]
+        return engine(latents, context, eps, timesteps, *extra)
 
     def _style_args(self, batch: dict[str, Any], ids: Sequence[int], step: int) -> list[Any]:
         """(style input, reparameterisation noise, keep mask, beta): all from the sample ids, so resume is exact."""
