@@ -9,7 +9,7 @@ TORCH_SPEC=${LDMSCALE_TORCH:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 if ! python -c "import torch, deepspeed, diffusers, transformers, webdataset, s3fs, submitit, sklearn, torchmetrics, matplotlib, mkdocs, material" 2>/dev/null \
-   || ! pip show ldmscale >/dev/null 2>&1 || ! command -v ldmscale-eval >/dev/null; then
+   || ! pip show ldmscale >/dev/null 2>&1 || ! command -v ldmscale-ema >/dev/null; then
   pip install -q --upgrade pip
   pip install -q "$TORCH_SPEC"
   pip install -q "diffusers==0.42.1" "transformers==5.24.0" "webdataset==1.0.2" tokenizers safetensors braceexpand \

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
+
 from ldmscale.checkpoint.loading import load_ema
 from ldmscale.checkpoint.store import CheckpointStore, read_rank_states
 
@@ -32,9 +34,10 @@ class Checkpointer:
     restores all of them (`restore`). Every rank calls both: DeepSpeed's save and load are collectives."""
 
     def __init__(self, root: Path, *, keep_last: int, every: int, engine: Any, ema: Any, loader: Any,
-                 train_state: TrainState, config_yaml: str, world_size: int) -> None:
+                 train_state: TrainState, config_yaml: str, world_size: int, posthoc_ema: Any = None) -> None:
         self.store = CheckpointStore(root, keep_last)
         self.every, self.engine, self.ema, self.loader = every, engine, ema, loader
+        self.posthoc_ema = posthoc_ema  # ldmscale.trainer.posthoc_ema.PostHocEMA (train.posthoc_ema) or None
         self.train_state, self.config_yaml, self.world_size = train_state, config_yaml, world_size
         self.saved_step = -1
 
@@ -45,6 +48,8 @@ class Checkpointer:
         self.train_state.load_state_dict(state)
         if self.ema is not None:
             self.ema.load_state_dict(load_ema(tag_dir))  # every rank takes its share
+        if self.posthoc_ema is not None:  # its presence was checked before the process group (check_resumable)
+            self.posthoc_ema.load_state_dict(load_file(str(tag_dir / self.posthoc_ema.STATE_FILE)))
         saved_world = int(state.get("world_size", self.world_size))
         note = self.loader.load_state_dict([r["data"] for r in read_rank_states(tag_dir, saved_world)])
         self.saved_step = self.train_state.step  # that step is on disk already
@@ -56,7 +61,8 @@ class Checkpointer:
             return None
         state = {**self.train_state.state_dict(), "world_size": self.world_size, "time": time.time()}
         ema = self.ema.state_dict() if self.ema is not None else None  # collective: full on rank 0
+        files = {self.posthoc_ema.STATE_FILE: self.posthoc_ema.state_dict()} if self.posthoc_ema is not None else {}
         tag_dir = self.store.save(self.engine, step, state, ema, self.config_yaml,
-                                  rank_state={"data": self.loader.state_dict()})
+                                  rank_state={"data": self.loader.state_dict()}, tensor_files=files)
         self.saved_step = step
         return tag_dir

@@ -32,6 +32,9 @@ def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the trained module, consolidated from ZeRO shards by DeepSpeed's own utility."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if not any(tag_dir.glob("*model_states.pt")):
+        raise CheckpointError(f"{tag_dir} holds EMA weights only (a post-hoc EMA written by ldmscale-ema): use "
+                              f"--weights ema")
     if any(tag_dir.glob("*optim_states.pt")):
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     # ZeRO stage 0 without a ZeRO optimizer: the whole module sits in the model-states file

@@ -3,6 +3,7 @@
 Layout under <out_dir>/checkpoints:
   step_00001000/   DeepSpeed's files (model, optimizer and scheduler shards of every rank)
                    ema.safetensors, trainer_state.json, config.yaml, COMPLETE
+                   posthoc_ema.safetensors   the post-hoc EMA profiles (train.posthoc_ema), to resume them
                    ranks/rank00000.json ...   each rank's own state (its data position), written by that rank:
                    DeepSpeed's client_state is written by data-parallel rank 0 only under ZeRO 0-2
   step_00001000_universal/   made once from step_00001000 (ds_to_universal) to resume on another world size
@@ -138,8 +139,10 @@ class CheckpointStore:
         ema_state: dict[str, torch.Tensor] | None,
         config_yaml: str,
         rank_state: dict[str, Any] | None = None,
+        tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> Path:
-        """Collective: every rank must call it, with its own `rank_state`. Returns the tag folder."""
+        """Collective: every rank must call it, with its own `rank_state`. `tensor_files`: more safetensors files
+        (name -> tensors, e.g. the post-hoc EMA profiles) that rank 0 writes. Returns the tag folder."""
         tag = tag_for(step)
         tag_dir = self.root / tag
         if dist.rank() == 0:
@@ -153,6 +156,8 @@ class CheckpointStore:
         if dist.rank() == 0:
             if ema_state is not None:
                 atomic_save_tensors(tag_dir / "ema.safetensors", ema_state)
+            for name, tensors in (tensor_files or {}).items():
+                atomic_save_tensors(tag_dir / name, tensors)
             atomic_write_text(tag_dir / "trainer_state.json", json.dumps(trainer_state, indent=1))
             atomic_write_text(tag_dir / "config.yaml", config_yaml)
         dist.barrier()  # every rank's shards are on disk before the save is declared complete

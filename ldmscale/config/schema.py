@@ -230,6 +230,25 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class PostHocEMAConfig:
+    """Post-hoc EMA (EDM2, Karras et al. 2024): power-function EMAs kept during training and snapshotted, from
+    which `ldmscale-ema` reconstructs the EMA of any length after the run (docs/training-recipes.md)."""
+
+    # relative standard deviations of the tracked EMA profiles (the profile's width / the training time so far);
+    # empty = off. EDM2 keeps 0.05 and 0.10; each must be in (0, 0.28]
+    sigma_rels: list[float] = field(default_factory=list)
+    every: int = 1000  # write a snapshot of every profile every N steps (and at the last step) to OUT/posthoc_ema/
+
+    def check(self) -> None:
+        if not self.sigma_rels:
+            return
+        _positive("train.posthoc_ema.every", self.every)
+        if len(set(self.sigma_rels)) != len(self.sigma_rels) or any(not 0 < s <= 0.28 for s in self.sigma_rels):
+            raise ConfigError(f"train.posthoc_ema.sigma_rels={self.sigma_rels} must be distinct values in (0, 0.28] "
+                              f"(0.289 is a uniform average of the whole run), e.g. [0.05, 0.10]")
+
+
+@dataclass
 class TrainConfig:
     stage: Literal["diffusion", "autoencoder"] = "diffusion"  # what this run trains (ldmscale.trainer.stages)
     out_dir: str = "runs/default"  # the run folder: config.yaml, log.jsonl, checkpoints/, samples/
@@ -240,6 +259,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_start_step: int = 0  # the EMA starts updating after this step
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) after n updates, so random init fades fast
+    posthoc_ema: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)  # EMA length chosen after training
     ckpt_every: int = 1000  # checkpoint every N steps (and on preemption and at the end)
     keep_last: int = 3  # complete checkpoints kept; older ones are pruned
     log_every: int = 10  # steps between log lines (log.jsonl, W&B, stdout)
@@ -257,6 +277,7 @@ class TrainConfig:
         _positive("train.eval_every", self.eval_every, allow_zero=True)
         _positive("train.eval_samples", self.eval_samples)
         _probability("train.ema_decay", self.ema_decay)
+        self.posthoc_ema.check()
 
 
 @dataclass

@@ -39,7 +39,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A safetensors file of CPU copies of `tensors`, written atomically."""
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of CPU copies of `tensors` (and string `metadata` in its header), written atomically."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))

@@ -1,7 +1,8 @@
 """The training loop, readable top to bottom in labelled paragraphs (the command line is trainer/cli.py).
 
 data check -> setup (process group, stage, DeepSpeed engine, EMA, data, checkpointer/resume) -> loop of
-[micro-batches -> backward -> step -> EMA -> one reduction + log -> preemption -> sample grid / checkpoint]
+[micro-batches -> backward -> step -> EMA (+ post-hoc EMA snapshots) -> one reduction + log -> preemption ->
+sample grid / checkpoint]
 -> final save and the stage's finish (sample grid or VAE export).
 """
 
@@ -28,6 +29,7 @@ from ldmscale.trainer.ds_config import accumulation_steps, build_ds_config, prec
 from ldmscale.trainer.ema import EMA, warmup_decay
 from ldmscale.trainer.engine import build_engine
 from ldmscale.trainer.monitor import Monitor, StepStats, StepTimer, peak_tflops, rank_keys_file
+from ldmscale.trainer.posthoc_ema import PostHocEMA, check_resumable
 from ldmscale.trainer.stages import build_stage
 
 
@@ -72,6 +74,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     except CheckpointError as e:
         raise ResumeError(str(e)) from None
     early_urls = check_data_early(cfg, world_size_from_env())
+    check_resumable(tag_dir, cfg.train.posthoc_ema.sigma_rels)
 
     # Setup: process group, the checks that need the world size and device, the run folder
     info = dist.init_distributed()
@@ -102,6 +105,8 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     engine = build_engine(stage.module, [p for _, p in trainable], ds_config)
     # each rank averages its own share of the optimizer's fp32 masters: no communication per step
     ema = EMA(trainable, cfg.train.ema_decay, engine.optimizer) if cfg.train.ema_decay > 0 else None
+    ph = cfg.train.posthoc_ema  # EDM2's power-function EMAs, snapshotted for ldmscale-ema
+    posthoc = PostHocEMA(trainable, ph.sigma_rels, ph.every, out, engine.optimizer) if ph.sigma_rels else None
 
     # Setup data: every rank its own shards; every worker the same number of batches per epoch
     loader = ResumableLoader(
@@ -117,7 +122,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     state = TrainState()
     ckpt = Checkpointer(out / "checkpoints", keep_last=cfg.train.keep_last, every=cfg.train.ckpt_every,
                         engine=engine, ema=ema, loader=loader, train_state=state, config_yaml=config_yaml,
-                        world_size=info.world_size)
+                        world_size=info.world_size, posthoc_ema=posthoc)
     monitor = Monitor(cfg, out, info.is_main)
     if tag_dir is not None:
         note = "; ".join(filter(None, [elastic_note, ckpt.restore(tag_dir, universal=universal)]))
@@ -165,6 +170,9 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         if ema is not None and state.step > cfg.train.ema_start_step:
             n = state.step - cfg.train.ema_start_step - 1  # a function of the step: resumes exactly
             ema.update(warmup_decay(cfg.train.ema_decay, n) if cfg.train.ema_warmup else None)
+        if posthoc is not None:  # snapshots before the preemption check: a stop at a snapshot step still writes it
+            posthoc.update(state.step)
+            posthoc.maybe_snapshot(state.step, last=state.step == cfg.train.max_steps)
 
         # logging: one reduction per step, which also tells every rank whether any was asked to stop
         if keys_log is not None:
