@@ -17,7 +17,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ldmscale-ema", description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="the run's train.out_dir (it holds posthoc_ema/ and config.yaml)")
     p.add_argument("--sigma-rel", type=float, required=True,
-                   help=f"EMA length relative to the training time, in (0, {MAX_SIGMA_REL}]; EDM2's best were 0.05-0.20")
+                   help=f"EMA length relative to the training time, in (0, {MAX_SIGMA_REL}]; EDM2 found 0.05-0.20 best")
     p.add_argument("--step", type=int, help="a snapshot step (default: the last one)")
     p.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write")
     return p.parse_args(argv)

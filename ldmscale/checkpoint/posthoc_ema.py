@@ -138,10 +138,10 @@ def reconstruct(snapshots: list[Snapshot], sigma_rel: float, step: int | None = 
 def write_checkpoint(run_dir: Path, out: Path, sigma_rel: float, step: int | None = None) -> Path:
     """Reconstruct and write a checkpoint folder that ldmscale-sample, -eval and -export take (its EMA weights:
     ema.safetensors, config.yaml, trainer_state.json, COMPLETE)."""
-    config = run_dir / "config.yaml"
+    snapshots, config = list_snapshots(run_dir), run_dir / "config.yaml"
     if not config.exists():
         raise CheckpointError(f"{run_dir} has no config.yaml: give the run's out_dir (train.out_dir)")
-    weights, used = reconstruct(list_snapshots(run_dir), sigma_rel, step)
+    weights, used = reconstruct(snapshots, sigma_rel, step)
     step = used[-1][0].step if step is None else step
     out.mkdir(parents=True, exist_ok=True)
     (out / COMPLETE).unlink(missing_ok=True)
