@@ -1,23 +1,24 @@
 """Time to quality: training recipes side by side on the demo's data and U-Net, each judged by how many steps it
 needs to reach the baseline's final quality.
 
-    nice -n 5 python tools/bench/time_to_quality.py --out ttq_out                  # every recipe, 800 steps
-    python tools/bench/time_to_quality.py --out ttq_out --recipes baseline,logit_normal --steps 400
-    python tools/bench/time_to_quality.py --out ttq_out --report-only               # table + plot from what exists
-    python tools/bench/time_to_quality.py --out ttq_out --posthoc baseline:400 --sigma-rels 0.02,0.05,0.1,0.2
+    nice -n 5 python tools/bench/time_to_quality.py --out ttq_out              # every recipe, 800 steps each
+    nice -n 5 python tools/bench/time_to_quality.py --out ttq_out --budget 400 # recipes trained for 400 steps
+    python tools/bench/time_to_quality.py --out ttq_out --budget 400 --report-only   # table + plot of what exists
+    python tools/bench/time_to_quality.py --out ttq_out --budget 400 --posthoc baseline-400:400
 
 One set of digit shards, offline text encoder and autoencoder (configs/demo-autoencoder.yaml) is built once and
 shared by every recipe. Each recipe is configs/demo.yaml plus its overrides, with the same seed, data order and
-budget; recipes run one after another (the machine may be shared: run the script under `nice`). Every
---eval-every steps a recipe records
+budget (--budget steps, the length of the LR schedule); recipes run one after another (the machine may be
+shared: run the script under `nice`). The target is the baseline trained for --target-steps (the demo's 800).
+Every --eval-every steps a run records
   - val/mse: the trainer's fixed validation loss on the held-out digits (raw weights, train.eval_every); it is the
     MSE of the model's own target, so it compares only recipes with the baseline's target and noise schedule;
   - FID (pixels:8) and digit accuracy of one image per held-out caption (ldmscale-eval at one guidance scale, EMA
     weights; tools/bench/digit_accuracy.py's classifier).
-The report gives, per recipe, the first evaluated step at which it is at least as good as the baseline's last
-evaluation on each metric, and on all of them together, and the ratio baseline steps / recipe steps; and draws
-the curves. --posthoc RECIPE:STEP reconstructs post-hoc EMAs (ldmscale-ema) of that run at that step and
-evaluates them the same way. Every result is cached under --out: a rerun continues where it stopped.
+The report gives, per run, the first evaluated step at which it is at least as good as the target on each metric,
+and on all of them together, and the ratio target steps / those steps; and draws the curves. --posthoc RUN:STEP
+reconstructs post-hoc EMAs (ldmscale-ema) of that run at that step and evaluates them the same way. Every result
+is cached under --out: a rerun continues where it stopped.
 """
 
 from __future__ import annotations
@@ -88,16 +89,21 @@ def prepare(out: Path) -> dict[str, Path]:
     return p
 
 
-def recipe_overrides(name: str, p: dict[str, Path], out: Path, a: argparse.Namespace) -> list[str]:
-    evals = a.steps // a.eval_every
+def run_name(name: str, steps: int) -> str:
+    return f"{name}-{steps}"
+
+
+def recipe_overrides(name: str, steps: int, p: dict[str, Path], out: Path, a: argparse.Namespace) -> list[str]:
+    evals = steps // a.quality_every
     return [
-        f"train.out_dir={out / 'runs' / name}", f"train.max_steps={a.steps}", f"train.seed={a.seed}",
+        f"train.out_dir={out / 'runs' / run_name(name, steps)}", f"train.max_steps={steps}", f"train.seed={a.seed}",
         f"data.shards=[{p['shards'] / 'train'}]", f"data.val_shards=[{p['shards'] / 'heldout'}]",
         f"model.vae={p['ae'] / 'vae'}", f"model.text_encoder={p['models'] / 'text_encoder'}",
         f"model.tokenizer={p['models'] / 'tokenizer'}",
         f"train.eval_every={a.eval_every}", "train.eval_samples=270",
-        f"train.ckpt_every={a.eval_every}", f"train.keep_last={evals + 1}",
+        f"train.ckpt_every={a.quality_every}", f"train.keep_last={evals + 1}",
         f"train.posthoc_ema.sigma_rels=[{a.track_sigma_rels}]", f"train.posthoc_ema.every={a.eval_every}",
+        "sample.images_per_prompt=1",  # the end-of-run grid: one image per digit is enough here
         *RECIPES[name],
     ]
 
@@ -107,13 +113,13 @@ def finished(run_dir: Path, steps: int) -> bool:
     return log.exists() and f'"FINISHED step={steps}"' in log.read_text()
 
 
-def train(name: str, p: dict[str, Path], out: Path, a: argparse.Namespace) -> None:
-    run_dir = out / "runs" / name
-    if finished(run_dir, a.steps):
+def train(name: str, steps: int, p: dict[str, Path], out: Path, a: argparse.Namespace) -> None:
+    run_dir = out / "runs" / run_name(name, steps)
+    if finished(run_dir, steps):
         return
-    secs = run([bin_of("ldmscale-train"), "--config", "configs/demo.yaml", *recipe_overrides(name, p, out, a)],
-               out / "logs" / f"train_{name}.log")
-    print(f"{name}: {a.steps} steps trained in {secs / 60:.1f} min", flush=True)
+    secs = run([bin_of("ldmscale-train"), "--config", "configs/demo.yaml", *recipe_overrides(name, steps, p, out, a)],
+               out / "logs" / f"train_{run_name(name, steps)}.log")
+    print(f"{run_name(name, steps)}: trained in {secs / 60:.1f} min", flush=True)
 
 
 def evaluate(ckpt: Path, result: Path, p: dict[str, Path], a: argparse.Namespace) -> dict[str, Any]:
@@ -141,17 +147,18 @@ def val_mse(run_dir: Path) -> dict[int, float]:
     return read_log(run_dir)[1].get("val/mse", {})
 
 
-def curve(name: str, p: dict[str, Path], out: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
+def curve(name: str, steps: int, p: dict[str, Path], out: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
     """[{step, val_mse, fid, digit_accuracy}] at every evaluated step of a recipe's run."""
-    run_dir = out / "runs" / name
+    run_dir = out / "runs" / run_name(name, steps)
     mse = val_mse(run_dir)
     rows = []
-    for step in range(a.eval_every, a.steps + 1, a.eval_every):
+    for step in range(a.eval_every, steps + 1, a.eval_every):
         ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
-        if not (ckpt / "COMPLETE").exists():
-            continue
-        q = evaluate(ckpt, run_dir / "quality" / f"step_{step:08d}.json", p, a)
-        rows.append({"step": step, "val_mse": mse.get(step) if name in SAME_TARGET else None, **q})
+        row: dict[str, Any] = {"step": step, "val_mse": mse.get(step) if name in SAME_TARGET else None}
+        if step % a.quality_every == 0 and (ckpt / "COMPLETE").exists():
+            row.update(evaluate(ckpt, run_dir / "quality" / f"step_{step:08d}.json", p, a))
+        if step in mse:
+            rows.append(row)
     return rows
 
 
@@ -169,38 +176,43 @@ def steps_to_reach(rows: list[dict[str, Any]], target: dict[str, Any]) -> dict[s
     for key, _, best in METRICS:
         ok = [r["step"] for r in rows if _as_good(r, target, key, best)]
         out[key] = ok[0] if ok else None
-    ok = [r["step"] for r in rows if all(_as_good(r, target, k, b) is not False for k, _, b in METRICS)]
+    ok = [r["step"] for r in rows if "fid" in r and all(_as_good(r, target, k, b) is not False for k, _, b in METRICS)]
     out["all"] = ok[0] if ok else None
     return out
 
 
-def report(curves: dict[str, list[dict[str, Any]]], a: argparse.Namespace, out: Path) -> dict[str, Any]:
-    base = curves.get("baseline") or []
-    if not base:
-        raise SystemExit("no baseline evaluations yet: train and evaluate the baseline first")
-    target = base[-1]
+def report(target_rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]], a: argparse.Namespace,
+           out: Path) -> dict[str, Any]:
+    """The table: per run, its last evaluation and the steps at which it first matches the target (the baseline's
+    last evaluation at --target-steps); ratio = target steps / those steps."""
+    evaluated = [r for r in target_rows if "fid" in r]
+    if not evaluated:
+        raise SystemExit("no evaluation of the baseline's target run yet: train and evaluate it first")
+    target = evaluated[-1]
     table = {}
-    print(f"\nbaseline's final quality (step {target['step']}): val/mse {target['val_mse']:.4f}, FID "
-          f"{target['fid']:.2f}, digit accuracy {target['digit_accuracy']:.1%}")
-    print(f"{'recipe':<14} {'val/mse':>8} {'FID':>7} {'acc':>6} | steps to baseline's final: {'mse':>5} {'FID':>5} "
-          f"{'acc':>5} {'all':>5}  ratio")
+
+    def fmt(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    print(f"\ntarget: baseline at step {target['step']}: val/mse {target['val_mse']:.4f}, FID {target['fid']:.2f}, "
+          f"digit accuracy {target['digit_accuracy']:.1%} (guidance {a.guidance:g})")
+    print(f"{'run':<18} {'val/mse':>8} {'FID':>7} {'acc':>6} | first step at the target: {'mse':>5} {'FID':>5} "
+          f"{'acc':>5} {'all':>5} | ratio")
     for name, rows in curves.items():
         if not rows:
             continue
         reach = steps_to_reach(rows, target)
-        last = rows[-1]
+        last = [r for r in rows if "fid" in r][-1] if any("fid" in r for r in rows) else None
+        if last is None:
+            continue
         ratio = target["step"] / reach["all"] if reach["all"] else None
-        table[name] = {"final": last, "steps_to_baseline_final": reach, "ratio": ratio}
-
-        def fmt(x: Any, spec: str) -> str:
-            return "-" if x is None else format(x, spec)
-
-        print(f"{name:<14} {fmt(last['val_mse'], '8.4f'):>8} {last['fid']:7.2f} {last['digit_accuracy']:6.1%} | "
-              f"{'':>26}{fmt(reach['val_mse'], '5d'):>5} {fmt(reach['fid'], '5d'):>5} "
-              f"{fmt(reach['digit_accuracy'], '5d'):>5} {fmt(reach['all'], '5d'):>5}  "
-              f"{fmt(ratio, '.2f')}")
+        table[name] = {"final": last, "steps_to_target": reach, "ratio": ratio}
+        print(f"{name:<18} {fmt(last['val_mse'], '8.4f'):>8} {last['fid']:7.2f} {last['digit_accuracy']:6.1%} | "
+              f"{'':>25}{fmt(reach['val_mse'], '5d'):>5} {fmt(reach['fid'], '5d'):>5} "
+              f"{fmt(reach['digit_accuracy'], '5d'):>5} {fmt(reach['all'], '5d'):>5} | "
+              f"{fmt(ratio, '.2f') if ratio else '< ' + format(target['step'] / last['step'], '.2f')}")
     plot = plot_curves(curves, target, a.plot)
-    result = {"target": target, "recipes": table, "curves": curves, "plot": str(plot),
+    result = {"target": target, "runs": table, "curves": curves, "plot": str(plot),
               "settings": {k: str(v) for k, v in vars(a).items()}}
     (out / "time_to_quality.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out / 'time_to_quality.json'} and {plot}")
@@ -220,9 +232,9 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], target: dict[str, Any],
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=name)
         if target.get(key) is not None:
-            ax.axhline(target[key], color="grey", ls="--", lw=1, label="baseline's final")
+            ax.axhline(target[key], color="grey", ls="--", lw=1, label=f"target (baseline at {target['step']})")
         ax.set_xlabel("training step (batch 64)")
-        ax.set_title(label + (" (baseline's target only)" if key == "val_mse" else ""))
+        ax.set_title(label + (" (runs with the baseline's target)" if key == "val_mse" else ""))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -233,22 +245,23 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], target: dict[str, Any],
 
 
 def posthoc(spec: str, p: dict[str, Path], out: Path, a: argparse.Namespace) -> list[dict[str, Any]]:
-    """RECIPE:STEP -> quality of the post-hoc EMAs of --sigma-rels reconstructed at STEP, and of the tracked EMA."""
+    """RUN:STEP (RUN as in runs/, e.g. baseline-400) -> FID and digit accuracy of the post-hoc EMAs of --sigma-rels
+    reconstructed at STEP, beside the run's tracked EMA (train.ema_decay) at that step."""
     name, step = spec.split(":")
     run_dir, rows = out / "runs" / name, []
     tracked = evaluate(run_dir / "checkpoints" / f"step_{int(step):08d}",
                        run_dir / "quality" / f"step_{int(step):08d}.json", p, a)
-    rows.append({"ema": f"tracked ema_decay (configs/demo.yaml) at {step}", **tracked})
+    rows.append({"ema": "tracked (train.ema_decay 0.995)", **tracked})
     for s in a.sigma_rels.split(","):
         dest = run_dir / "posthoc" / f"sigma_{float(s):.3f}_step{int(step):08d}"
         if not (dest / "COMPLETE").exists():
             run([bin_of("ldmscale-ema"), str(run_dir), "--sigma-rel", s, "--step", step, "--out", str(dest)],
                 out / "logs" / f"ema_{name}.log")
-        rows.append({"ema": f"post-hoc sigma_rel {float(s):.3f} at {step}",
+        rows.append({"ema": f"post-hoc sigma_rel {float(s):.3f}",
                      **evaluate(dest, run_dir / "posthoc" / f"quality_{float(s):.3f}_{int(step):08d}.json", p, a)})
-    print(f"\n{name} at step {step}: {'EMA':<40} {'FID':>7} {'acc':>6}")
+    print(f"\n{name} at step {step}:\n{'EMA':<34} {'FID':>7} {'acc':>6}")
     for r in rows:
-        print(f"{'':>{len(name) + len(step) + 10}}{r['ema']:<40} {r['fid']:7.2f} {r['digit_accuracy']:6.1%}")
+        print(f"{r['ema']:<34} {r['fid']:7.2f} {r['digit_accuracy']:6.1%}")
     (out / f"posthoc_{name}_{step}.json").write_text(json.dumps(rows, indent=1))
     return rows
 
@@ -257,13 +270,20 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "ttq_out")
     ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {list(RECIPES)}")
-    ap.add_argument("--steps", type=int, default=800, help="training budget per recipe (the demo's 800)")
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--target-steps", type=int, default=800,
+                    help="the baseline run whose last evaluation is the target (the demo's 800 steps)")
+    ap.add_argument("--budget", type=int, default=800,
+                    help="train.max_steps of every recipe's run (the LR schedule's length); 400 asks 'the same "
+                         "quality in half the samples' directly")
+    ap.add_argument("--eval-every", type=int, default=100, help="val/mse every N steps")
+    ap.add_argument("--quality-every", type=int, default=100,
+                    help="FID and digit accuracy every N steps (a multiple of --eval-every)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance of the FID/accuracy images")
     ap.add_argument("--sample-steps", type=int, default=30, help="DPM-Solver++ steps per image")
     ap.add_argument("--track-sigma-rels", default="0.05,0.10", help="train.posthoc_ema.sigma_rels of every run")
-    ap.add_argument("--posthoc", action="append", default=[], help="RECIPE:STEP to reconstruct post-hoc EMAs at")
+    ap.add_argument("--posthoc", action="append", default=[], help="RUN:STEP (e.g. baseline-400:400) to reconstruct "
+                                                                   "post-hoc EMAs at")
     ap.add_argument("--sigma-rels", default="0.02,0.05,0.10,0.15,0.20", help="post-hoc EMA lengths to evaluate")
     ap.add_argument("--report-only", action="store_true", help="no training: evaluate and report what exists")
     ap.add_argument("--plot", type=Path, default=REPO / "docs/results/time-to-quality.png")
@@ -274,12 +294,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown recipe(s) {unknown}; choose from {list(RECIPES)}")
     a.out.mkdir(parents=True, exist_ok=True)
     p = prepare(a.out)
+    # one after another: each run trains and is evaluated alone on the machine; the target first
+    runs = [("baseline", a.target_steps)]
+    runs += [(n, a.budget) for n in names if (n, a.budget) != ("baseline", a.target_steps)]
     curves = {}
-    for name in names:  # one after another: each recipe trains and is evaluated alone on the machine
+    for name, steps in runs:
         if not a.report_only:
-            train(name, p, a.out, a)
-        curves[name] = curve(name, p, a.out, a)
-    report(curves, a, a.out)
+            train(name, steps, p, a.out, a)
+        curves[run_name(name, steps)] = curve(name, steps, p, a.out, a)
+    report(curves[run_name("baseline", a.target_steps)], curves, a, a.out)
     for spec in a.posthoc:
         posthoc(spec, p, a.out, a)
 
