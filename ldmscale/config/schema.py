@@ -259,7 +259,6 @@ class TrainConfig:
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_start_step: int = 0  # the EMA starts updating after this step
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) after n updates, so random init fades fast
-    posthoc_ema: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)  # EMA length chosen after training
     ckpt_every: int = 1000  # checkpoint every N steps (and on preemption and at the end)
     keep_last: int = 3  # complete checkpoints kept; older ones are pruned
     log_every: int = 10  # steps between log lines (log.jsonl, W&B, stdout)
@@ -269,6 +268,7 @@ class TrainConfig:
     log_sample_keys: bool = False  # write every rank's sample keys per step (resume audits, tests)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the GPU, none on CPU
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes
+    posthoc_ema: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)  # EMA length chosen after training
 
     def check(self) -> None:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last", "ckpt_every"):
