@@ -5,6 +5,8 @@ checkpointer.py  the loop's checkpointer: the objects it saves, when to save, re
 elastic.py       another world size: DeepSpeed's universal conversion
 loading.py       inference and warm starts: EMA or raw weights, the whole trained model
 warm_start.py    style step 2 starts from step 1's U-Net
+posthoc_ema.py   post-hoc EMA: the power-function profiles' maths, snapshots, the least-squares reconstruction
+posthoc_cli.py   ldmscale-ema: the EMA of any length from the snapshots, written as a checkpoint folder
 """
 
 from ldmscale.checkpoint.loading import TrainedModel, load_ema, load_trained, raw_state_dict
