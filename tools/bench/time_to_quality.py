@@ -94,14 +94,14 @@ def run_name(name: str, steps: int) -> str:
 
 
 def recipe_overrides(name: str, steps: int, p: dict[str, Path], out: Path, a: argparse.Namespace) -> list[str]:
-    evals = steps // a.quality_every
+    every = a.ckpt_every or a.quality_every
     return [
         f"train.out_dir={out / 'runs' / run_name(name, steps)}", f"train.max_steps={steps}", f"train.seed={a.seed}",
         f"data.shards=[{p['shards'] / 'train'}]", f"data.val_shards=[{p['shards'] / 'heldout'}]",
         f"model.vae={p['ae'] / 'vae'}", f"model.text_encoder={p['models'] / 'text_encoder'}",
         f"model.tokenizer={p['models'] / 'tokenizer'}",
         f"train.eval_every={a.eval_every}", "train.eval_samples=270",
-        f"train.ckpt_every={a.quality_every}", f"train.keep_last={evals + 1}",
+        f"train.ckpt_every={every}", f"train.keep_last={steps // every + 1}",  # every checkpoint kept: evaluable
         f"train.posthoc_ema.sigma_rels=[{a.track_sigma_rels}]", f"train.posthoc_ema.every={a.eval_every}",
         "sample.images_per_prompt=1",  # the end-of-run grid: one image per digit is enough here
         *RECIPES[name],
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="FID and digit accuracy every N steps (a multiple of --eval-every)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance of the FID/accuracy images")
+    ap.add_argument("--ckpt-every", type=int, default=0,
+                    help="checkpoints (all kept, so later steps can be evaluated afterwards); 0 = --quality-every")
     ap.add_argument("--sample-steps", type=int, default=30, help="DPM-Solver++ steps per image")
     ap.add_argument("--track-sigma-rels", default="0.05,0.10", help="train.posthoc_ema.sigma_rels of every run")
     ap.add_argument("--posthoc", action="append", default=[], help="RUN:STEP (e.g. baseline-400:400) to reconstruct "
