@@ -226,7 +226,10 @@ class TrainConfig:
     seed: int = 0  # initial weights, the data order and every per-sample draw derive from it
     max_steps: int = 1000  # optimizer steps of the run (the LR schedule's length)
     global_batch_size: int = 256  # samples per optimizer step, over all ranks
-    micro_batch_size: int = 32  # per rank; accumulation = global / (ranks * micro)
+    # per rank; accumulation = global / (ranks * micro). 0 = derived from the world: the largest divisor of
+    # global / ranks up to max_micro_batch_size (one config for 8, 128 or 1,024 ranks)
+    micro_batch_size: int = 32
+    max_micro_batch_size: int = 32  # micro_batch_size=0: the largest micro-batch a GPU takes
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_start_step: int = 0  # the EMA starts updating after this step
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) after n updates, so random init fades fast
@@ -241,8 +244,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes
 
     def check(self) -> None:
-        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last", "ckpt_every"):
+        for key in ("max_steps", "global_batch_size", "max_micro_batch_size", "log_every", "keep_last", "ckpt_every"):
             _positive(f"train.{key}", getattr(self, key))
+        _positive("train.micro_batch_size", self.micro_batch_size, allow_zero=True)
         _positive("train.sample_every", self.sample_every, allow_zero=True)
         _positive("train.eval_every", self.eval_every, allow_zero=True)
         _positive("train.eval_samples", self.eval_samples)
