@@ -47,7 +47,8 @@ class Checkpointer:
             self.ema.load_state_dict(load_ema(tag_dir))  # every rank takes its share
         saved_world = int(state.get("world_size", self.world_size))
         # only the saved ranks this rank's share of the epoch comes from: its own on the same world, 2-3 otherwise
-        positions = {r: read_rank_state(tag_dir, r)["data"] for r in self.loader.saved_ranks_needed(saved_world)}
+        positions = {r: read_rank_state(tag_dir, r, saved_world)["data"]
+                     for r in self.loader.saved_ranks_needed(saved_world)}
         note = self.loader.load_state_dict(positions, saved_world)
         self.saved_step = self.train_state.step  # that step is on disk already
         return note

@@ -110,11 +110,11 @@ def write_rank_state(tag_dir: Path, rank: int, state: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(state))
 
 
-def read_rank_state(tag_dir: Path, rank: int) -> dict[str, Any]:
-    """One saved rank's own state (a resume reads only the ranks it needs: O(1) files per rank)."""
+def read_rank_state(tag_dir: Path, rank: int, world: int) -> dict[str, Any]:
+    """One saved rank's own state; a missing one is an error (a partial or foreign save)."""
     path = rank_state_file(tag_dir, rank)
     if not path.exists():
-        raise CheckpointError(f"{tag_dir} lacks the per-rank state of rank {rank} ({path.name}): it was not written "
+        raise CheckpointError(f"{tag_dir} lacks the per-rank state of rank {rank} of {world}: it was not written "
                               f"by every rank; resume from an earlier step")
     return json.loads(path.read_text())
 

@@ -13,6 +13,7 @@ from ldmscale.config import DataConfig, StyleConfig
 from ldmscale.data import storage
 from ldmscale.data.batches import EpochBatches, SampleDecoder
 from ldmscale.data.position import (
+    FORMAT,
     DataPosition,
     PositionError,
     ShardListId,
@@ -162,6 +163,12 @@ class ResumableLoader:
         if self.rank == 0:  # one copy of the shard list per checkpoint, to say what changed on a resume
             d["shard_urls"] = pack_urls(self.urls)
         return d
+
+    def needs_every_rank(self, own: dict[str, Any]) -> bool:
+        """Whether resuming from this rank's saved position `own` re-divides the epoch (another number of ranks,
+        loader workers or micro-batch): then load_state_dict needs the positions of saved_ranks_needed()."""
+        key = (own.get("world"), own.get("workers"), own.get("micro_batch"))
+        return own.get("format") == FORMAT and key != (self.world, self.workers, self.micro_batch)
 
     def saved_ranks_needed(self, saved_world: int) -> range:
         """The saved ranks whose positions this rank needs to resume (load_state_dict): O(1) of them."""

@@ -18,7 +18,7 @@ import torch
 from ldmscale.checkpoint import CheckpointError, resolve_resume
 from ldmscale.checkpoint.checkpointer import Checkpointer, TrainState
 from ldmscale.checkpoint.elastic import prepare_elastic
-from ldmscale.checkpoint.store import ResumeError, read_rank_state
+from ldmscale.checkpoint.store import ResumeError, read_rank_state, read_trainer_state
 from ldmscale.config import Config, dump_config, validate, world_size_from_env
 from ldmscale.data import ResumableLoader, shared_plan
 from ldmscale.data.position import check_saved_shards
@@ -75,7 +75,8 @@ def saved_shard_check(cfg: Config, tag_dir: Path | None) -> Callable[[list[str]]
         return None
 
     def check(urls: list[str]) -> str | None:
-        return check_saved_shards(read_rank_state(tag_dir, 0)["data"], urls, cfg.data.on_shard_list_change)
+        saved = read_rank_state(tag_dir, 0, int(read_trainer_state(tag_dir).get("world_size", 1)))
+        return check_saved_shards(saved["data"], urls, cfg.data.on_shard_list_change)
 
     return check
 
