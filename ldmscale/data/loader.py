@@ -86,6 +86,7 @@ class ResumableLoader:
         self.failure_budget = failed_shard_budget(cfg.max_failed_shards, len(self.urls))
         self.position = position if position is not None else self._fresh(0)
         self._it: Iterator[dict[str, Any]] | None = None
+        self._packed_urls: str | None = None
 
     def _fresh(self, epoch: int) -> DataPosition:
         return DataPosition(
@@ -161,7 +162,9 @@ class ResumableLoader:
     def state_dict(self) -> dict[str, Any]:
         d = self.position.to_dict()
         if self.rank == 0:  # one copy of the shard list per checkpoint, to say what changed on a resume
-            d["shard_urls"] = pack_urls(self.urls)
+            if self._packed_urls is None:
+                self._packed_urls = pack_urls(self.urls)
+            d["shard_urls"] = self._packed_urls
         return d
 
     def needs_every_rank(self, own: dict[str, Any]) -> bool:
