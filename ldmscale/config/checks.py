@@ -38,6 +38,22 @@ def world_size_from_env() -> int:
     return 1
 
 
+def resolve_micro_batch(cfg: Config, world: int) -> None:
+    """train.micro_batch_size=0: the largest divisor of global / ranks up to train.max_micro_batch_size, so one
+    config runs at 8, 128 or 1,024 ranks. Set on the config (remembered as derived: validated again on another
+    world, it is derived again)."""
+    t = cfg.train
+    if t.micro_batch_size and not getattr(t, "_micro_derived", False):
+        return
+    if t.global_batch_size % world:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by the {world} ranks: with "
+                          f"train.micro_batch_size=0 every rank takes global / ranks samples a step; choose a global "
+                          f"batch that is a multiple of {world}")
+    per_rank = t.global_batch_size // world
+    t.micro_batch_size = max(d for d in range(1, min(per_rank, t.max_micro_batch_size) + 1) if per_rank % d == 0)
+    t._micro_derived = True  # type: ignore[attr-defined]
+
+
 def validate(cfg: Config, world_size: int | None = None, device_type: str | None = None) -> None:
     """What needs the world: the number of ranks, the device, the model folders. Runs before any process
     group (from the environment's WORLD_SIZE) and again once the group is up."""
@@ -50,6 +66,7 @@ def validate(cfg: Config, world_size: int | None = None, device_type: str | None
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if ds.precision == "fp16" and device_type == "cpu":
         raise ConfigError("deepspeed.precision=fp16 is not supported on CPU; use bf16 or fp32")
+    resolve_micro_batch(cfg, world)
     per_step = world * t.micro_batch_size
     if t.global_batch_size % per_step:
         raise ConfigError(

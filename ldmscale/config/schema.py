@@ -60,15 +60,19 @@ class DataConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, key, ...)
     resolution: int = 256  # square training size in pixels; a multiple of 8
     center_crop: bool = True  # else the top-left square
-    random_flip: bool = False  # horizontal flips of training images; not applied by the loader yet
+    random_flip: bool = False  # mirror half the images of each epoch left-right (which: seed, epoch, sample key)
     num_workers: int = 2  # DataLoader workers per rank (0 = decode in the training process)
     shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
     samples_per_epoch: int = 0  # 0 = the shards' *_stats.json `successes` x the filters' measured pass rate
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     # loader worker processes: auto = spawn on CUDA (fork after CUDA init is unsafe), fork on CPU (faster start)
     start_method: Literal["auto", "fork", "spawn"] = "auto"
-    # share of a worker's shards that may fail twice in an epoch (retried once, later) before the run stops
-    max_failed_shards: float = 0.1
+    # shards that may be missing or fail twice (retried once, later) in an epoch, over the whole job, before the
+    # run stops: below 1 a share of data.shards, from 1 on a count (checked on the per-step sum over all ranks)
+    max_failed_shards: float = 0.01
+    # a resume over another shard list than the checkpoint's: refuse (exit 2, naming what changed) | new_epoch
+    # (skip the rest of the saved epoch and start the next one over the new list, with a warning)
+    on_shard_list_change: Literal["refuse", "new_epoch"] = "refuse"
     max_member_bytes: int = 64 * 2**20  # tar members above this are skipped unread (`too_large`); 0 = no cap
     filters: FilterConfig = field(default_factory=FilterConfig)
 
@@ -79,7 +83,10 @@ class DataConfig:
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _probability("data.caption_dropout", self.caption_dropout)
-        _probability("data.max_failed_shards", self.max_failed_shards)
+        _positive("data.max_failed_shards", self.max_failed_shards, allow_zero=True)
+        if self.max_failed_shards >= 1 and self.max_failed_shards != int(self.max_failed_shards):
+            raise ConfigError(f"data.max_failed_shards={self.max_failed_shards} must be a share below 1 or a whole "
+                              f"number of shards")
         _positive("data.max_member_bytes", self.max_member_bytes, allow_zero=True)
         if not self.shards:
             raise ConfigError(
@@ -219,7 +226,10 @@ class TrainConfig:
     seed: int = 0  # initial weights, the data order and every per-sample draw derive from it
     max_steps: int = 1000  # optimizer steps of the run (the LR schedule's length)
     global_batch_size: int = 256  # samples per optimizer step, over all ranks
-    micro_batch_size: int = 32  # per rank; accumulation = global / (ranks * micro)
+    # per rank; accumulation = global / (ranks * micro). 0 = derived from the world: the largest divisor of
+    # global / ranks up to max_micro_batch_size (one config for 8, 128 or 1,024 ranks)
+    micro_batch_size: int = 32
+    max_micro_batch_size: int = 32  # micro_batch_size=0: the largest micro-batch a GPU takes
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_start_step: int = 0  # the EMA starts updating after this step
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) after n updates, so random init fades fast
@@ -234,8 +244,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes
 
     def check(self) -> None:
-        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last", "ckpt_every"):
+        for key in ("max_steps", "global_batch_size", "max_micro_batch_size", "log_every", "keep_last", "ckpt_every"):
             _positive(f"train.{key}", getattr(self, key))
+        _positive("train.micro_batch_size", self.micro_batch_size, allow_zero=True)
         _positive("train.sample_every", self.sample_every, allow_zero=True)
         _positive("train.eval_every", self.eval_every, allow_zero=True)
         _positive("train.eval_samples", self.eval_samples)
@@ -290,6 +301,10 @@ class Config:
         if self.data.format == "latents" and self.train.eval_every:
             raise ConfigError("train.eval_every encodes data.val_shards (images) with the VAE encoder, which "
                               "data.format=latents does not load: set train.eval_every=0 or train from images")
+        if self.data.format == "latents" and self.data.random_flip:
+            raise ConfigError("data.random_flip=true with data.format=latents: the latents were encoded from the "
+                              "images as they are, and a mirrored latent is not the latent of the mirrored image; set "
+                              "data.random_flip=false (or train from the image shards)")
         if self.data.format == "latents" and self.style.enabled:
             raise ConfigError("style.enabled=true needs each sample's reference image, which latent shards do not "
                               "carry: train style step 2 from the image shards (data.format=images, data.shards=...)")

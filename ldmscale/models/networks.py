@@ -27,6 +27,8 @@ def build_unet(ref: str, in_channels: int, cross_attention_dim: int, sample_size
             **UNET_PRESETS[ref],
         )
     unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet" if _has_subfolder(ref, "unet") else None)
+    if unet.config.sample_size != sample_size:  # fine-tuned at another resolution: grids and exports follow this one
+        unet.register_to_config(sample_size=sample_size)
     if unet.config.cross_attention_dim != cross_attention_dim or unet.config.in_channels != in_channels:
         raise ValueError(
             f"U-Net {ref} expects cross_attention_dim={unet.config.cross_attention_dim}, "

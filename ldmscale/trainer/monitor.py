@@ -115,6 +115,7 @@ class Monitor:
             torch.distributed.all_reduce(vec)
         values = vec.tolist()  # the step's one host sync
         dropped = dict(zip(DROP_REASONS, values[len(values) - len(drops):]))
+        loader.check_failure_budget(dropped)  # the job's sums: every rank stops alike, at the same step
         values = values[: len(values) - len(drops)]
         stop = values[-1] > 0
         loss, *parts = (v / world for v in values[:-1])

@@ -22,7 +22,7 @@ from ldmscale.checkpoint.warm_start import init_from_step1
 from ldmscale.config import Config
 from ldmscale.data import ResumableLoader, normalize_pixels
 from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
-from ldmscale.latents.manifest import check_encoders, manifest_for
+from ldmscale.latents.manifest import check_encoders
 from ldmscale.models import noise
 from ldmscale.models.autoencoder import AutoencoderObjective, measure_scaling_factor, save_vae
 from ldmscale.models.encoders import FrozenEncoders, load_vae, tokenize
@@ -93,12 +93,15 @@ class Stage:
 class DiffusionStage(Stage):
     prefix = "unet."
 
-    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True) -> None:
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True,
+                 manifest: dict | None = None) -> None:
         super().__init__(cfg, device, dtype)
-        # latent shards carry the posterior moments: no VAE encoder then, and the set's manifest must name these
+        # latent shards carry the posterior moments: no VAE encoder then, and the set's manifest (read once by rank
+        # 0 with the data plan) must name these
         self.encoders = FrozenEncoders.load(cfg.model, device, dtype, vae_encoder=cfg.data.format == "images")
         if cfg.data.format == "latents":
-            check_encoders(manifest_for(cfg), self.encoders.vae_encoder_hash, self.encoders.text_encoder_hash)
+            assert manifest is not None, "data.format=latents: pass the shards' manifest (latents.shared_manifest)"
+            check_encoders(manifest, self.encoders.vae_encoder_hash, self.encoders.text_encoder_hash)
         self.tokenizer = self.encoders.tokenizer
         size = cfg.data.resolution // vae_downsample_factor(self.encoders.vae.config)
         self.latent_shape = (self.encoders.latent_channels, size, size)
@@ -246,7 +249,10 @@ STAGES: dict[str, type[DiffusionStage] | type[AutoencoderStage]] = {
 }
 
 
-def build_stage(cfg: Config, device: torch.device, dtype: torch.dtype,
-                fresh: bool = True) -> DiffusionStage | AutoencoderStage:
-    """The stage `train.stage` names. `fresh`: not resuming (a style run then loads its step-1 weights)."""
+def build_stage(cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True,
+                manifest: dict | None = None) -> DiffusionStage | AutoencoderStage:
+    """The stage `train.stage` names. `fresh`: not resuming (a style run then loads its step-1 weights);
+    `manifest`: the latent shards' manifest (data.format=latents)."""
+    if cfg.train.stage == "diffusion":
+        return DiffusionStage(cfg, device, dtype, fresh=fresh, manifest=manifest)
     return STAGES[cfg.train.stage](cfg, device, dtype, fresh=fresh)
