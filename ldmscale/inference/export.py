@@ -1,44 +1,83 @@
 """`ldmscale-export CKPT OUT`: a training checkpoint (any ZeRO stage) as a StableDiffusionPipeline folder
-(safetensors) that diffusers loads with `StableDiffusionPipeline.from_pretrained(OUT)`.
+(safetensors) that diffusers loads with `StableDiffusionPipeline.from_pretrained(OUT)`, and `ldmscale_export.json`
+beside it: the checkpoint, step and weights it came from (ldmscale-sample and -eval read it: an eval of the export
+records its step).
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 from pathlib import Path
 
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from ldmscale.checkpoint import load_trained
+from ldmscale.checkpoint.preflight import EXPORT_RECORD, CheckpointInfo, check_checkpoint
+from ldmscale.checkpoint.store import CheckpointError
+from ldmscale.runtime.cli import ArgumentParser, run_cli
 
-from ldmscale.checkpoint import CheckpointError, load_trained
-from ldmscale.runtime.cli import run_cli
 
-
-def export_pipeline(path: str | Path, out: str | Path, weights: str = "ema") -> Path:
-    m = load_trained(path, weights)
-    if m.style is not None:
+def check_export(path: str | Path, out: str | Path, weights: str | None) -> CheckpointInfo:
+    """Every input of an export, before any weights are read."""
+    info = check_checkpoint(path, weights)
+    if info.exported:
+        raise CheckpointError(f"{path} is already an exported diffusers folder; give the training checkpoint "
+                              f"(run dir, checkpoints/ or step_* folder) it came from")
+    if info.style:
         raise CheckpointError(
             f"{path} is a style-conditioned checkpoint: StableDiffusionPipeline has no style path; sample it with "
             f"ldmscale-sample --style-image, or export its step-1 (text-only) run"
         )
+    check_export_folder(Path(out), info)
+    return info
+
+
+def check_export_folder(out: Path, info: CheckpointInfo) -> None:
+    """OUT must be a new, empty or earlier export folder outside the checkpoint's run: an export written into a
+    run dir would make that run dir read as the export (its model_index.json) by every later command."""
+    assert info.tag_dir is not None
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"OUT {out} is a file: give a folder path for the diffusers pipeline")
+    target, tag = out.resolve(), info.tag_dir.resolve()
+    root = tag.parent
+    if (root / "latest").exists() or root.name == "checkpoints":  # a run's checkpoints/ folder
+        if target in (root.parent, root) or target.is_relative_to(root):
+            raise CheckpointError(f"OUT {out} is the run's own folder ({root.parent}) or inside its checkpoints/: "
+                                  f"give a folder of its own, e.g. {root.parent / 'export'}")
+    elif target.is_relative_to(tag):
+        raise CheckpointError(f"OUT {out} is inside the checkpoint {tag}: give a folder of its own")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").exists():
+        raise CheckpointError(f"OUT {out} is a folder with other files in it: give a new or empty folder (or an "
+                              f"earlier export to replace)")
+
+
+def export_pipeline(path: str | Path, out: str | Path, weights: str = "ema") -> Path:
+    info = check_export(path, out, weights)
+    # imported after the checks: importing the pipeline warns when torchvision is absent, noise above their line
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    m = load_trained(info.tag_dir or path, info.weights)
     pipe = StableDiffusionPipeline(
         vae=m.encoders.vae, text_encoder=m.encoders.text_encoder, tokenizer=m.encoders.tokenizer, unet=m.unet,
         scheduler=DDIMScheduler.from_config(m.scheduler_config), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    record = {"checkpoint": str(info.tag_dir), "step": info.step, "weights": info.weights}
+    (Path(out) / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
     return Path(out)
 
 
-def cli(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="ldmscale-export", description="Checkpoint -> diffusers pipeline folder")
+def parse_args(argv: list[str] | None) -> tuple[str, str, str]:
+    p = ArgumentParser(prog="ldmscale-export", description="Checkpoint -> diffusers pipeline folder")
     p.add_argument("checkpoint", help="run dir, its checkpoints/ folder, or a step_* folder")
-    p.add_argument("out", help="output folder for StableDiffusionPipeline.from_pretrained")
+    p.add_argument("out", help="output folder for StableDiffusionPipeline.from_pretrained (new, empty, or an "
+                               "earlier export; not inside the run's checkpoints/)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema")
-    run_cli("ldmscale-export", lambda: print(export_pipeline(*_args(p.parse_args(argv)))))
-
-
-def _args(a: argparse.Namespace) -> tuple[str, str, str]:
+    a = p.parse_args(argv)
     return a.checkpoint, a.out, a.weights
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli("ldmscale-export", lambda: print(export_pipeline(*parse_args(argv))))
 
 
 if __name__ == "__main__":

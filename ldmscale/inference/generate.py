@@ -21,6 +21,7 @@ from ldmscale.inference.samplers import make_scheduler
 from ldmscale.models import noise
 from ldmscale.models.encoders import FrozenEncoders
 from ldmscale.models.networks import vae_downsample_factor
+from ldmscale.runtime.errors import InputError
 
 
 def warn_long_prompts(tokenizer: object, prompts: list[str]) -> None:
@@ -115,6 +116,19 @@ def _sample_dual(unet: UNet2DConditionModel, sched: object, latents: torch.Tenso
         latents = sched.step(eps, t, latents).prev_sample  # type: ignore[attr-defined]
         bar.update(n)
     return latents
+
+
+def check_style_image(path: str | Path) -> None:
+    """A style reference must be an image file PIL can read (checked before any model loads)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--style-image {p}: no such file; give a reference image (PNG, JPEG, WebP)")
+    try:
+        with Image.open(p) as img:
+            img.verify()
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... for what it cannot read
+        raise InputError(f"--style-image {p}: not an image PIL can read ({type(e).__name__}); give a PNG, JPEG or "
+                         f"WebP file") from None
 
 
 def load_style_image(path: str | Path, resolution: int) -> torch.Tensor:
