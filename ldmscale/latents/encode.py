@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +24,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from webdataset.tariterators import tarfile_samples
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys
 
 from ldmscale.config import Config, ConfigError, load_config
 from ldmscale.data import (
@@ -30,20 +33,23 @@ from ldmscale.data import (
     decode_image,
     expand_shard_urls,
     normalize_pixels,
-    reject_reason,
     shards_for,
     stack_uint8,
     storage,
 )
 from ldmscale.data.latent_format import LATENT_EXT, LatentDtype, encode_latent
-from ldmscale.data.shardlist import check_shards_reachable
+from ldmscale.data.shardlist import check_shards_reachable, is_local, strip_file
 from ldmscale.data.storage import scrub
-from ldmscale.latents.manifest import vae_entry, write_manifest_if_complete
+from ldmscale.data.stream import check_shard_length, sample_reason, tar_members
+from ldmscale.latents.existing import check_same_set, existing_header, planned_header, record_header
+from ldmscale.latents.manifest import check_shard_format, vae_entry, write_manifest_if_complete
 from ldmscale.latents.writer import LatentShardWriter, is_complete, join, shard_name
 from ldmscale.runtime import dist
-from ldmscale.runtime.cli import run_cli
+from ldmscale.runtime.cli import ArgumentParser, at_least, run_cli
 from ldmscale.runtime.errors import InputError
 from ldmscale.runtime.precision import torch_dtype
+
+TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 
 
 @dataclass
@@ -75,19 +81,17 @@ class SourceShards(torch.utils.data.IterableDataset):
         d = self.cfg.data
         counts: Counter[str] = Counter()
         errors: list[BaseException] = []
-
-        def on_error(exc: BaseException) -> bool:  # ends this shard's stream; recorded, decided by the caller
-            errors.append(exc)
-            return True
-
         rows: list[tuple[str, bytes, bytes | None]] = []
         images: list[Any] = []
-        for sample in tarfile_samples(iter([{"url": url}]), handler=on_error):
-            reason = reject_reason(sample, d.filters)
+        for sample in self._samples(url, errors):
+            reason = sample_reason(sample, d)  # the training stream's filter wrapper: malformed json is bad_json
             if reason:
                 counts[reason] += 1
                 continue
-            ext = next(e for e in IMAGE_EXTS if e in sample)
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if ext is None:  # a latent member but no image: not a source this encoder reads
+                counts["no_image"] += 1
+                continue
             try:
                 image = decode_image(sample[ext], d.resolution, d.center_crop)
             except Exception:  # a corrupt image is data, not a bug: counted as in training
@@ -105,6 +109,23 @@ class SourceShards(torch.utils.data.IterableDataset):
                "last": True, "counts": dict(counts),
                "error": scrub(repr(err))[:300] if err is not None else "",
                "transient": err is not None and storage.is_transient(err)}
+
+    def _samples(self, url: str, errors: list[BaseException]) -> Iterator[dict[str, Any]]:
+        """The shard's samples as the training stream reads them (members above data.max_member_bytes unread);
+        a read error, or a shard shorter than its _stats.json lists, ends the shard and is recorded."""
+        stream = None
+        try:
+            stream = gopen(url)
+            seen = 0
+            for sample in group_by_keys(tar_members(stream, url, self.cfg.data.max_member_bytes)):
+                seen += 1
+                yield sample
+            check_shard_length(url, seen, self.cfg.data.storage_options)
+        except Exception as exc:  # recorded; the caller decides (transient: retry later, else a shard error)
+            errors.append(exc)
+        finally:
+            if stream is not None:
+                stream.close()
 
 
 class Encoder:
@@ -177,7 +198,7 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
         torch.cuda.set_device(local)
     so = cfg.data.storage_options
     storage.register_gopen_schemes(so)
-    sources = expand_shard_urls(cfg.data.shards, so)
+    sources = source_urls(cfg)
     names = [shard_name(i, len(sources)) for i in range(len(sources))]
     by_name = dict(zip(names, sources))
     mine = shards_for(names, cfg.train.seed, 0, rank, world, 0, 1)  # the trainer's per-rank split
@@ -186,7 +207,10 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
     for name in mine:
         (res.skipped if is_complete(out, name, so) else todo).append(name)
     enc = Encoder(cfg, device, text_embeddings, dtype)
-    header = manifest_header(cfg, enc)
+    # what a rerun must agree with (the weights' hashes are known only now: before any shard is written)
+    record = {**planned_header(cfg, dtype, text_embeddings, sources), **manifest_header(cfg, enc)}
+    check_same_set(out, existing_header(out, so), record)
+    record_header(out, record, so)
     workers = min(cfg.data.num_workers, len(todo))
     ds = SourceShards(cfg, [(n, by_name[n]) for n in todo], batch_size)
     chunks = iter(ds) if workers == 0 else iter(torch.utils.data.DataLoader(
@@ -225,7 +249,7 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
     print(f"ldmscale-encode: rank {rank}/{world}: wrote {len(res.written)} shards ({res.samples} samples, "
           f"{res.samples / max(elapsed, 1e-9):.1f} samples/s), skipped {len(res.skipped)} complete, "
           f"failed {len(res.failed)}, dropped {dict(res.dropped) or 'none'} in {elapsed:.1f}s", flush=True)
-    res.manifest = write_manifest_if_complete(out, sources, header, so)
+    res.manifest = write_manifest_if_complete(out, sources, record, so)
     if res.manifest is not None:
         c = res.manifest["counts"]
         print(f"ldmscale-encode: latent set complete: {c['shards']} shards, {c['samples']} samples, dropped "
@@ -234,40 +258,79 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ldmscale-encode", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="ldmscale-encode", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the training config whose data and VAE to use")
-    p.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix) for the latent shards")
+    p.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix) for the latent shards: "
+                                                "new, or a set this config started")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="storage dtype of the moments")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="images per VAE forward")
     p.add_argument("--text-embeddings", action="store_true", help="also store the text encoder's hidden states")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.shards=[s3://b/{00000..00099}.tar]")
     return p.parse_args(argv)
 
 
-def preflight(cfg: Config, out: str) -> None:
+def source_urls(cfg: Config) -> list[str]:
+    """The image shards, local ones as absolute paths: the set's record must not depend on the working folder."""
+    urls = expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
+    return [os.path.abspath(strip_file(u)) if is_local(u) else u for u in urls]
+
+
+def check_sources(cfg: Config, urls: list[str]) -> None:
+    """The shards must be tar files of images that answer (the first is opened)."""
+    not_tar = [u for u in urls if not u.endswith(TAR_SUFFIXES)]
+    if not_tar:
+        raise ConfigError(f"data.shards names {scrub(not_tar[0])}, which is not a .tar shard ({len(not_tar)} such): "
+                          f"give the .tar files only (a glob like DIR/* also matches the .parquet and _stats.json)")
+    check_shards_reachable(urls, cfg.data.storage_options)
+    if is_local(urls[0]) and not tarfile.is_tarfile(urls[0]):
+        raise ConfigError(f"data.shards: {urls[0]} is named like a shard but is not a tar file: give img2dataset-"
+                          f"layout .tar shards")
+    check_shard_format(cfg, urls)  # latent shards (an ldmscale manifest beside them) are not image shards
+
+
+def check_out(cfg: Config, out: str, urls: list[str]) -> None:
+    """--out must be a folder of its own: not a source folder or inside one listed recursively, not a run."""
+    if not is_local(out):
+        return
+    path = os.path.abspath(strip_file(out))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--out {out} is a file: give a folder for the latent shards")
+    if path in {os.path.dirname(u) for u in urls if is_local(u)}:
+        raise ConfigError(f"--out {out} is where the image shards are: give the latent shards their own folder")
+    for spec in cfg.data.shards:
+        folder = os.path.abspath(strip_file(spec))
+        if is_local(spec) and os.path.isdir(folder) and path.startswith(folder.rstrip("/") + "/"):
+            raise ConfigError(f"--out {out} is inside {spec}, whose .tar files data.shards lists recursively: the "
+                              f"latents would be read as image shards; give a folder outside it")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ConfigError(f"--out {out} is a training run (it holds checkpoints/): give the latents their own folder")
+
+
+def preflight(cfg: Config, out: str, dtype: str = "fp16", text_embeddings: bool = False) -> None:
     """Bad input ends here with one line and exit code 2, before any model is loaded."""
     if cfg.data.format != "images":
         raise ConfigError("data.format must be images for ldmscale-encode: it reads image shards (data.shards) "
                           "and writes latent shards to --out")
-    urls = expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
-    check_shards_reachable(urls, cfg.data.storage_options)
-    src_dirs = {u.rsplit("/", 1)[0] for u in urls}
-    if out.rstrip("/") in src_dirs:
-        raise ConfigError(f"--out {out} is where the image shards are: give the latent shards their own folder")
+    urls = source_urls(cfg)
+    check_sources(cfg, urls)
+    check_out(cfg, out, urls)
+    so = cfg.data.storage_options
+    check_same_set(out, existing_header(out, so), planned_header(cfg, dtype, text_embeddings, urls))
 
 
 def encode(args: argparse.Namespace) -> int:
-    if args.batch_size <= 0:
-        raise InputError(f"--batch-size {args.batch_size}: give a number of images per VAE forward > 0")
     cfg = load_config(args.config, args.overrides)
-    preflight(cfg, args.out)
+    preflight(cfg, args.out, args.dtype, args.text_embeddings)
     res = main(cfg, args.out, dtype=args.dtype, batch_size=args.batch_size, text_embeddings=args.text_embeddings,
                progress=not args.no_progress)
     if res.failed:
         print(f"ldmscale-encode: {len(res.failed)} shards failed to read after retries "
               f"({', '.join(res.failed[:5])}); run the same command again to encode them", file=sys.stderr)
         return 1
+    if res.written and res.samples == 0:
+        raise InputError(f"no sample of the {len(res.written)} shards passed (dropped: {dict(res.dropped)}): check "
+                         f"that data.shards names img2dataset-layout .tar shards and that data.filters keeps some")
     return 0
 
 
