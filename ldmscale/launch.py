@@ -271,9 +271,6 @@ def check_launch(args: argparse.Namespace) -> Config:
         if not key or not all(c.isalnum() or c in "-_" for c in key):
             raise UsageError(f"--slurm-extra {item!r}: give KEY=VALUE (an sbatch option without its dashes, e.g. "
                              f"qos=high) or a bare flag such as exclusive")
-    if not args.local and shutil.which("sbatch") is None:
-        raise UsageError("sbatch is not on PATH: this machine has no Slurm client; run ldmscale-launch on the "
-                         "cluster's login node, or pass --local to run here")
     world = world_size(args)
     cfg = load_config(args.config, args.overrides)
     validate(cfg, world_size=world, device_type="cuda" if args.gpus_per_node else "cpu")
@@ -284,6 +281,9 @@ def check_launch(args: argparse.Namespace) -> Config:
     log_dir = Path(args.log_dir or Path(cfg.train.out_dir) / "slurm")
     if log_dir.exists() and not log_dir.is_dir():
         raise UsageError(f"--log-dir {log_dir} is a file: give a folder for submitit's logs")
+    if not args.local and shutil.which("sbatch") is None:
+        raise UsageError("sbatch is not on PATH: this machine has no Slurm client; run ldmscale-launch on the "
+                         "cluster's login node, or pass --local to run here")
     return cfg
 
 
@@ -291,8 +291,8 @@ def run(args: argparse.Namespace) -> int:
     """Validate, submit, wait and resubmit until finished. Returns the process exit code."""
     try:
         cfg = check_launch(args)
-    except InputError as exc:  # say plainly that nothing reached the queue
-        exc.args = (f"nothing submitted: {exc}",)
+    except InputError as exc:  # say plainly that nothing reached the queue: "nothing submitted: config error: ..."
+        exc.kind = "nothing submitted" + (f": {exc.kind}" if exc.kind else "")
         raise
     out_dir = Path(cfg.train.out_dir)
     args.log_dir = args.log_dir or str(out_dir / "slurm")
