@@ -4,6 +4,7 @@ store.py         the files of one save (every rank's, COMPLETE, `latest`), resum
 checkpointer.py  the loop's checkpointer: the objects it saves, when to save, restore
 elastic.py       another world size: DeepSpeed's universal conversion
 loading.py       inference and warm starts: EMA or raw weights, the whole trained model
+preflight.py     what a checkpoint argument names, checked from its small files before any weights load
 warm_start.py    style step 2 starts from step 1's U-Net
 """
 
