@@ -39,7 +39,7 @@ from ldmscale.data import (
 )
 from ldmscale.data.latent_format import LATENT_EXT, LatentDtype, encode_latent
 from ldmscale.data.shardlist import check_shards_reachable, is_local, strip_file
-from ldmscale.data.storage import scrub
+from ldmscale.data.storage import StorageError, scrub
 from ldmscale.data.stream import check_shard_length, sample_reason, tar_members
 from ldmscale.latents.existing import check_same_set, existing_header, planned_header, record_header
 from ldmscale.latents.manifest import check_shard_format, vae_entry, write_manifest_if_complete
@@ -316,7 +316,14 @@ def preflight(cfg: Config, out: str, dtype: str = "fp16", text_embeddings: bool 
     check_sources(cfg, urls)
     check_out(cfg, out, urls)
     so = cfg.data.storage_options
-    check_same_set(out, existing_header(out, so), planned_header(cfg, dtype, text_embeddings, urls))
+    try:
+        existing = existing_header(out, so)
+    except InputError:
+        raise
+    except Exception as e:  # the store behind --out refused (endpoint, credentials, bucket)
+        raise StorageError(f"--out {scrub(out)}: cannot read it ({scrub(f'{type(e).__name__}: {e}', so)[:200]}) — "
+                           f"check the URL, data.storage_options and the AWS credentials") from None
+    check_same_set(out, existing, planned_header(cfg, dtype, text_embeddings, urls))
 
 
 def encode(args: argparse.Namespace) -> int:

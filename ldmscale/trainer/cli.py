@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
+from ldmscale.checkpoint.store import ResumeError
 from ldmscale.config import load_config
 from ldmscale.runtime import dist
 from ldmscale.runtime.cli import ArgumentParser, run_cli
@@ -24,6 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def train(args: argparse.Namespace) -> None:
     # every input check runs before any process group: every rank prints the same line, nobody hangs
     cfg = load_config(args.config, args.overrides)
+    if args.resume not in ("auto", "never") and not Path(args.resume).expanduser().exists():
+        raise ResumeError(f"{args.resume}: no such checkpoint (--resume takes auto, never, or a run dir, its "
+                          f"checkpoints/ or a step_* folder)")
     from ldmscale.trainer.loop import main  # not at the top: a config error is answered before DeepSpeed loads
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
