@@ -32,7 +32,7 @@ from typing import Any
 import submitit
 
 from ldmscale.config import Config
-from ldmscale.runtime.cli import ArgumentParser, UsageError, at_least, one_line, run_cli
+from ldmscale.runtime.cli import ArgumentParser, UsageError, at_least, one_line, output_dir_problem, run_cli
 from ldmscale.runtime.errors import InputError
 
 # Slurm job states after which the job will not run again by itself (a requeued job is PENDING).
@@ -279,8 +279,9 @@ def check_launch(args: argparse.Namespace) -> Config:
     check_data_early(cfg, world)
     resolve_resume(Path(cfg.train.out_dir) / "checkpoints", "auto")  # the job resumes with resume="auto"
     log_dir = Path(args.log_dir or Path(cfg.train.out_dir) / "slurm")
-    if log_dir.exists() and not log_dir.is_dir():
-        raise UsageError(f"--log-dir {log_dir} is a file: give a folder for submitit's logs")
+    problem = output_dir_problem(log_dir)
+    if problem:
+        raise UsageError(f"--log-dir {log_dir}: {problem}; give a folder for submitit's logs")
     if not args.local and shutil.which("sbatch") is None:
         raise UsageError("sbatch is not on PATH: this machine has no Slurm client; run ldmscale-launch on the "
                          "cluster's login node, or pass --local to run here")

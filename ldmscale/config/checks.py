@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ldmscale.config.presets import UNET_PRESETS, VAE_PRESETS
 from ldmscale.config.schema import Config, ConfigError
+from ldmscale.runtime.cli import output_dir_problem
 
 
 def _looks_local(ref: str) -> bool:
@@ -58,6 +59,10 @@ def validate(cfg: Config, world_size: int | None = None, device_type: str | None
     """What needs the world: the number of ranks, the device, the model folders. Runs before any process
     group (from the environment's WORLD_SIZE) and again once the group is up."""
     cfg.check()
+    if "://" not in cfg.train.out_dir:
+        problem = output_dir_problem(cfg.train.out_dir)
+        if problem:
+            raise ConfigError(f"train.out_dir={cfg.train.out_dir}: {problem}; give a folder this job can write")
     world = world_size or world_size_from_env()
     t, m, ds = cfg.train, cfg.model, cfg.deepspeed
     if device_type is None:

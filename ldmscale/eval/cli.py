@@ -42,7 +42,7 @@ from ldmscale.eval.reference import Reference, find_reference, rank_batches
 from ldmscale.eval.report import log_wandb, plot_sweep, write_json
 from ldmscale.inference.prompts import PromptError, prompt_for, rank_indices, read_prompts
 from ldmscale.runtime import dist
-from ldmscale.runtime.cli import ArgumentParser, at_least, run_cli
+from ldmscale.runtime.cli import ArgumentParser, at_least, output_dir_problem, run_cli
 from ldmscale.runtime.errors import InputError
 
 # the scales of the Stable Diffusion model cards' and NeMo's FID-vs-CLIP curves (30k COCO-2014 val captions)
@@ -93,6 +93,9 @@ def check_reference(a: argparse.Namespace) -> Reference:
         if out.suffix != ".npz" or out.is_dir():
             raise InputError(f"--save-reference-stats {out}: give a file name ending in .npz (--reference reads it "
                              f"back by that suffix)")
+        problem = output_dir_problem(out.parent)
+        if problem:
+            raise InputError(f"--save-reference-stats {out}: {problem}")
     return ref
 
 
@@ -132,8 +135,9 @@ def check_resolution(a: argparse.Namespace, info: CheckpointInfo) -> int:
 def plan(a: argparse.Namespace, world: int) -> Plan:
     """All input checks; raises InputError with a message naming the problem and the fix."""
     parse_features(a.features)
-    if Path(a.out).exists() and not Path(a.out).is_dir():
-        raise InputError(f"--out {a.out} is a file: give a folder for the images and eval.json")
+    problem = output_dir_problem(a.out)
+    if problem:
+        raise InputError(f"--out {a.out}: {problem}; give a folder for the images and eval.json")
     ref = check_reference(a)
     if a.checkpoint is None:
         if not a.save_reference_stats:

@@ -12,7 +12,7 @@ from pathlib import Path
 from ldmscale.checkpoint import load_trained
 from ldmscale.checkpoint.preflight import EXPORT_RECORD, CheckpointInfo, check_checkpoint
 from ldmscale.checkpoint.store import CheckpointError
-from ldmscale.runtime.cli import ArgumentParser, run_cli
+from ldmscale.runtime.cli import ArgumentParser, output_dir_problem, run_cli
 
 
 def check_export(path: str | Path, out: str | Path, weights: str | None) -> CheckpointInfo:
@@ -34,8 +34,9 @@ def check_export_folder(out: Path, info: CheckpointInfo) -> None:
     """OUT must be a new, empty or earlier export folder outside the checkpoint's run: an export written into a
     run dir would make that run dir read as the export (its model_index.json) by every later command."""
     assert info.tag_dir is not None
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"OUT {out} is a file: give a folder path for the diffusers pipeline")
+    problem = output_dir_problem(out)
+    if problem:
+        raise CheckpointError(f"OUT {out}: {problem}; give a folder path for the diffusers pipeline")
     target, tag = out.resolve(), info.tag_dir.resolve()
     root = tag.parent
     if (root / "latest").exists() or root.name == "checkpoints":  # a run's checkpoints/ folder

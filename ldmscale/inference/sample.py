@@ -14,7 +14,7 @@ from ldmscale.config import SAMPLERS
 from ldmscale.inference.generate import check_style_image, generate, load_style_image, to_pil
 from ldmscale.inference.images import write_samples
 from ldmscale.inference.prompts import read_prompts
-from ldmscale.runtime.cli import ArgumentParser, at_least, finite_float, run_cli
+from ldmscale.runtime.cli import ArgumentParser, at_least, finite_float, output_dir_problem, run_cli
 from ldmscale.runtime.errors import InputError
 
 
@@ -76,8 +76,9 @@ def check_inputs(a: argparse.Namespace) -> tuple[list[str], CheckpointInfo, torc
     if a.style_scale is not None and not a.style_image:
         raise InputError("--style-scale weighs a style reference: give --style-image FILE too, or drop --style-scale")
     device = check_device(a.device)
-    if Path(a.out).exists() and not Path(a.out).is_dir():
-        raise InputError(f"--out {a.out} is a file: give a folder for the images")
+    problem = output_dir_problem(a.out)
+    if problem:
+        raise InputError(f"--out {a.out}: {problem}; give a folder for the images")
     info = check_checkpoint(a.checkpoint, a.weights)
     if a.style_image and not info.style:
         raise InputError(f"--style-image: {a.checkpoint} is not a style-conditioned checkpoint (style.enabled); "

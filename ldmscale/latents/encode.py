@@ -45,7 +45,7 @@ from ldmscale.latents.existing import check_same_set, existing_header, planned_h
 from ldmscale.latents.manifest import check_shard_format, vae_entry, write_manifest_if_complete
 from ldmscale.latents.writer import LatentShardWriter, is_complete, join, shard_name
 from ldmscale.runtime import dist
-from ldmscale.runtime.cli import ArgumentParser, at_least, run_cli
+from ldmscale.runtime.cli import ArgumentParser, at_least, output_dir_problem, run_cli
 from ldmscale.runtime.errors import InputError
 from ldmscale.runtime.precision import torch_dtype
 
@@ -294,8 +294,9 @@ def check_out(cfg: Config, out: str, urls: list[str]) -> None:
     if not is_local(out):
         return
     path = os.path.abspath(strip_file(out))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--out {out} is a file: give a folder for the latent shards")
+    problem = output_dir_problem(path)
+    if problem:
+        raise ConfigError(f"--out {out}: {problem}; give a folder for the latent shards")
     if path in {os.path.dirname(u) for u in urls if is_local(u)}:
         raise ConfigError(f"--out {out} is where the image shards are: give the latent shards their own folder")
     for spec in cfg.data.shards:

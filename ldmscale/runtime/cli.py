@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from ldmscale.runtime.errors import InputError
@@ -69,6 +71,22 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def output_dir_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a local folder could not be created or written by this user, or None: checked before any work, so a
+    run does not die at its end with a traceback from mkdir. Callers raise it as their own kind of error."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        return f"{p} is a file, not a folder"
+    existing = next((a for a in (p, *p.parents) if a.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"{existing} is a file, so {p} cannot be a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None
 
 
 def one_line(text: str) -> str:
