@@ -3,9 +3,9 @@ the config checks, the fixed per-bucket picks, and ldmscale-encode storing each 
 
 from __future__ import annotations
 
+import copy
 import io
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -217,25 +217,34 @@ def aspect_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "heldout"  # 90 digits in one shard: wide, square, tall in turn
 
 
-@pytest.mark.parametrize("center_crop", [True, False], ids=["centre", "random"])
-def test_encode_stores_each_samples_bucket_and_size_with_its_moments(
-    assets: Path, aspect_digits: Path, tmp_path: Path, center_crop: bool
-) -> None:
-    cfg = encode_cfg(assets, aspect_digits, **{"data.buckets.enabled": True, "data.buckets.step": 8,
-                                               "data.center_crop": center_crop, "train.seed": 5})
-    res = run_encode(cfg, tmp_path / "latents", dtype="fp32", batch_size=16)
-    assert res.written == ["00000"] and res.samples == 90
-    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+def encode_buckets(assets: Path, shards: Path, out: Path, center_crop: bool) -> dict:
+    cfg = encode_cfg(assets, shards, **{"data.buckets.enabled": True, "data.buckets.step": 8,
+                                        "data.center_crop": center_crop, "train.seed": 5})
+    res = run_encode(cfg, out, dtype="fp32", batch_size=7)  # chunks that mix buckets
+    return {"cfg": cfg, "res": res, "out": out, "center_crop": center_crop}
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["centre", "random"])
+def bucket_latents(assets: Path, aspect_digits: Path, tmp_path_factory: pytest.TempPathFactory,
+                   request: pytest.FixtureRequest) -> dict:
+    return encode_buckets(assets, aspect_digits, tmp_path_factory.mktemp("latents"), request.param)
+
+
+def test_encode_stores_each_samples_bucket_and_size_with_its_moments(bucket_latents: dict, aspect_digits: Path
+                                                                    ) -> None:
+    out, center_crop = bucket_latents["out"], bucket_latents["center_crop"]
+    assert bucket_latents["res"].written == ["00000"] and bucket_latents["res"].samples == 90
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["buckets"] == {"step": 8, "max_aspect": 2.0, "crop_seed": None if center_crop else 5}
     src = {s["__key__"]: s for s in iter_tar_samples(next(aspect_digits.glob("*.tar")))}
-    out = list(iter_tar_samples(tmp_path / "latents" / "00000.tar"))
-    assert [s["__key__"] for s in out] == sorted(src)  # the shard's order, whatever the buckets
+    written = list(iter_tar_samples(out / "00000.tar"))
+    assert [s["__key__"] for s in written] == sorted(src)  # the shard's order, whatever the buckets
     seen = set()
-    for s in out:
+    for s in written:
         cond = decode_latent(s[LATENT_EXT])["size_cond"].tolist()
         assert peek_size_cond(s[LATENT_EXT]) == cond
         meta = json.loads(s["json"])
-        pixels, expected = decode_sample_to_bucket(src[s["__key__"]], "jpg", TINY, center_crop, 5)
+        _, expected = decode_sample_to_bucket(src[s["__key__"]], "jpg", TINY, center_crop, 5)
         assert cond == expected.as_list() and cond[:2] == [meta["original_height"], meta["original_width"]]
         moments = decode_latent(s[LATENT_EXT])["moments"]
         assert moments.shape[-2:] == (cond[4] // 4, cond[5] // 4)  # the bucket through the VAE's factor 4
@@ -244,16 +253,14 @@ def test_encode_stores_each_samples_bucket_and_size_with_its_moments(
 
 
 def test_encode_moments_of_a_bucket_equal_its_images_encoded_alone(assets: Path, aspect_digits: Path,
-                                                                    tmp_path: Path) -> None:
+                                                                    bucket_latents: dict) -> None:
     """Grouping a chunk by bucket for the VAE changes no sample's moments."""
     from diffusers import AutoencoderKL
 
-    cfg = encode_cfg(assets, aspect_digits, **{"data.buckets.enabled": True, "data.buckets.step": 8})
-    run_encode(cfg, tmp_path / "latents", dtype="fp32", batch_size=7)
     vae = AutoencoderKL.from_pretrained(assets / "models/vae").eval()
     src = {s["__key__"]: s for s in iter_tar_samples(next(aspect_digits.glob("*.tar")))}
-    for s in list(iter_tar_samples(tmp_path / "latents" / "00000.tar"))[:6]:
-        pixels, _ = decode_sample_to_bucket(src[s["__key__"]], "jpg", TINY, True, 0)
+    for s in list(iter_tar_samples(bucket_latents["out"] / "00000.tar"))[:6]:
+        pixels, _ = decode_sample_to_bucket(src[s["__key__"]], "jpg", TINY, bucket_latents["center_crop"], 5)
         x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
             post = vae.encode(x).latent_dist
@@ -261,16 +268,23 @@ def test_encode_moments_of_a_bucket_equal_its_images_encoded_alone(assets: Path,
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_training_from_latents_refuses_a_set_with_other_buckets(assets: Path, aspect_digits: Path,
-                                                                tmp_path: Path) -> None:
+def test_training_from_latents_refuses_a_set_with_other_buckets(bucket_latents: dict) -> None:
     from ldmscale.latents.manifest import check_manifest
 
-    cfg = encode_cfg(assets, aspect_digits, **{"data.buckets.enabled": True, "data.buckets.step": 8})
-    run_encode(cfg, tmp_path / "latents", dtype="fp32", batch_size=32)
-    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
-    urls = [str(tmp_path / "latents" / "00000.tar")]
+    cfg, out = copy.deepcopy(bucket_latents["cfg"]), bucket_latents["out"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    urls = [str(out / "00000.tar")]
     check_manifest(cfg, manifest, urls)
-    cfg.data.buckets.enabled = False
-    with pytest.raises(ConfigError, match="encoded with aspect buckets"):
-        check_manifest(cfg, manifest, urls)
-    assert math.isclose(manifest["buckets"]["max_aspect"], 2.0)
+    for change in ("buckets", "step", "seed"):
+        other = copy.deepcopy(cfg)
+        if change == "buckets":
+            other.data.buckets.enabled = False
+        elif change == "step":
+            other.data.buckets.step = 16
+        else:
+            other.train.seed = 6  # random crops come from the seed; centre crops do not
+        if change == "seed" and bucket_latents["center_crop"]:
+            check_manifest(other, manifest, urls)
+            continue
+        with pytest.raises(ConfigError, match="encoded with aspect buckets"):
+            check_manifest(other, manifest, urls)
