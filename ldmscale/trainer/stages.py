@@ -21,6 +21,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from ldmscale.checkpoint.warm_start import init_from_step1
 from ldmscale.config import Config, ConfigError
 from ldmscale.data import ResumableLoader, normalize_pixels
+from ldmscale.data.buckets import bucket_set, grid_buckets
 from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
 from ldmscale.latents.manifest import check_encoders, manifest_for
 from ldmscale.models import noise
@@ -221,16 +222,27 @@ class DiffusionStage(Stage):
             add_style_path(unet, self.encoders.text_dim, sdpa=self.cfg.model.attention == "sdpa")
         broadcast_weights(unet, self.trained_weights(engine, ema), self.device)
         unet.eval()
-        s = self.cfg.sample
+        s, d = self.cfg.sample, self.cfg.data
         prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]
-        drawn = draw_shared(unet, self.encoders, dict(self.module.scheduler.config), prompts, seed=self.cfg.train.seed,
-                            steps=s.num_steps, guidance_scale=s.guidance_scale, sampler=s.sampler)
-        if drawn is not None:  # rank 0
-            images, per_rank = drawn
-            grid = write_grid(images, prompts, out / "samples" / f"step_{step:08d}", s.images_per_prompt, step)
+        # with buckets, every prompt on the tallest, the squarest and the widest canvas: the same fixed list at
+        # every step, resume and world size (data/buckets.py grid_buckets)
+        canvases = [(b.height, b.width) for b in grid_buckets(bucket_set(d.resolution, d.buckets.step,
+                                                                         d.buckets.max_aspect))] \
+            if d.buckets.enabled else [(d.resolution, d.resolution)]
+        images, labels, shares = [], [], []
+        for h, w in canvases:
+            drawn = draw_shared(unet, self.encoders, dict(self.module.scheduler.config), prompts,
+                                seed=self.cfg.train.seed, steps=s.num_steps, guidance_scale=s.guidance_scale,
+                                sampler=s.sampler, height=h, width=w)
+            if drawn is not None:  # rank 0
+                images += drawn[0]
+                labels += [f"{p} [{w}x{h}]" if len(canvases) > 1 else p for p in prompts]
+                shares.append("+".join(map(str, drawn[1])))
+        if images:
+            grid = write_grid(images, labels, out / "samples" / f"step_{step:08d}", s.images_per_prompt, step)
             monitor.log_image("samples", grid, step, caption=f"step {step}")
-            shares = "+".join(map(str, per_rank))
-            monitor.event(f"sample grid {grid} ({time.perf_counter() - t0:.1f}s; images per rank {shares})")
+            monitor.event(f"sample grid {grid} ({time.perf_counter() - t0:.1f}s; images per rank "
+                          f"{', '.join(shares)})")
 
 
 def check_canvas_step(cfg: Config, vae_factor: int, unet_factor: int) -> None:

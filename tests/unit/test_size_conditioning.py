@@ -141,7 +141,7 @@ def test_a_size_conditioned_stage_starts_where_the_square_one_does(assets: Path,
 
 
 @pytest.fixture(scope="module")
-def run_dir(assets: Path, single_rank_group: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def trained(assets: Path, single_rank_group: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """Two optimizer steps of a size-conditioned tiny run on bucket-shaped batches, saved as the trainer saves."""
     out = tmp_path_factory.mktemp("sized_run")
     cfg = load_config(REPO / "configs/tiny.yaml", tiny_overrides(assets, out, **SIZE, **{
@@ -163,7 +163,12 @@ def run_dir(assets: Path, single_rank_group: None, tmp_path_factory: pytest.Temp
     CheckpointStore(out / "checkpoints", keep_last=2).save(
         engine, 2, {"step": 2, "samples_seen": 16, "world_size": 1}, ema.state_dict(), dump_config(cfg),
         rank_state={"data": {}})
-    yield out
+    yield {"out": out, "cfg": cfg, "stage": stage, "engine": engine, "ema": ema}
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained: dict) -> Path:
+    return trained["out"]
 
 
 def test_the_checkpoint_carries_the_path_in_ema_and_raw_weights(run_dir: Path) -> None:
@@ -268,3 +273,18 @@ def test_eval_draws_and_reads_references_on_the_asked_canvas(run_dir: Path, asse
     check_settings(tmp_path / "old", square)
     with pytest.raises(SettingsMismatch):
         check_settings(tmp_path / "old", p.settings)
+
+
+def test_in_training_grids_draw_every_prompt_on_the_tallest_square_and_widest_bucket(trained: dict,
+                                                                                     tmp_path: Path) -> None:
+    from ldmscale.trainer.monitor import Monitor
+
+    stage, cfg = trained["stage"], trained["cfg"]
+    stage.sample_grid(trained["engine"], trained["ema"], Monitor(cfg, tmp_path, True), tmp_path, 2)
+    folder = tmp_path / "samples" / "step_00000002"
+    records = json.loads((folder / "samples.json").read_text())
+    sizes = [Image.open(folder / r["file"]).size for r in records]
+    per_canvas = len(cfg.sample.prompts) * cfg.sample.images_per_prompt
+    assert sizes == [(24, 40)] * per_canvas + [(32, 32)] * per_canvas + [(40, 24)] * per_canvas  # (w, h)
+    assert records[0]["prompt"] == "a handwritten digit 3 [24x40]"
+    assert (folder / "grid.png").exists()
