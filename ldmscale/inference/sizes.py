@@ -48,7 +48,7 @@ def drawable(path: str | Path) -> Drawable:
     cfg = config_from_yaml_text((find_tag_dir(path) / "config.yaml").read_text())
     found = pixel_multiple(cfg)
     if found is None:  # the model folders moved: the weights will tell, any multiple of 8 passes here
-        found = (8, "the usual VAE factor 8")
+        found = (8, "VAE factor 8 assumed: the model folders are not on disk")
     return Drawable(found[0], found[1], cfg.data.resolution, cfg.model.size_conditioning)
 
 
