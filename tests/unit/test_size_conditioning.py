@@ -288,3 +288,14 @@ def test_in_training_grids_draw_every_prompt_on_the_tallest_square_and_widest_bu
     assert sizes == [(24, 40)] * per_canvas + [(32, 32)] * per_canvas + [(40, 24)] * per_canvas  # (w, h)
     assert records[0]["prompt"] == "a handwritten digit 3 [24x40]"
     assert (folder / "grid.png").exists()
+
+
+def test_the_validation_loss_scores_a_size_conditioned_model(trained: dict, assets: Path) -> None:
+    from ldmscale.eval.validation import Validator, load_validation_set
+
+    stage, cfg = trained["stage"], trained["cfg"]
+    vset = load_validation_set([str(assets / "digits/heldout")], {}, stage.tokenizer, 32, True, 8, 0, 1)
+    v = Validator(vset, stage.encoders, stage.latent_shape, cfg.model.num_train_timesteps, 0, 4, 1,
+                  torch.device("cpu"))
+    metrics = v.run(trained["engine"].module)  # the U-Net refuses a forward without its six numbers
+    assert all(np.isfinite(x) for x in metrics.values())
