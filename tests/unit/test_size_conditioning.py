@@ -127,6 +127,7 @@ def test_a_size_conditioned_stage_starts_where_the_square_one_does(assets: Path,
     loss_plain, _ = plain.loss(plain.module, batch, range(4), 0)
     loss_sized, _ = sized.loss(sized.module, batch, range(4), 0)
     assert torch.equal(loss_plain, loss_sized)
+    assert sized.flops_per_sample() > plain.flops_per_sample() > 0  # MFU counts the added embedding too
     torch.nn.init.normal_(sized.module.unet.add_embedding.linear_2.weight, std=0.05)
     default, _ = sized.loss(sized.module, batch, range(4), 0)
     explicit, _ = sized.loss(sized.module, {**batch, "size_cond": torch.tensor([[32, 32, 0, 0, 32, 32]] * 4)},
