@@ -45,6 +45,23 @@ def read_export_record(folder: Path) -> dict[str, Any]:
         return {}
 
 
+EXPORT_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_export_folder(path: Path) -> None:
+    """A diffusers pipeline folder has its parts, and the U-Net's and VAE's configs read as JSON."""
+    missing = [part for part in EXPORT_PARTS if not (path / part).is_dir()]
+    for part in ("unet", "vae"):
+        try:
+            if not isinstance(json.loads((path / part / "config.json").read_text()), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError):
+            missing.append(f"{part}/config.json")
+    if missing:
+        raise CheckpointError(f"{path} has a model_index.json but is not a whole diffusers pipeline (missing or "
+                              f"unreadable: {', '.join(sorted(set(missing)))}); export it again with ldmscale-export")
+
+
 def check_checkpoint(path: str | Path, weights: str | None = None) -> CheckpointInfo:
     """The checkpoint `path` names, checked far enough that loading it can only fail on a damaged file.
     weights: "ema" / "raw" as the user asked, or None for the default (EMA, or what an export holds)."""
@@ -56,6 +73,7 @@ def check_checkpoint(path: str | Path, weights: str | None = None) -> Checkpoint
         if (path / "checkpoints").is_dir():
             raise CheckpointError(f"{path} holds both checkpoints/ and a diffusers export (model_index.json): give "
                                   f"{path / 'checkpoints'} for the checkpoint, or move the export into its own folder")
+        check_export_folder(path)
         record = read_export_record(path)
         held = record.get("weights")
         if weights is not None and held is not None and weights != held:

@@ -51,6 +51,29 @@ class FilterConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (ldmscale/data/buckets.py): every image is resized to cover the canvas nearest its
+    aspect ratio and cropped to it (at the centre, or at a random offset fixed per sample with
+    data.center_crop=false), instead of to the data.resolution square."""
+
+    enabled: bool = False
+    # canvas sides are multiples of this many pixels: a multiple of the VAE's downsampling factor x the U-Net's
+    # (8 x 8 = 64 for Stable Diffusion; checked against the models)
+    step: int = 64
+    max_aspect: float = 2.0  # widest canvas width / height (and tallest height / width); >= 1
+
+    def check(self, resolution: int) -> None:
+        if not self.enabled:
+            return
+        _positive("data.buckets.step", self.step)
+        if self.step > resolution:
+            raise ConfigError(f"data.buckets.step={self.step} is larger than data.resolution={resolution}; canvases "
+                              f"are multiples of the step around the resolution: give a step of at most {resolution}")
+        if self.max_aspect < 1.0:
+            raise ConfigError(f"data.buckets.max_aspect={self.max_aspect} must be >= 1 (2.0 allows 2:1 and 1:2)")
+
+
+@dataclass
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # URLs, brace patterns, globs, dirs, prefixes ending "/"
     val_shards: list[str] = field(default_factory=list)  # held-out shards for train.eval_every (same forms as shards)
@@ -75,11 +98,13 @@ class DataConfig:
     on_shard_list_change: Literal["refuse", "new_epoch"] = "refuse"
     max_member_bytes: int = 64 * 2**20  # tar members above this are skipped unread (`too_large`); 0 = no cap
     filters: FilterConfig = field(default_factory=FilterConfig)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
 
     def check(self) -> None:
         _positive("data.resolution", self.resolution)
         if self.resolution % 8:
             raise ConfigError(f"data.resolution={self.resolution} must be a multiple of 8")
+        self.buckets.check(self.resolution)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _probability("data.caption_dropout", self.caption_dropout)
@@ -115,11 +140,20 @@ class ModelConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile's mode
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile's backend
     channels_last: bool = False  # NHWC activations into the U-Net: faster convolutions on tensor cores
+    # SDXL's micro-conditioning: (original height, width, crop top, left, target height, width) through sinusoidal
+    # embeddings of size_embed_dim each into the U-Net's time embedding (diffusers' addition_embed_type
+    # "text_time", zero-initialised). Not dropped with the caption (as SDXL). Sampling: --original-size, --crop,
+    # --target-size (default: original = target, crop 0,0)
+    size_conditioning: bool = False
+    size_embed_dim: int = 256  # per number; SDXL's addition_time_embed_dim
 
     def check(self) -> None:
         _positive("model.num_train_timesteps", self.num_train_timesteps)
         _positive("model.snr_gamma", self.snr_gamma, allow_zero=True)
         _positive("model.noise_offset", self.noise_offset, allow_zero=True)
+        if self.size_conditioning and (self.size_embed_dim <= 0 or self.size_embed_dim % 2):
+            raise ConfigError(f"model.size_embed_dim={self.size_embed_dim} must be a positive even number "
+                              f"(sine and cosine halves), e.g. 256")
 
 
 @dataclass
@@ -305,6 +339,9 @@ class Config:
             raise ConfigError("data.random_flip=true with data.format=latents: the latents were encoded from the "
                               "images as they are, and a mirrored latent is not the latent of the mirrored image; set "
                               "data.random_flip=false (or train from the image shards)")
+        if self.model.size_conditioning and self.train.stage != "diffusion":
+            raise ConfigError("model.size_conditioning conditions the diffusion U-Net; the autoencoder stage has "
+                              "none: set it to false for train.stage=autoencoder")
         if self.data.format == "latents" and self.style.enabled:
             raise ConfigError("style.enabled=true needs each sample's reference image, which latent shards do not "
                               "carry: train style step 2 from the image shards (data.format=images, data.shards=...)")

@@ -8,9 +8,8 @@ Every input is checked before the process group starts: a bad one is a one-line 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,8 @@ import torch
 
 from ldmscale.checkpoint import load_trained
 from ldmscale.checkpoint.preflight import CheckpointInfo, check_checkpoint
-from ldmscale.config import SAMPLERS, ModelConfig
+from ldmscale.config import SAMPLERS
+from ldmscale.data.buckets import SizeCond
 from ldmscale.eval.clip_score import build_clip_score, check_clip_model
 from ldmscale.eval.fid import (
     GaussianStats,
@@ -41,6 +41,7 @@ from ldmscale.eval.generate import (
 from ldmscale.eval.reference import Reference, find_reference, rank_batches
 from ldmscale.eval.report import log_wandb, plot_sweep, write_json
 from ldmscale.inference.prompts import PromptError, prompt_for, rank_indices, read_prompts
+from ldmscale.inference.sizes import CanvasError, add_size_args, canvas_from_args, drawable
 from ldmscale.runtime import dist
 from ldmscale.runtime.cli import ArgumentParser, at_least, output_dir_problem, run_cli
 from ldmscale.runtime.errors import InputError
@@ -99,37 +100,17 @@ def check_reference(a: argparse.Namespace) -> Reference:
     return ref
 
 
-def vae_factor_of(model: ModelConfig) -> int:
-    """The VAE's downsampling factor, from its config.json alone."""
-    from ldmscale.latents.manifest import load_vae_config
-
-    try:
-        return 2 ** (len(load_vae_config(model)["block_out_channels"]) - 1)
-    except Exception as e:
-        raise InputError(f"cannot read the VAE's config.json ({model.vae or model.pretrained}): {type(e).__name__}: "
-                         f"{str(e)[:160]}") from None
-
-
-def check_resolution(a: argparse.Namespace, info: CheckpointInfo) -> int:
-    """The generation size: --resolution or the checkpoint's, a multiple of what the VAE halves it by."""
-    if info.cfg is not None:
-        model, default = info.cfg.model, info.cfg.data.resolution
-    else:  # an exported folder: the U-Net's latent size times the VAE's factor
-        model, default = ModelConfig(pretrained=str(info.path)), None
-    f = vae_factor_of(model)
-    if default is None:
-        try:
-            unet_cfg = json.loads((info.path / "unet" / "config.json").read_text())
-            default = int(unet_cfg["sample_size"]) * f
-        except (OSError, ValueError, KeyError, TypeError):
-            default = None
-    res = a.resolution or default
-    if res is None:
-        raise InputError(f"{info.path} does not say its image size: pass --resolution (a multiple of {f})")
-    if res % f:
-        raise InputError(f"--resolution {res} is not a multiple of {f} (the VAE's downsampling factor): images would "
-                         f"be {res // f * f} px; give {res // f * f} or {(res // f + 1) * f}")
-    return res
+def check_canvas(a: argparse.Namespace, info: CheckpointInfo) -> tuple[int, int, SizeCond | None]:
+    """The canvas to draw on: --resolution (a square), --width / --height, or the checkpoint's training size; each
+    side a multiple of what the model draws (--resolution 30 with a VAE factor of 4 would draw 28 px)."""
+    model = drawable(info.tag_dir or info.path)
+    if a.resolution:  # the square default (--width / --height override a side)
+        if a.resolution % model.multiple:
+            near = max(model.multiple, round(a.resolution / model.multiple) * model.multiple)
+            raise CanvasError(f"--resolution {a.resolution}: {a.checkpoint} draws sides that are multiples of "
+                              f"{model.multiple} px ({model.why}); try --resolution {near}")
+        model = replace(model, side=a.resolution)
+    return canvas_from_args(a, model, a.checkpoint)
 
 
 def plan(a: argparse.Namespace, world: int) -> Plan:
@@ -142,8 +123,9 @@ def plan(a: argparse.Namespace, world: int) -> Plan:
     if a.checkpoint is None:
         if not a.save_reference_stats:
             raise InputError("give a CHECKPOINT to evaluate, or --save-reference-stats FILE to only write statistics")
-        if a.resolution is None:
-            raise InputError("--save-reference-stats without a CHECKPOINT needs --resolution (the generation size)")
+        if None in reference_canvas(a):
+            raise InputError("--save-reference-stats without a CHECKPOINT needs --resolution (the generation size) "
+                             "or --width and --height")
         feature_size(a.features)  # a CLIP folder that is not one fails here, not after the process group
         return Plan(a, [], [], None, None, "", "disabled", ref)
     if a.clip_model:
@@ -157,10 +139,10 @@ def plan(a: argparse.Namespace, world: int) -> Plan:
     if num < max(2, world):
         raise InputError(f"--num-images {num}: FID needs at least 2 images and every one of the {world} ranks one")
     info = check_checkpoint(a.checkpoint, a.weights)
-    res = check_resolution(a, info)
     project, mode = ("ldmscale", "disabled") if info.cfg is None else (info.cfg.wandb.project, info.cfg.wandb.mode)
+    height, width, size_cond = check_canvas(a, info)
     settings = GenerationSettings(str(info.tag_dir or info.path.resolve()), info.step, info.weights, a.seed, a.steps,
-                                  a.sampler, res)
+                                  a.sampler, height, width, size_cond.as_list() if size_cond else None)
     check_settings(Path(a.out), settings)
     a.num_images = num
     return Plan(a, prompts, guidance, info.tag_dir, settings, project, a.wandb_mode or mode, ref)
@@ -170,12 +152,12 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
     """The distributed part: reference features, then per guidance scale draw the missing images, score."""
     a, out = p.args, Path(p.args.out)
     fid = build_fid(a.features, device)
-    res = p.settings.resolution if p.settings else a.resolution
-    assert p.reference is not None and res is not None  # plan() checked both
+    canvas = (p.settings.height, p.settings.width) if p.settings else reference_canvas(a)
+    assert p.reference is not None and None not in canvas  # plan() checked both
     if p.reference.kind == "stats":
         load_stats(fid, GaussianStats.load(a.reference), real=True, owner=rank == 0)
     else:
-        for batch in rank_batches(p.reference, res, rank, world, a.batch_size, a.num_reference):
+        for batch in rank_batches(p.reference, canvas, rank, world, a.batch_size, a.num_reference):
             fid.update(batch.to(device), real=True)
     if a.save_reference_stats:
         ref = stats_of(fid, real=True)  # collective
@@ -214,6 +196,11 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
             "settings": {**vars(a), "num_images": a.num_images, "num_prompts": len(p.prompts), "world_size": world}}
 
 
+def reference_canvas(a: argparse.Namespace) -> tuple[int | None, int | None]:
+    """(height, width) the reference images are decoded at when no checkpoint says it."""
+    return a.height or a.resolution, a.width or a.resolution
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = ArgumentParser(prog="ldmscale-eval", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", help="run dir, checkpoints/, step_* folder or exported diffusers folder")
@@ -235,7 +222,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", choices=["ema", "raw"], help="EMA (the default) or raw weights")
     ap.add_argument("--resolution", type=at_least(1),
-                    help="generation size, a multiple of the VAE's factor (default: the checkpoint's data.resolution)")
+                    help="generation size, a multiple of what the model draws (default: the checkpoint's "
+                         "data.resolution)")
+    add_size_args(ap)  # --width / --height (a non-square canvas) and size conditioning
     ap.add_argument("--batch-size", type=at_least(1), default=16, help="images per forward pass")
     ap.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
                     help="default: the checkpoint's wandb.mode")

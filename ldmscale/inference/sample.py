@@ -14,6 +14,7 @@ from ldmscale.config import SAMPLERS
 from ldmscale.inference.generate import check_style_image, generate, load_style_image, to_pil
 from ldmscale.inference.images import write_samples
 from ldmscale.inference.prompts import read_prompts
+from ldmscale.inference.sizes import add_size_args, canvas_from_args, drawable
 from ldmscale.runtime.cli import ArgumentParser, at_least, finite_float, output_dir_problem, run_cli
 from ldmscale.runtime.errors import InputError
 
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="style reference image (style checkpoints); repeat for several: every prompt x every style")
     p.add_argument("--style-scale", type=finite_float, default=None,
                    help="style guidance scale (default: the checkpoint's style.guidance_scale)")
+    add_size_args(p)
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--weights", choices=["ema", "raw"], help="EMA (the default) or raw weights")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="images per forward pass")
@@ -90,8 +92,8 @@ def sample(a: argparse.Namespace) -> None:
     from ldmscale.checkpoint import load_trained  # not at the top: --help stays fast
 
     prompts, info, device = check_inputs(a)
+    height, width, size_cond = canvas_from_args(a, drawable(info.tag_dir or info.path), a.checkpoint)
     m = load_trained(info.tag_dir or info.path, info.weights, device)
-    res = m.cfg.data.resolution if m.cfg else None
     tokens, labels, style_scale = None, [q for q in prompts for _ in range(a.num_images)], 1.0
     if a.style_image:
         assert m.cfg is not None and m.style is not None
@@ -104,11 +106,14 @@ def sample(a: argparse.Namespace) -> None:
     all_prompts = [lb.split(" | style ")[0] for lb in labels] if tokens is not None else labels
     images = generate(
         m.unet, m.encoders, m.scheduler_config, all_prompts, seed=a.seed, steps=a.steps,
-        guidance_scale=a.guidance_scale, sampler=a.sampler, resolution=res, batch_size=a.batch_size,
+        guidance_scale=a.guidance_scale, sampler=a.sampler, height=height, width=width, size_cond=size_cond,
+        batch_size=a.batch_size,
         progress=sys.stderr.isatty() or True, style_tokens=tokens, style_scale=style_scale,
     )
     meta = {"seed": a.seed, "steps": a.steps, "guidance_scale": a.guidance_scale, "sampler": a.sampler,
-            "weights": info.weights, "step": info.step}
+            "width": width, "height": height, "weights": info.weights, "step": info.step}
+    if size_cond is not None:
+        meta["size_cond"] = size_cond.as_list()  # original h, w, crop top, left, target h, w
     if tokens is not None:
         meta["style_scale"] = style_scale
     grid = write_samples(to_pil(images), labels, Path(a.out), a.num_images, meta)

@@ -17,12 +17,12 @@ from typing import Any
 from ldmscale.config import Config, ConfigError
 from ldmscale.data.shardlist import is_local
 from ldmscale.data.storage import scrub
-from ldmscale.latents.manifest import FORMAT, MANIFEST, listed_names, load_vae_config, vae_entry
+from ldmscale.latents.manifest import FORMAT, MANIFEST, buckets_entry, listed_names, load_vae_config, vae_entry
 from ldmscale.latents.writer import join, read_json, write_bytes_atomic
 
 ENCODING = "encoding.json"
 # what decides the latents' values (and which samples they hold); hashes are compared where both sides have one
-SAME_KEYS = ("resolution", "center_crop", "dtype", "text_embeddings", "tokenizer_max_length", "filters",
+SAME_KEYS = ("resolution", "center_crop", "buckets", "dtype", "text_embeddings", "tokenizer_max_length", "filters",
              "max_member_bytes")
 SAME_VAE_KEYS = ("config_hash", "scaling_factor", "shift_factor", "latent_channels", "encoder_hash")
 
@@ -30,7 +30,8 @@ SAME_VAE_KEYS = ("config_hash", "scaling_factor", "shift_factor", "latent_channe
 def planned_header(cfg: Config, dtype: str, text_embeddings: bool, sources: list[str]) -> dict[str, Any]:
     """What this run would write, as far as it is known without loading any weights."""
     return {
-        "format": FORMAT, "resolution": cfg.data.resolution, "center_crop": cfg.data.center_crop, "dtype": dtype,
+        "format": FORMAT, "resolution": cfg.data.resolution, "center_crop": cfg.data.center_crop,
+        "buckets": buckets_entry(cfg), "dtype": dtype,
         "vae": vae_entry(cfg.model, load_vae_config(cfg.model), ""), "text_embeddings": text_embeddings,
         "filters": json.loads(json.dumps(cfg.data.filters.__dict__)),
         "max_member_bytes": cfg.data.max_member_bytes, "source_shards": [scrub(u) for u in sources],

@@ -40,7 +40,7 @@ def rows(assets: Path, run: Path, tmp: Path) -> list[tuple[list[str], str]]:
          "not an image PIL can read"),
         (["ldmscale-export", str(run), str(run)], "checkpoint error: OUT"),
         (["ldmscale-eval", str(run), "--prompts", str(tmp / "p.txt"), "--features", "pixels:4", "--num-images", "4",
-          "--reference", str(assets / "digits/heldout"), "--resolution", "30"], "give 28 or 32"),
+          "--reference", str(assets / "digits/heldout"), "--resolution", "30"], "try --resolution 32"),
         (["ldmscale-encode", "--config", TINY, "--out", str(tmp / "lat"), *ov, f"data.shards=[{tmp / 'notatar.tar'}]"],
          "is not a tar file"),
         (["ldmscale-launch", "--config", TINY, *ov, "--nodes", "3"], "nothing submitted: config error: train.global_b"),

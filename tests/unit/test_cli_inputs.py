@@ -73,12 +73,17 @@ def ctx(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
     (both / "model_index.json").write_text("{}")  # an export written into the run folder by an older version
     c["both"] = str(both)
     export = t / "export"
-    (export / "unet").mkdir(parents=True)
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        (export / part).mkdir(parents=True)
     shutil.copytree(assets / "models/vae", export / "vae")
     (export / "model_index.json").write_text("{}")
-    (export / "unet/config.json").write_text(json.dumps({"sample_size": 8}))
+    (export / "unet/config.json").write_text(json.dumps({"sample_size": 8, "block_out_channels": [32, 64]}))
     (export / "ldmscale_export.json").write_text(json.dumps({"checkpoint": c["ckpt"], "step": 4, "weights": "ema"}))
     c["export"] = str(export)
+    broken = t / "broken_export"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")  # a copy that stopped early
+    c["broken_export"] = str(broken)
     (t / "other").mkdir()
     (t / "other/notes.txt").write_text("not an export")
     c["other"] = str(t / "other")
@@ -205,6 +210,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("sample", [*S, "--device", "gpu0"], "not a device name"),
     ("sample", [*S, "--device", "cuda:99"], "--device cuda:99: "),
     ("sample", [*S, "--out", "{tmp}/file"], "is a file"),
+    ("sample", [*S, "--width", "30"], "try --width 32"),
+    ("sample", [*S, "--height", "0"], "--height 0: "),
+    ("sample", [*S, "--original-size", "64", "64"], "trained without model.size_conditioning"),
+    ("sample", [*S, "--crop", "0"], "--crop: expected 2 arguments"),
+    ("sample", [*S, "--target-size", "64", "64"], "drop --target-size"),
+    ("sample", ["{broken_export}", "--prompt", "a"], "not a whole diffusers pipeline"),
     ("sample", [*S, "--out", "{tmp}/file/samples"], "is a file, so"),
     ("sample", ["{tmp}/nothing", "--prompt", "a"], "no such checkpoint"),
     ("sample", ["{partial}", "--prompt", "a"], "partial checkpoint"),
@@ -225,6 +236,9 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("export", ["{noema_run}", "{tmp}/pipe"], "pass --weights raw"),
     ("export", ["{run}"], "the following arguments are required: out"),
     ("export", ["{run}", "{tmp}/pipe", "--weights", "fp16"], "invalid choice: 'fp16'"),
+    ("export", ["{run}", "{tmp}/pipe", "--original-size", "64", "64"], "trained without model.size_conditioning"),
+    ("export", ["{run}", "{tmp}/pipe", "--crop", "a", "b"], "--crop: invalid int value"),
+    ("export", ["{run}", "{tmp}/pipe", "--target-size", "64", "64"], "drop --target-size"),
     # ldmscale-eval (5)
     ("eval", [*E, "--reference", "{tmp}/stats9.npz"], "9 features; --features pixels:4 gives 16"),
     ("eval", [*E, "--reference", "{tmp}/stats_no_n.npz"], "no reference sample count"),
@@ -238,7 +252,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval", [*E, *R, "--batch-size", "0"], "--batch-size: 0 is too small"),
     ("eval", [*E, *R, "--num-images", "0"], "--num-images: 0 is too small"),
     ("eval", [*E, *R, "--num-images", "1"], "FID needs at least 2 images"),
-    ("eval", [*E, *R, "--resolution", "30"], "not a multiple of 4"),
+    ("eval", [*E, *R, "--resolution", "30"], "try --resolution 32"),
+    ("eval", [*E, *R, "--width", "30"], "try --width 32"),
+    ("eval", [*E, *R, "--height", "x"], "--height: invalid int value"),
+    ("eval", [*E, *R, "--original-size", "64", "64"], "trained without model.size_conditioning"),
+    ("eval", [*E, *R, "--crop", "0", "0"], "drop --crop"),
+    ("eval", [*E, *R, "--target-size", "64"], "--target-size: expected 2 arguments"),
     ("eval", [*E, *R, "--steps", "0"], "--steps: 0 is too small"),
     ("eval", [*E, *R, "--seed", "1.5"], "--seed: invalid int value"),
     ("eval", [*E, "--reference", "s3://bucket/ref/"], "cannot list the shards"),
@@ -267,7 +286,8 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval", ["{tmp}/nothing", *E[1:], *R], "no such checkpoint"),
     ("eval", ["{ae_run}", *E[1:], *R], "autoencoder-stage checkpoint"),
     ("eval", ["{noema_run}", *E[1:], *R], "pass --weights raw"),
-    ("eval", ["{export}", *E[1:], *R, "--resolution", "30"], "not a multiple of 4"),
+    ("eval", ["{export}", *E[1:], *R, "--resolution", "30"], "try --resolution 32"),
+    ("eval", ["{broken_export}", *E[1:], *R], "not a whole diffusers pipeline"),
     # ldmscale-encode (1, 7)
     ("encode", [*ENC, "--batch-size", "0"], "--batch-size: 0 is too small"),
     ("encode", [*ENC, "--dtype", "fp8"], "invalid choice: 'fp8'"),
