@@ -48,7 +48,7 @@ def read_export_record(folder: Path) -> dict[str, Any]:
 EXPORT_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def check_export_folder(path: Path) -> None:
+def check_pipeline_folder(path: Path) -> None:
     """A diffusers pipeline folder has its parts, and the U-Net's and VAE's configs read as JSON."""
     missing = [part for part in EXPORT_PARTS if not (path / part).is_dir()]
     for part in ("unet", "vae"):
@@ -73,7 +73,7 @@ def check_checkpoint(path: str | Path, weights: str | None = None) -> Checkpoint
         if (path / "checkpoints").is_dir():
             raise CheckpointError(f"{path} holds both checkpoints/ and a diffusers export (model_index.json): give "
                                   f"{path / 'checkpoints'} for the checkpoint, or move the export into its own folder")
-        check_export_folder(path)
+        check_pipeline_folder(path)
         record = read_export_record(path)
         held = record.get("weights")
         if weights is not None and held is not None and weights != held:

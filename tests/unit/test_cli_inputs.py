@@ -278,7 +278,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval", [*E, *R, "--weights", "x"], "invalid choice: 'x'"),
     ("eval", [*E, *R, "--wandb-mode", "on"], "invalid choice: 'on'"),
     ("eval", [*E, *R, "--out", "{tmp}/file"], "is a file"),
-    ("eval", [*E, *R, "--save-reference-stats", "{tmp}/file/r.npz"], "is a file, so"),
+    ("eval", [*E, *R, "--save-reference-stats", "{tmp}/file/r.npz"], "file is a file, not a folder"),
     ("eval", [*E, *R, "--clip-model", "{tmp}/noclip"], "no such folder"),
     ("eval", [*E, *R, "--clip-model", "{tmp}"], "not a CLIP folder"),
     ("eval", [*E, *R, "--clip-model", "openai/clip-vit-base-patch32"], "HF_HUB_OFFLINE=1 forbids the hub"),
