@@ -118,8 +118,8 @@ def score(images: list[np.ndarray], refs: list[dict[str, Any]], digits: list[int
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from ldmscale.checkpoint import load_trained
     from ldmscale.data import to_tensor
-    from ldmscale.inference.export import load_trained
 
     pools = {k: load_set(args.data / FOLDERS[k]) for k in SETS}
     clf = SVC(gamma=0.001).fit(np.stack([content_features(h["rgb"]) for h in pools["seen"]]),
@@ -169,7 +169,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def print_report(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"{args.refs} references per set, {args.steps} dpmsolver++ steps, text guidance {args.guidance_scale}, "
           f"style guidance {args.style_scale}; colour error = mean RGB distance of ink and background (0..441)")
-    head = f"{'model':44}{'KL nats':>8}{'err seen':>9}{'err unseen':>11}{'digits':>8}{'probe s/u':>12}"
+    head = (f"{'model':44}{'KL nats':>8}{'err seen':>9}{'err unseen':>11}{'digits seen':>12}{'digits unseen':>14}"
+            f"{'probe s/u':>12}")
     print(head)
     for name, row in r.items():
         if name.endswith("_images"):
@@ -177,10 +178,10 @@ def print_report(r: dict[str, Any], args: argparse.Namespace) -> None:
         kl = f"{row['kl']:.1f}" if row.get("kl") is not None else "-"
         probe = f"{row['probe']['seen']:.0f}/{row['probe']['unseen']:.0f}" if "probe" in row else "-"
         seen, unseen = row.get("seen", {}), row.get("unseen", {})
-        dig = f"{seen['digits']:.1%}" if "digits" in seen else "-"
+        dig = [f"{x['digits']:.1%}" if "digits" in x else "-" for x in (seen, unseen)]
         err = [f"{x['colour_error']:.1f}" if x else "-" for x in (seen, unseen)]
         label = name if len(name) <= 43 else "..." + name[-40:]
-        print(f"{label:44}{kl:>8}{err[0]:>9}{err[1]:>11}{dig:>8}{probe:>12}")
+        print(f"{label:44}{kl:>8}{err[0]:>9}{err[1]:>11}{dig[0]:>12}{dig[1]:>14}{probe:>12}")
 
 
 def save_grid(r: dict[str, Any], path: Path, per_row: int = 20) -> None:

@@ -78,10 +78,9 @@ def load_heldout(folder: Path) -> list[dict[str, Any]]:
 
 
 def draw(run: Path, prompts: list[str], refs: list[np.ndarray] | None, args: argparse.Namespace) -> list[np.ndarray]:
-    from ldmscale.sample import generate
-
+    from ldmscale.checkpoint import load_trained
     from ldmscale.data import to_tensor
-    from ldmscale.inference.export import load_trained
+    from ldmscale.inference.generate import generate
 
     m = load_trained(run, "ema", args.device)
     res = m.cfg.data.resolution if m.cfg else None
