@@ -1,5 +1,10 @@
-"""`ldmscale-export CKPT OUT`: a training checkpoint (any ZeRO stage) as a diffusers folder. It writes a StableDiffusionPipeline folder (safetensors) that diffusers loads
-with `StableDiffusionPipeline.from_pretrained(OUT)`.
+"""`ldmscale-export CKPT OUT`: a training checkpoint (any ZeRO stage) as a diffusers folder.
+
+It writes a StableDiffusionPipeline folder (safetensors) that diffusers loads with
+`StableDiffusionPipeline.from_pretrained(OUT)`. A style checkpoint (clip backbone) adds its style path as an
+IP-Adapter, `OUT/ip_adapter/` (ldmscale/inference/ip_adapter.py), used with
+`pipe.load_ip_adapter(OUT, subfolder="ip_adapter", weight_name="ip-adapter.safetensors")` and
+`pipe(prompt, ip_adapter_image=ref)`.
 """
 
 from __future__ import annotations
@@ -9,28 +14,48 @@ from pathlib import Path
 
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from ldmscale.checkpoint import CheckpointError, load_trained
+from ldmscale.checkpoint import CheckpointError, TrainedModel, load_trained, saved_config
+from ldmscale.config import Config
+from ldmscale.inference import ip_adapter
 from ldmscale.runtime.cli import run_cli
 
 
-def export_pipeline(path: str | Path, out: str | Path, weights: str = "ema") -> Path:
-    m = load_trained(path, weights)
-    if m.style is not None:
-        raise CheckpointError(
-            f"{path} is a style-conditioned checkpoint: StableDiffusionPipeline has no style path; sample it with "
-            f"ldmscale-sample --style-image, or export its step-1 (text-only) run"
-        )
+def check_exportable(cfg: Config, source: str | Path) -> None:
+    """A style model the IP-Adapter format cannot carry is refused, naming the setting, before anything loads."""
+    reason = ip_adapter.refusal(cfg.style) if cfg.style.enabled else None
+    if reason:
+        raise CheckpointError(f"{source} cannot be exported as a diffusers IP-Adapter: {reason} (or sample it with "
+                              f"ldmscale-sample --style-image)")
+
+
+def write_pipeline(m: TrainedModel, out: str | Path, source: str | Path = "the model") -> Path:
+    """The text pipeline, plus the IP-Adapter of a style model."""
+    style_cfg = m.cfg.style if m.cfg is not None and m.style is not None else None
+    if style_cfg is not None:
+        assert m.cfg is not None
+        check_exportable(m.cfg, source)
+    unet = ip_adapter.text_unet(m.unet) if style_cfg is not None else m.unet
+    extractor = ip_adapter.feature_extractor(m.style.frozen.size) if style_cfg is not None else None
     pipe = StableDiffusionPipeline(
-        vae=m.encoders.vae, text_encoder=m.encoders.text_encoder, tokenizer=m.encoders.tokenizer, unet=m.unet,
-        scheduler=DDIMScheduler.from_config(m.scheduler_config), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+        vae=m.encoders.vae, text_encoder=m.encoders.text_encoder, tokenizer=m.encoders.tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(m.scheduler_config), safety_checker=None, feature_extractor=extractor,
+        image_encoder=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    if style_cfg is not None:
+        ip_adapter.write_ip_adapter(m.unet, m.style.encoder, m.style.frozen, Path(out))
     return Path(out)
 
 
+def export_pipeline(path: str | Path, out: str | Path, weights: str = "ema") -> Path:
+    if not (Path(path) / "model_index.json").exists():  # a checkpoint, not an exported folder
+        check_exportable(saved_config(path), path)
+    return write_pipeline(load_trained(path, weights), out, path)
+
+
 def cli(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="ldmscale-export", description="Checkpoint -> diffusers pipeline folder")
+    p = argparse.ArgumentParser(prog="ldmscale-export", description="Checkpoint -> diffusers pipeline folder "
+                                "(+ ip_adapter/ for a clip-backbone style checkpoint)")
     p.add_argument("checkpoint", help="run dir, its checkpoints/ folder, or a step_* folder")
     p.add_argument("out", help="output folder for StableDiffusionPipeline.from_pretrained")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema")
