@@ -15,6 +15,7 @@ from ldmscale.inference.images import write_samples
 from ldmscale.inference.prompts import read_prompts
 from ldmscale.runtime.cli import run_cli
 from ldmscale.runtime.errors import InputError
+from ldmscale.style.attention import parse_block_scales, set_style_scales
 
 
 def gather_prompts(args: argparse.Namespace) -> list[str]:
@@ -24,6 +25,13 @@ def gather_prompts(args: argparse.Namespace) -> list[str]:
     if not prompts:
         raise InputError("give --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
+
+
+def block_scales_arg(text: str) -> dict[str, float]:
+    try:
+        return parse_block_scales(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="style reference image (style checkpoints); repeat for several: every prompt x every style")
     p.add_argument("--style-scale", type=float, default=None,
                    help="style guidance scale (default: the checkpoint's style.guidance_scale)")
+    p.add_argument("--style-scale-blocks", type=block_scales_arg, default=None, metavar="down=S,mid=S,up=S",
+                   help="weights of the style attention per block group (default 1 each), e.g. down=0,mid=1,up=1 to "
+                        "keep the reference's layout out (diffusers: set_ip_adapter_scale per block)")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
     p.add_argument("--batch-size", type=int, default=16)
@@ -60,6 +71,7 @@ def sample(a: argparse.Namespace) -> None:
                              f"drop --style-image or give a style step-2 run")
         assert m.cfg is not None
         style_scale = a.style_scale if a.style_scale is not None else m.cfg.style.guidance_scale
+        set_style_scales(m.unet, a.style_scale_blocks)
         refs = torch.cat([load_style_image(f, m.cfg.data.resolution) for f in a.style_image])
         per_style = m.style.tokens(refs)
         pairs = [(q, i) for q in prompts for i in range(len(a.style_image)) for _ in range(a.num_images)]
@@ -74,6 +86,8 @@ def sample(a: argparse.Namespace) -> None:
     meta = {"seed": a.seed, "steps": a.steps, "guidance_scale": a.guidance_scale, "sampler": a.sampler}
     if tokens is not None:
         meta["style_scale"] = style_scale
+        if a.style_scale_blocks:
+            meta["style_scale_blocks"] = a.style_scale_blocks
     grid = write_samples(to_pil(images), labels, Path(a.out), a.num_images, meta)
     print(f"wrote {len(all_prompts)} images and {grid}")
 
