@@ -17,7 +17,7 @@ from ldmscale.config import dump_config, load_config
 from ldmscale.inference.export import cli, export_pipeline
 from ldmscale.models.encoders import FrozenEncoders
 from ldmscale.models.networks import build_unet
-from ldmscale.style.attention import StyleAttnProcessor
+from ldmscale.style.attention import StyleAttnProcessor, set_style_scales
 from ldmscale.style.encoder import build_style
 from ldmscale.style.install import install_style_path
 from tests.conftest import REPO, tiny_overrides
@@ -86,6 +86,16 @@ def test_diffusers_unet_with_the_loaded_adapter_predicts_ldmscales_noise(exporte
     assert (theirs.sample - ours).abs().max() <= 1e-4
     # diffusers' unconditional image branch (zero embeddings) is ldmscale's dropped style (zero tokens)
     assert (uncond.sample - text_only).abs().max() <= 1e-4
+    # per-block scales: ldmscale-sample --style-scale-blocks = set_ip_adapter_scale with the same block groups
+    scales = {"down": 0.0, "mid": 1.0, "up": 0.5}
+    set_style_scales(m.unet, scales)
+    pipe.set_ip_adapter_scale(scales)
+    with torch.no_grad():
+        ours = m.unet(x, t, encoder_hidden_states=ctx, cross_attention_kwargs={"style_tokens": tokens}).sample
+        theirs = pipe.unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"image_embeds": [embeds[:, None]]})
+    set_style_scales(m.unet, None)
+    pipe.set_ip_adapter_scale(1.0)
+    assert (theirs.sample - ours).abs().max() <= 1e-4
 
 
 def test_adapter_file_has_diffusers_layout_and_the_pipeline_draws(exported: dict) -> None:
@@ -108,6 +118,7 @@ def test_adapter_file_has_diffusers_layout_and_the_pipeline_draws(exported: dict
 def test_a_model_the_format_cannot_carry_is_refused_in_one_line(
         assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = _style_checkpoint(assets, tmp_path / "run")  # the conv backbone
+    capsys.readouterr()  # what building the checkpoint printed
     with pytest.raises(SystemExit) as e:
         cli([str(run), str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
