@@ -84,9 +84,9 @@ def draw(run: Path, prompts: list[str], refs: list[np.ndarray] | None, args: arg
     from ldmscale.inference.generate import generate
     from ldmscale.style.attention import set_style_scales
 
-    m = load_trained(run, "ema", args.device)
+    m = load_trained(run, args.weights if refs is not None else "ema", args.device)  # the text run: its EMA
     res = m.cfg.data.resolution if m.cfg else None
-    set_style_scales(m.unet, getattr(args, "style_scale_blocks", None))
+    set_style_scales(m.unet, args.style_scale_blocks)
     tokens = None
     if refs is not None:
         assert m.style is not None, f"{run} is not a style-conditioned run"
@@ -163,6 +163,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style-scale-blocks", type=parse_block_scales, default=None, metavar="down=S,mid=S,up=S",
                    help="style attention weight per block group (ldmscale-sample's flag)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the style runs' weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
 
