@@ -1,10 +1,13 @@
-"""Shared fixtures: real digit shards and offline model folders, written once per test session."""
+"""Shared fixtures: real digit shards and offline model folders, written once per test session.
+
+The folder is the tier: tests/unit/ (in-process: no child process, server or second rank), tests/integration/
+(several DeepSpeed processes, CLIs in child processes), tests/system/ (the local Ceph S3 server and Slurm cluster).
+`tools/run_tests.sh unit` runs one tier."""
 
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SAMPLE_CLI = [sys.executable, "-m", "ldmscale.inference.sample"]  # ldmscale-sample in a child process
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub call fails fast instead of hanging
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -20,19 +24,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 pytest_plugins = [
     p for p in ("tests.s3_fixtures", "tests.slurm_fixtures") if (REPO / (p.replace(".", "/") + ".py")).exists()
 ]
-
-
-# The fast tier (`tools/run_tests.sh -m unit`): every test that needs no child process, server or second rank.
-# Such tests carry one of these markers (or use the `assets` fixture, which runs two tool scripts); the rest are
-# marked `unit` here, so a new test joins the fast tier unless it says otherwise.
-SLOW_MARKERS = {"multiproc", "s3", "slurm", "subprocess"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        slow = any(item.get_closest_marker(m) for m in SLOW_MARKERS) or "assets" in getattr(item, "fixturenames", ())
-        if not slow:
-            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")
@@ -71,14 +62,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits/train, digits/heldout (LAION layout) and models/{vae,text_encoder,tokenizer} (random init)."""
+    """digits/train, digits/heldout (LAION layout) and models/{vae,text_encoder,tokenizer} (random init), written
+    in-process as tools/make_digit_shards.py and tools/make_offline_models.py write them."""
+    from ldmscale.demo.digits import write_digit_shards
+    from ldmscale.models.offline import captions_from_shards, write_offline_models
+
     root = tmp_path_factory.mktemp("assets")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, str(REPO / "tools/make_digit_shards.py"), "--out", str(root / "digits"),
-                    "--samples-per-shard", "200"], check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, str(REPO / "tools/make_offline_models.py"), "--shards",
-                    str(root / "digits/train/*.tar"), "--out", str(root / "models")],
-                   check=True, env=env, capture_output=True)
+    written = write_digit_shards(root / "digits", samples_per_shard=200)
+    write_offline_models(list(captions_from_shards(written["train"])), root / "models")
     return root
 
 

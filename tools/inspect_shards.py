@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldmscale.data.shard_writer import iter_tar_samples
 
 NUMERIC_FIELDS = ("width", "height", "original_width", "original_height", "similarity")

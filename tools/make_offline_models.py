@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldmscale.models.offline import VAE_PRESETS, captions_from_shards, write_offline_models
 
 

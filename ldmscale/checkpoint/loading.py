@@ -17,6 +17,7 @@ from ldmscale.config import Config, ModelConfig, config_from_yaml_text
 from ldmscale.models.encoders import FrozenEncoders
 from ldmscale.models.networks import build_unet, strip_prefix, vae_downsample_factor
 from ldmscale.models.objective import build_noise_scheduler
+from ldmscale.models.size_conditioning import apply_size_config
 from ldmscale.style.encoder import StyleReference, build_style
 from ldmscale.style.install import install_style_path
 
@@ -50,7 +51,7 @@ class TrainedModel:
     unet: UNet2DConditionModel
     encoders: FrozenEncoders
     scheduler_config: dict[str, Any]
-    style: Any = None  # ldmscale.style.StyleReference for style-conditioned checkpoints
+    style: Any = None  # ldmscale.style.encoder.StyleReference for style checkpoints
 
 
 def load_trained(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
@@ -73,6 +74,7 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
     enc = FrozenEncoders.load(cfg.model, device, dtype)
     f = vae_downsample_factor(enc.vae.config)
     unet = build_unet(cfg.model.unet, enc.latent_channels, enc.text_dim, cfg.data.resolution // f)
+    unet = apply_size_config(unet, cfg.model.size_conditioning, cfg.model.size_embed_dim)
     state = load_ema(tag_dir) if weights == "ema" else raw_state_dict(tag_dir)
     style = None
     if cfg.style.enabled:  # the style path and encoder as trained: "unet.*processor.to_*_style.*", "style.*"

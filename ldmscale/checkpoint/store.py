@@ -110,6 +110,15 @@ def write_rank_state(tag_dir: Path, rank: int, state: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(state))
 
 
+def read_rank_state(tag_dir: Path, rank: int, world: int) -> dict[str, Any]:
+    """One saved rank's own state; a missing one is an error (a partial or foreign save)."""
+    path = rank_state_file(tag_dir, rank)
+    if not path.exists():
+        raise CheckpointError(f"{tag_dir} lacks the per-rank state of rank {rank} of {world}: it was not written "
+                              f"by every rank; resume from an earlier step")
+    return json.loads(path.read_text())
+
+
 def read_rank_states(tag_dir: Path, world: int) -> list[dict[str, Any]]:
     """Every saved rank's own state, in rank order; a missing one is an error (a partial or foreign save)."""
     missing = [r for r in range(world) if not rank_state_file(tag_dir, r).exists()]

@@ -19,7 +19,7 @@ class ConfigError(InputError, ValueError):
     kind = "config error"
 
 
-# Sampler names, in one place: the config's choice, ldmscale-sample's --sampler, ldmscale.samplers' table.
+# Sampler names, in one place: the config's choice, ldmscale-sample's --sampler, ldmscale.inference.samplers' table.
 SamplerName = Literal["ddim", "dpmsolver++", "euler", "ddpm"]
 SAMPLERS: tuple[str, ...] = typing.get_args(SamplerName)
 
@@ -39,15 +39,38 @@ class FilterConfig:
     """LAION metadata filters. A field missing from a sample's json never passes a filter set on it."""
 
     min_width: int = 0  # on original_width (the image before img2dataset resized it)
-    min_height: int = 0
+    min_height: int = 0  # on original_height
     min_aspect: float = 0.0  # width / height
     max_aspect: float = 0.0  # 0 = no limit
     min_similarity: float = 0.0  # LAION's CLIP image-text similarity
     allowed_nsfw: list[str] = field(default_factory=list)  # e.g. ["UNLIKELY"]; empty = keep all
     max_pwatermark: float = 1.0  # LAION-5B / aesthetic subsets only
-    max_punsafe: float = 1.0
-    min_caption_chars: int = 1
+    max_punsafe: float = 1.0  # LAION-5B / aesthetic subsets only
+    min_caption_chars: int = 1  # captions shorter than this (after strip) are dropped
     max_caption_chars: int = 0  # 0 = no limit
+
+
+@dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (ldmscale/data/buckets.py): every image is resized to cover the canvas nearest its
+    aspect ratio and cropped to it (at the centre, or at a random offset fixed per sample with
+    data.center_crop=false), instead of to the data.resolution square."""
+
+    enabled: bool = False
+    # canvas sides are multiples of this many pixels: a multiple of the VAE's downsampling factor x the U-Net's
+    # (8 x 8 = 64 for Stable Diffusion; checked against the models)
+    step: int = 64
+    max_aspect: float = 2.0  # widest canvas width / height (and tallest height / width); >= 1
+
+    def check(self, resolution: int) -> None:
+        if not self.enabled:
+            return
+        _positive("data.buckets.step", self.step)
+        if self.step > resolution:
+            raise ConfigError(f"data.buckets.step={self.step} is larger than data.resolution={resolution}; canvases "
+                              f"are multiples of the step around the resolution: give a step of at most {resolution}")
+        if self.max_aspect < 1.0:
+            raise ConfigError(f"data.buckets.max_aspect={self.max_aspect} must be >= 1 (2.0 allows 2:1 and 1:2)")
 
 
 @dataclass
@@ -60,26 +83,35 @@ class DataConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, key, ...)
     resolution: int = 256  # square training size in pixels; a multiple of 8
     center_crop: bool = True  # else the top-left square
-    random_flip: bool = False
+    random_flip: bool = False  # mirror half the images of each epoch left-right (which: seed, epoch, sample key)
     num_workers: int = 2  # DataLoader workers per rank (0 = decode in the training process)
     shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
     samples_per_epoch: int = 0  # 0 = the shards' *_stats.json `successes` x the filters' measured pass rate
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     # loader worker processes: auto = spawn on CUDA (fork after CUDA init is unsafe), fork on CPU (faster start)
     start_method: Literal["auto", "fork", "spawn"] = "auto"
-    # share of a worker's shards that may fail twice in an epoch (retried once, later) before the run stops
-    max_failed_shards: float = 0.1
+    # shards that may be missing or fail twice (retried once, later) in an epoch, over the whole job, before the
+    # run stops: below 1 a share of data.shards, from 1 on a count (checked on the per-step sum over all ranks)
+    max_failed_shards: float = 0.01
+    # a resume over another shard list than the checkpoint's: refuse (exit 2, naming what changed) | new_epoch
+    # (skip the rest of the saved epoch and start the next one over the new list, with a warning)
+    on_shard_list_change: Literal["refuse", "new_epoch"] = "refuse"
     max_member_bytes: int = 64 * 2**20  # tar members above this are skipped unread (`too_large`); 0 = no cap
     filters: FilterConfig = field(default_factory=FilterConfig)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
 
     def check(self) -> None:
         _positive("data.resolution", self.resolution)
         if self.resolution % 8:
             raise ConfigError(f"data.resolution={self.resolution} must be a multiple of 8")
+        self.buckets.check(self.resolution)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _probability("data.caption_dropout", self.caption_dropout)
-        _probability("data.max_failed_shards", self.max_failed_shards)
+        _positive("data.max_failed_shards", self.max_failed_shards, allow_zero=True)
+        if self.max_failed_shards >= 1 and self.max_failed_shards != int(self.max_failed_shards):
+            raise ConfigError(f"data.max_failed_shards={self.max_failed_shards} must be a share below 1 or a whole "
+                              f"number of shards")
         _positive("data.max_member_bytes", self.max_member_bytes, allow_zero=True)
         if not self.shards:
             raise ConfigError(
@@ -93,10 +125,10 @@ class ModelConfig:
     vae: str = ""  # overrides <pretrained>/vae
     text_encoder: str = ""  # overrides <pretrained>/text_encoder
     tokenizer: str = ""  # overrides <pretrained>/tokenizer
-    unet: str = "tiny"  # a preset name (see models.UNET_PRESETS) or a folder/hub id to fine-tune from
+    unet: str = "tiny"  # a preset name (ldmscale/config/presets.py) or a folder/hub id to fine-tune from
     vae_preset: str = "tiny"  # autoencoder stage: the architecture to train when model.vae is empty
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the U-Net predicts
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = 1000  # T, the diffusion schedule's number of steps
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"  # DDPMScheduler's
     snr_gamma: float = 0.0  # >0 enables min-SNR-gamma loss weighting
     noise_offset: float = 0.0  # per-channel offset noise (brighter/darker images); 0 = off
@@ -105,21 +137,30 @@ class ModelConfig:
     # torch.compile of the trained network (nn.Module.compile: in place, parameter names unchanged); the first
     # steps pay the compilation. backend: inductor on GPUs; aot_eager traces without code generation (tests)
     compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile's mode
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile's backend
     channels_last: bool = False  # NHWC activations into the U-Net: faster convolutions on tensor cores
+    # SDXL's micro-conditioning: (original height, width, crop top, left, target height, width) through sinusoidal
+    # embeddings of size_embed_dim each into the U-Net's time embedding (diffusers' addition_embed_type
+    # "text_time", zero-initialised). Not dropped with the caption (as SDXL). Sampling: --original-size, --crop,
+    # --target-size (default: original = target, crop 0,0)
+    size_conditioning: bool = False
+    size_embed_dim: int = 256  # per number; SDXL's addition_time_embed_dim
 
     def check(self) -> None:
         _positive("model.num_train_timesteps", self.num_train_timesteps)
         _positive("model.snr_gamma", self.snr_gamma, allow_zero=True)
         _positive("model.noise_offset", self.noise_offset, allow_zero=True)
+        if self.size_conditioning and (self.size_embed_dim <= 0 or self.size_embed_dim % 2):
+            raise ConfigError(f"model.size_embed_dim={self.size_embed_dim} must be a positive even number "
+                              f"(sine and cosine halves), e.g. 256")
 
 
 @dataclass
 class AutoencoderConfig:
     kl_weight: float = 1e-6  # the LDM paper's KL-regularised autoencoder
-    l1_weight: float = 1.0
-    l2_weight: float = 0.0
+    l1_weight: float = 1.0  # weight of the L1 reconstruction loss
+    l2_weight: float = 0.0  # weight of the L2 (MSE) reconstruction loss
     scaling_samples: int = 512  # images encoded to measure the latent scaling factor (1 / std)
 
     def check(self) -> None:
@@ -133,14 +174,14 @@ class StyleConfig:
     """Style conditioning (step 2 of a two-step run): a KL-regularised style encoder whose tokens reach the
     U-Net through a separate, zero-initialised cross-attention path (ldmscale/style/attention.py)."""
 
-    enabled: bool = False
+    enabled: bool = False  # train the style encoder and style path (step 2)
     backbone: Literal["conv", "clip"] = "conv"  # conv: small net trained from scratch; clip: frozen CLIP + head
     vision_model: str = ""  # backbone=clip: a CLIPVisionModel folder or hub id (from_pretrained)
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # backbone=conv: stride-2 stages
     num_tokens: int = 4  # K style tokens in the U-Net's cross-attention space (an IP-Adapter export needs 4)
-    # the encoder's head also sees the reference's per-channel colour mean, std and quantiles (style/encoder.py);
-    # measured better on both style benchmarks (docs/results/style.md). None: on for the conv backbone, off for
-    # clip (diffusers' IP-Adapter format, what a clip model exports to, cannot carry them)
+    # the encoder's head also sees the reference's per-channel colour mean, std and quantiles
+    # (ldmscale/style/encoder.py; measured in docs/results/style.md). None: on for the conv backbone, off for clip
+    # (diffusers' IP-Adapter format, what a clip model exports to, cannot carry them)
     colour_stats: bool | None = None
     # backbone=clip: ip_adapter = CLIPVisionModelWithProjection's image_embeds -> Linear -> LayerNorm per token
     # (diffusers' ImageProjection, exported by ldmscale-export); pooled = CLIPVisionModel's pooled output
@@ -150,8 +191,8 @@ class StyleConfig:
     # None: on for the conv backbone, off for clip (the IP-Adapter format cannot carry it)
     global_path: bool | None = None
     lr_scale: float = 1.0  # learning rate of what step 2 adds (style encoder, style attention, global path) x this
-    # weight of KL(q(s|ref) || N(0, I)), KL in nats per sample while the denoising loss is a per-element mean:
-    # 1e-3 collapsed the posterior in the style demo (KL 0.009 nats, style followed at chance), 1e-5 did not
+    # weight of KL(q(s|ref) || N(0, I)), KL in nats per sample while the denoising loss is a per-element mean; too
+    # large collapses the posterior and the style is ignored (docs/results/style.md)
     beta: float = 1e-5
     beta_warmup_steps: int = 0  # beta rises linearly from 0 to `beta` over these steps (0 = constant)
     # augment: another view of the same image | metadata: another image of the same style (json field)
@@ -200,10 +241,10 @@ class StyleConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "adam", "sgd"] = "adamw"  # DeepSpeed optimizers; offload uses DeepSpeedCPUAdam
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.01  # decoupled (AdamW) weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's (beta1, beta2)
+    eps: float = 1e-8  # Adam's epsilon
     warmup_steps: int = 500  # linear warm-up of the LR, then cosine (DeepSpeed's WarmupCosineLR); 0 = none
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
@@ -235,18 +276,21 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["diffusion", "autoencoder"] = "diffusion"  # what this run trains (ldmscale.stages)
-    out_dir: str = "runs/default"
-    seed: int = 0
-    max_steps: int = 1000
-    global_batch_size: int = 256
-    micro_batch_size: int = 32  # per rank; accumulation = global / (ranks * micro)
+    stage: Literal["diffusion", "autoencoder"] = "diffusion"  # what this run trains (ldmscale.trainer.stages)
+    out_dir: str = "runs/default"  # the run folder: config.yaml, log.jsonl, checkpoints/, samples/
+    seed: int = 0  # initial weights, the data order and every per-sample draw derive from it
+    max_steps: int = 1000  # optimizer steps of the run (the LR schedule's length)
+    global_batch_size: int = 256  # samples per optimizer step, over all ranks
+    # per rank; accumulation = global / (ranks * micro). 0 = derived from the world: the largest divisor of
+    # global / ranks up to max_micro_batch_size (one config for 8, 128 or 1,024 ranks)
+    micro_batch_size: int = 32
+    max_micro_batch_size: int = 32  # micro_batch_size=0: the largest micro-batch a GPU takes
     ema_decay: float = 0.9999  # 0 disables EMA
-    ema_start_step: int = 0
+    ema_start_step: int = 0  # the EMA starts updating after this step
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) after n updates, so random init fades fast
-    ckpt_every: int = 1000
-    keep_last: int = 3
-    log_every: int = 10
+    ckpt_every: int = 1000  # checkpoint every N steps (and on preemption and at the end)
+    keep_last: int = 3  # complete checkpoints kept; older ones are pruned
+    log_every: int = 10  # steps between log lines (log.jsonl, W&B, stdout)
     sample_every: int = 0  # 0 = only at the end
     eval_every: int = 0  # validation loss on data.val_shards every N steps and at the end; 0 = off
     eval_samples: int = 256  # the fixed held-out samples it averages (the first N of data.val_shards)
@@ -255,8 +299,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes
 
     def check(self) -> None:
-        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last", "ckpt_every"):
+        for key in ("max_steps", "global_batch_size", "max_micro_batch_size", "log_every", "keep_last", "ckpt_every"):
             _positive(f"train.{key}", getattr(self, key))
+        _positive("train.micro_batch_size", self.micro_batch_size, allow_zero=True)
         _positive("train.sample_every", self.sample_every, allow_zero=True)
         _positive("train.eval_every", self.eval_every, allow_zero=True)
         _positive("train.eval_samples", self.eval_samples)
@@ -265,11 +310,13 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
+    """The sample grids drawn during training (train.sample_every and at the end)."""
+
     prompts: list[str] = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
-    num_steps: int = 50
-    guidance_scale: float = 7.5
-    sampler: SamplerName = "ddim"
-    images_per_prompt: int = 1
+    num_steps: int = 50  # sampler steps
+    guidance_scale: float = 7.5  # classifier-free guidance on the text
+    sampler: SamplerName = "ddim"  # a diffusers scheduler by name (ldmscale/inference/samplers.py)
+    images_per_prompt: int = 1  # images per prompt: one row of the grid each
 
     def check(self) -> None:
         _positive("sample.num_steps", self.num_steps)
@@ -278,11 +325,11 @@ class SampleConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Literal["online", "offline", "disabled"] = "disabled"
-    project: str = "ldmscale"
-    entity: str = ""
-    name: str = ""
-    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = "disabled"  # offline: the run is written under <out_dir>/wandb/
+    project: str = "ldmscale"  # W&B project
+    entity: str = ""  # W&B team or user; "" = the default entity
+    name: str = ""  # run name; "" = W&B's generated name
+    tags: list[str] = field(default_factory=list)  # W&B run tags
 
 
 @dataclass
@@ -309,6 +356,13 @@ class Config:
         if self.data.format == "latents" and self.train.eval_every:
             raise ConfigError("train.eval_every encodes data.val_shards (images) with the VAE encoder, which "
                               "data.format=latents does not load: set train.eval_every=0 or train from images")
+        if self.data.format == "latents" and self.data.random_flip:
+            raise ConfigError("data.random_flip=true with data.format=latents: the latents were encoded from the "
+                              "images as they are, and a mirrored latent is not the latent of the mirrored image; set "
+                              "data.random_flip=false (or train from the image shards)")
+        if self.model.size_conditioning and self.train.stage != "diffusion":
+            raise ConfigError("model.size_conditioning conditions the diffusion U-Net; the autoencoder stage has "
+                              "none: set it to false for train.stage=autoencoder")
         if self.data.format == "latents" and self.style.enabled:
             raise ConfigError("style.enabled=true needs each sample's reference image, which latent shards do not "
                               "carry: train style step 2 from the image shards (data.format=images, data.shards=...)")

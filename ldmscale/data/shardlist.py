@@ -137,7 +137,9 @@ def check_shards_reachable(urls: list[str], storage_options: dict | None) -> Non
     if is_local(url):
         path = strip_file(url)
         if not os.path.isfile(path):
-            raise StorageError(f"{path}: no such shard file — check data.shards")
+            err = StorageError(f"{path}: no such shard file — check data.shards")
+            err.missing = True
+            raise err
         return
     opts = storage_options_for(url, storage_options)
     if protocol_of(url) in S3_PROTOCOLS:
@@ -153,6 +155,7 @@ def check_shards_reachable(urls: list[str], storage_options: dict | None) -> Non
         hint = _fix_hint(url, e, endpoint)
         err = StorageError(f"{scrub(url)}: {hint} ({detail})")
         err.transient = is_throttling(e)  # the preflight retries these (a busy store), not a wrong setting
+        err.missing = isinstance(e, FileNotFoundError)
         raise err from None
     if info.get("type") == "directory":
         raise StorageError(f"{scrub(url)}: is a prefix, not a shard — end it with '/' to list its .tar files")

@@ -8,7 +8,7 @@ Every input is checked before the process group starts: a bad one is a one-line 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ldmscale.eval.generate import (
 from ldmscale.eval.reference import rank_batches, reference_kind
 from ldmscale.eval.report import log_wandb, plot_sweep, write_json
 from ldmscale.inference.prompts import PromptError, prompt_for, rank_indices, read_prompts
+from ldmscale.inference.sizes import add_size_args, canvas_from_args, drawable
 from ldmscale.runtime import dist
 from ldmscale.runtime.cli import run_cli
 from ldmscale.runtime.errors import InputError
@@ -73,8 +74,9 @@ def plan(a: argparse.Namespace, world: int) -> Plan:
     if a.checkpoint is None:
         if not a.save_reference_stats:
             raise InputError("give a CHECKPOINT to evaluate, or --save-reference-stats FILE to only write statistics")
-        if a.resolution is None:
-            raise InputError("--save-reference-stats without a CHECKPOINT needs --resolution (the generation size)")
+        if None in reference_canvas(a):
+            raise InputError("--save-reference-stats without a CHECKPOINT needs --resolution (the generation size) "
+                             "or --width and --height")
         return Plan(a, [], [], None, None, "", "disabled")
     if a.clip_model:
         check_clip_model(a.clip_model)
@@ -86,13 +88,18 @@ def plan(a: argparse.Namespace, world: int) -> Plan:
     if num < max(2, world):
         raise InputError(f"--num-images {num}: FID needs at least 2 images and every one of the {world} ranks one")
     path = Path(a.checkpoint)
-    step, tag_dir, project, mode, res = None, None, "ldmscale", "disabled", a.resolution
+    step, tag_dir, project, mode = None, None, "ldmscale", "disabled"
     if not (path / "model_index.json").exists():
         tag_dir = find_tag_dir(path)
         step = int(read_trainer_state(tag_dir)["step"])
         cfg = config_from_yaml_text((tag_dir / "config.yaml").read_text())
-        project, mode, res = cfg.wandb.project, cfg.wandb.mode, a.resolution or cfg.data.resolution
-    settings = GenerationSettings(str(tag_dir or path.resolve()), step, a.weights, a.seed, a.steps, a.sampler, res)
+        project, mode = cfg.wandb.project, cfg.wandb.mode
+    model = drawable(path)
+    if a.resolution:  # the square default (--width / --height override a side)
+        model = replace(model, side=a.resolution)
+    height, width, size_cond = canvas_from_args(a, model, a.checkpoint)
+    settings = GenerationSettings(str(tag_dir or path.resolve()), step, a.weights, a.seed, a.steps, a.sampler,
+                                  height, width, size_cond.as_list() if size_cond else None)
     check_settings(Path(a.out), settings)
     a.num_images = num
     return Plan(a, prompts, guidance, tag_dir, settings, project, a.wandb_mode or mode)
@@ -102,13 +109,11 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
     """The distributed part: reference features, then per guidance scale draw the missing images, score."""
     a, out = p.args, Path(p.args.out)
     fid = build_fid(a.features, device)
-    res = p.settings.resolution if p.settings else a.resolution
+    canvas = (p.settings.height, p.settings.width) if p.settings else reference_canvas(a)
     if reference_kind(a.reference) == "stats":
         load_stats(fid, GaussianStats.load(a.reference), real=True, owner=rank == 0)
     else:
-        if res is None:
-            raise ValueError("the checkpoint does not say its resolution: pass --resolution")
-        for batch in rank_batches(a.reference, res, rank, world, a.batch_size, a.num_reference):
+        for batch in rank_batches(a.reference, canvas, rank, world, a.batch_size, a.num_reference):
             fid.update(batch.to(device), real=True)
     if a.save_reference_stats:
         ref = stats_of(fid, real=True)  # collective
@@ -147,6 +152,11 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
             "settings": {**vars(a), "num_images": a.num_images, "num_prompts": len(p.prompts), "world_size": world}}
 
 
+def reference_canvas(a: argparse.Namespace) -> tuple[int | None, int | None]:
+    """(height, width) the reference images are decoded at when no checkpoint says it."""
+    return a.height or a.resolution, a.width or a.resolution
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="ldmscale-eval", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", help="run dir, checkpoints/, step_* folder or exported diffusers folder")
@@ -166,6 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", default="ema", choices=["ema", "raw"])
     ap.add_argument("--resolution", type=int, help="generation size (default: the checkpoint's data.resolution)")
+    add_size_args(ap)  # --width / --height (a non-square canvas) and size conditioning
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
                     help="default: the checkpoint's wandb.mode")

@@ -16,6 +16,8 @@ import torch
 import webdataset as wds
 
 from ldmscale.data import IMAGE_EXTS, decode_image, stack_uint8
+from ldmscale.data.buckets import Bucket
+from ldmscale.data.decode import decode_to_bucket
 from ldmscale.data.storage import register_gopen_schemes
 from ldmscale.runtime.errors import InputError
 
@@ -68,16 +70,21 @@ def _encoded(spec: str) -> Iterator[bytes]:
             yield sample[ext]
 
 
-def rank_batches(spec: str, resolution: int, rank: int, world: int, batch_size: int,
+def rank_batches(spec: str, canvas: int | tuple[int, int], rank: int, world: int, batch_size: int,
                  limit: int | None = None) -> Iterator[torch.Tensor]:
-    """This rank's share of the first `limit` reference images as uint8 [B, 3, R, R] batches."""
+    """This rank's share of the first `limit` reference images as uint8 [B, 3, H, W] batches, each image resized
+    to cover the canvas ((height, width), or a square's side) and centre-cropped to it."""
+    height, width = (canvas, canvas) if isinstance(canvas, int) else canvas
     batch: list[np.ndarray] = []
     for i, data in enumerate(_encoded(spec)):
         if limit is not None and i >= limit:
             break
         if i % world != rank:
             continue
-        batch.append(decode_image(data, resolution, center_crop=True))
+        if height == width:
+            batch.append(decode_image(data, height, center_crop=True))
+        else:
+            batch.append(decode_to_bucket(data, [Bucket(height, width)], True, 0, "")[0])
         if len(batch) == batch_size:
             yield stack_uint8(batch)
             batch = []

@@ -13,6 +13,7 @@ from ldmscale.config import SAMPLERS
 from ldmscale.inference.generate import generate, load_style_image, to_pil
 from ldmscale.inference.images import write_samples
 from ldmscale.inference.prompts import read_prompts
+from ldmscale.inference.sizes import add_size_args, canvas_from_args, drawable
 from ldmscale.runtime.cli import run_cli
 from ldmscale.runtime.errors import InputError
 from ldmscale.style.attention import parse_block_scales, set_style_scales
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--style-scale-blocks", type=block_scales_arg, default=None, metavar="down=S,mid=S,up=S",
                    help="weights of the style attention per block group (default 1 each), e.g. down=0,mid=1,up=1 to "
                         "keep the reference's layout out (diffusers: set_ip_adapter_scale per block)")
+    add_size_args(p)
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
     p.add_argument("--batch-size", type=int, default=16)
@@ -62,8 +64,8 @@ def sample(a: argparse.Namespace) -> None:
     from ldmscale.checkpoint import load_trained  # not at the top: --help stays fast
 
     prompts = gather_prompts(a)
+    height, width, size_cond = canvas_from_args(a, drawable(a.checkpoint), a.checkpoint)
     m = load_trained(a.checkpoint, a.weights, a.device)
-    res = m.cfg.data.resolution if m.cfg else None
     tokens, labels, style_scale = None, [q for q in prompts for _ in range(a.num_images)], 1.0
     if a.style_image:
         if m.style is None:
@@ -80,10 +82,14 @@ def sample(a: argparse.Namespace) -> None:
     all_prompts = [lb.split(" | style ")[0] for lb in labels] if tokens is not None else labels
     images = generate(
         m.unet, m.encoders, m.scheduler_config, all_prompts, seed=a.seed, steps=a.steps,
-        guidance_scale=a.guidance_scale, sampler=a.sampler, resolution=res, batch_size=a.batch_size,
+        guidance_scale=a.guidance_scale, sampler=a.sampler, height=height, width=width, size_cond=size_cond,
+        batch_size=a.batch_size,
         progress=sys.stderr.isatty() or True, style_tokens=tokens, style_scale=style_scale,
     )
-    meta = {"seed": a.seed, "steps": a.steps, "guidance_scale": a.guidance_scale, "sampler": a.sampler}
+    meta = {"seed": a.seed, "steps": a.steps, "guidance_scale": a.guidance_scale, "sampler": a.sampler,
+            "width": width, "height": height}
+    if size_cond is not None:
+        meta["size_cond"] = size_cond.as_list()  # original h, w, crop top, left, target h, w
     if tokens is not None:
         meta["style_scale"] = style_scale
         if a.style_scale_blocks:

@@ -2,7 +2,9 @@
 
 Reads the image shards of `data.shards` as training does (the same shard list, filters, JPEG decode, resolution and
 crop), runs the frozen VAE encoder (and, with --text-embeddings, the text encoder) and writes one latent shard per
-image shard to `--out` (any fsspec URL): per kept sample the posterior moments, token ids, txt, json and key.
+image shard to `--out` (any fsspec URL): per kept sample the posterior moments, token ids, txt, json and key. With
+aspect buckets (data.buckets.enabled) each image is cut into its bucket as training cuts it (the random crop drawn
+from train.seed and the key) and its size conditioning (original size, crop, bucket) is stored with its moments.
 
 Every rank (torchrun, Slurm, ldmscale-launch) takes its share of the shards by the trainer's per-rank split and
 needs no process group: an output shard is written atomically and skipped when complete, so a killed or requeued
@@ -35,15 +37,19 @@ from ldmscale.data import (
     stack_uint8,
     storage,
 )
+from ldmscale.data.buckets import bucket_set
+from ldmscale.data.decode import decode_sample_to_bucket
 from ldmscale.data.latent_format import LATENT_EXT, LatentDtype, encode_latent
 from ldmscale.data.shardlist import check_shards_reachable
 from ldmscale.data.storage import scrub
-from ldmscale.latents.manifest import vae_entry, write_manifest_if_complete
+from ldmscale.latents.manifest import buckets_entry, vae_entry, write_manifest_if_complete
 from ldmscale.latents.writer import LatentShardWriter, is_complete, join, shard_name
 from ldmscale.runtime import dist
 from ldmscale.runtime.cli import run_cli
 from ldmscale.runtime.errors import InputError
-from ldmscale.trainer.ds_config import precision_dtype
+from ldmscale.runtime.precision import torch_dtype
+
+Row = tuple[str, bytes, bytes | None, list[int] | None]  # key, txt, json, size conditioning (buckets)
 
 
 @dataclass
@@ -63,6 +69,23 @@ class SourceShards(torch.utils.data.IterableDataset):
     def __init__(self, cfg: Config, todo: list[tuple[str, str]], chunk: int) -> None:
         super().__init__()
         self.cfg, self.todo, self.chunk = cfg, todo, chunk
+        b = cfg.data.buckets
+        self.buckets = bucket_set(cfg.data.resolution, b.step, b.max_aspect) if b.enabled else None
+
+    def _decode(self, sample: dict[str, Any], ext: str) -> tuple[Any, list[int] | None]:
+        """uint8 HWC as training decodes it, and the size conditioning with buckets (else None)."""
+        d = self.cfg.data
+        if self.buckets is None:
+            return decode_image(sample[ext], d.resolution, d.center_crop), None
+        image, cond = decode_sample_to_bucket(sample, ext, self.buckets, d.center_crop, self.cfg.train.seed)
+        return image, cond.as_list()
+
+    @staticmethod
+    def _pixels(images: list[Any]) -> torch.Tensor | list[torch.Tensor]:
+        """One uint8 batch for square images; with buckets, one [3, H, W] tensor per image (shapes differ)."""
+        if len({im.shape for im in images}) == 1:
+            return stack_uint8(images)
+        return [stack_uint8([im])[0] for im in images]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         storage.register_gopen_schemes(self.cfg.data.storage_options)  # spawned workers start without them
@@ -80,7 +103,7 @@ class SourceShards(torch.utils.data.IterableDataset):
             errors.append(exc)
             return True
 
-        rows: list[tuple[str, bytes, bytes | None]] = []
+        rows: list[Row] = []
         images: list[Any] = []
         for sample in tarfile_samples(iter([{"url": url}]), handler=on_error):
             reason = reject_reason(sample, d.filters)
@@ -89,19 +112,19 @@ class SourceShards(torch.utils.data.IterableDataset):
                 continue
             ext = next(e for e in IMAGE_EXTS if e in sample)
             try:
-                image = decode_image(sample[ext], d.resolution, d.center_crop)
+                image, cond = self._decode(sample, ext)
             except Exception:  # a corrupt image is data, not a bug: counted as in training
                 counts["decode_error"] += 1
                 continue
-            rows.append((sample["__key__"], sample["txt"], sample.get("json")))
+            rows.append((sample["__key__"], sample["txt"], sample.get("json"), cond))
             images.append(image)
             if len(rows) == self.chunk:
-                yield {"name": name, "rows": rows, "pixels": stack_uint8(images), "last": False}
+                yield {"name": name, "rows": rows, "pixels": self._pixels(images), "last": False}
                 rows, images = [], []
         err = errors[0] if errors else None
         if err is not None:
             counts["shard_error"] += 1
-        yield {"name": name, "url": url, "rows": rows, "pixels": stack_uint8(images) if images else None,
+        yield {"name": name, "url": url, "rows": rows, "pixels": self._pixels(images) if images else None,
                "last": True, "counts": dict(counts),
                "error": scrub(repr(err))[:300] if err is not None else "",
                "transient": err is not None and storage.is_transient(err)}
@@ -120,7 +143,7 @@ class Encoder:
             weights_hash,
         )
 
-        self.device, self.dtype, self.compute = device, dtype, precision_dtype(cfg)
+        self.device, self.dtype, self.compute = device, dtype, torch_dtype(cfg.deepspeed.precision)
         if device.type == "cpu" and self.compute == torch.float16:
             self.compute = torch.float32
         vae = load_vae(cfg.model)
@@ -138,21 +161,38 @@ class Encoder:
             self.text_encoder = te.requires_grad_(False).eval().to(device, self.compute)
 
     @torch.no_grad()
-    def members(self, rows: list[tuple[str, bytes, bytes | None]], pixels_uint8: torch.Tensor
+    def moments(self, pixels_uint8: torch.Tensor | list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, logvar) per image: one VAE forward per batch, or per bucket's images when their shapes differ
+        (the images keep their order)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(pixels_uint8):
+            groups.setdefault(tuple(im.shape), []).append(i)
+        out: list[Any] = [None] * len(pixels_uint8)
+        for members in groups.values():
+            if isinstance(pixels_uint8, torch.Tensor):  # one shape: the chunk's batch as it came
+                batch = pixels_uint8
+            else:
+                batch = torch.stack([pixels_uint8[i] for i in members])
+            pixels = normalize_pixels(batch.to(self.device))
+            post = self.vae.encode(pixels.to(self.compute)).latent_dist
+            for j, i in enumerate(members):
+                out[i] = (post.mean[j], post.logvar[j])
+        return out
+
+    @torch.no_grad()
+    def members(self, rows: list[Row], pixels_uint8: torch.Tensor | list[torch.Tensor]
                 ) -> list[tuple[str, dict[str, bytes]]]:
         from ldmscale.models.encoders import tokenize
 
-        pixels = normalize_pixels(pixels_uint8.to(self.device))
-        post = self.vae.encode(pixels.to(self.compute)).latent_dist
+        moments = self.moments(pixels_uint8)
         captions = [r[1].decode("utf-8", "replace").strip() for r in rows]  # as the training stream reads them
         ids = tokenize(self.tokenizer, captions)
         emb = None
         if self.text_encoder is not None:
             emb = self.text_encoder(ids.to(self.device)).last_hidden_state
         out = []
-        for i, (key, txt, meta) in enumerate(rows):
-            data = encode_latent(post.mean[i], post.logvar[i], ids[i], emb[i] if emb is not None else None,
-                                 self.dtype)
+        for i, (key, txt, meta, cond) in enumerate(rows):
+            data = encode_latent(*moments[i], ids[i], emb[i] if emb is not None else None, self.dtype, cond)
             members = {LATENT_EXT: data, "txt": txt}
             if meta is not None:
                 members["json"] = meta
@@ -162,7 +202,8 @@ class Encoder:
 
 def manifest_header(cfg: Config, enc: Encoder) -> dict[str, Any]:
     return {
-        "resolution": cfg.data.resolution, "center_crop": cfg.data.center_crop, "dtype": enc.dtype,
+        "resolution": cfg.data.resolution, "center_crop": cfg.data.center_crop, "buckets": buckets_entry(cfg),
+        "dtype": enc.dtype,
         "vae": enc.vae_info, "text_embeddings": enc.text_encoder is not None, "text_encoder": enc.text_info,
         "tokenizer_max_length": int(enc.tokenizer.model_max_length),
         "filters": json.loads(json.dumps(cfg.data.filters.__dict__)),

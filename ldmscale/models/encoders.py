@@ -15,6 +15,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldmscale.config import ModelConfig
+from ldmscale.data.tokens import tokenize
 
 
 def _part(cfg: ModelConfig, name: str) -> tuple[str, str | None]:
@@ -39,13 +40,6 @@ def load_text_encoder(cfg: ModelConfig) -> CLIPTextModel:
     ref, sub = _part(cfg, "text_encoder")
     kw = {"subfolder": sub} if sub else {}
     return CLIPTextModel.from_pretrained(ref, **kw)
-
-
-def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    """Pad/truncate to the tokenizer's max length (CLIP's 77 for SD); returns int64 ids [B, L]."""
-    return tokenizer(
-        captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids
 
 
 def weights_hash(module: torch.nn.Module, prefixes: tuple[str, ...] = ("",)) -> str:

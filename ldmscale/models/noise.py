@@ -7,10 +7,9 @@ run is bitwise equal to an uninterrupted one, and 1 rank x accumulation 2 equal 
 The generator is counter-based: draw j of sample `id` is SplitMix64's output number j+1 for a state keyed by
 (seed, stream, id), computed with int64 tensor ops on the device the draw is needed on (normals take two
 elements from each draw, Box-Muller's cos and sin; uniforms and integers one draw). One batch costs a
-dozen elementwise kernels; the per-sample CPU `torch.Generator`s this replaced cost a generator, a kernel and
-a stack per sample and stream, plus an unpinned host-to-device copy, all on the step's critical path
-(tools/bench/noise_bench.py measures both). Integer ops are exact, so the bits are the same on every device;
-the float transforms (log, cos) may differ by an ulp between CPU and GPU kernels.
+dozen elementwise kernels on the device and no host-to-device copy (tools/bench/noise_bench.py times it
+against per-sample CPU generators: docs/results/noise-bench.md). Integer ops are exact, so the bits are the
+same on every device; the float transforms (log, cos) may differ by an ulp between CPU and GPU kernels.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Why a separate path and not style tokens appended to the text tokens: softmax attention normalises over
 all keys, so even all-zero extra tokens (key 0, logit 0) take probability mass from the text tokens and
-change the step-1 model's output (tests/test_style.py shows it). Here the style tokens get their own
+change the step-1 model's output (tests/unit/test_style.py shows it). Here the style tokens get their own
 softmax and their own bias-free to_k_style/to_v_style; the result is added to the text attention before
 the output projection (IP-Adapter's design). to_v_style starts at zero, so at initialisation the path
 adds exactly 0.0 and step 2 begins at step 1's function bit for bit; zero style tokens (style dropout,

@@ -53,9 +53,8 @@ def colour_statistics(pixels: torch.Tensor) -> torch.Tensor:
     """[B,3,H,W] in [-1, 1] -> [B, COLOUR_STATS_DIM]: per channel mean, std and quantiles of the pixel values.
 
     Why a path of its own: the conv backbone normalises every group of channels per image (GroupNorm), so the
-    absolute colours reach its pooled features only indirectly. With these 21 numbers next to them, a linear
-    probe reads the reference colours off the tokens with RGB error 29 instead of 37 (tools/bench/style_colour.py,
-    README "Continuous styles"), and the palette demo follows the reference more often (60.0% vs 51.7%)."""
+    absolute colours reach its pooled features only indirectly. What these 21 numbers change is measured in
+    docs/results/style.md."""
     x = pixels.float().flatten(2)
     q = torch.quantile(x, torch.tensor(COLOUR_QUANTILES, device=x.device), dim=2).permute(1, 2, 0)
     return torch.cat([x.mean(dim=2), x.std(dim=2), q.flatten(1)], dim=1).to(pixels.dtype)

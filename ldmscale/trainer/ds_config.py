@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ldmscale.config import Config, deep_merge
+from ldmscale.runtime.precision import torch_dtype
 
 _OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 
@@ -79,4 +80,4 @@ def build_ds_config(cfg: Config, world: int) -> dict[str, Any]:
 
 
 def precision_dtype(cfg: Config) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.deepspeed.precision]
+    return torch_dtype(cfg.deepspeed.precision)

@@ -31,7 +31,7 @@ def build_engine(module: torch.nn.Module, params: list[Any], ds_config: dict[str
 
     - On one data-parallel rank the ZeRO-0 engine still flattens every gradient into buckets, all-reduces them
       with itself and copies them back at each accumulation boundary. The all-reduce of one rank is the identity
-      and the average divides by 1, so it is skipped: every value stays bitwise the same (tests/test_engine.py).
+      and the average divides by 1, so it is skipped: every value stays bitwise the same (tests/unit/test_engine.py).
     - ZeRO-0 fp32 clips with DeepSpeed's model-parallel-aware `clip_grad_norm_`: one norm kernel per parameter,
       then the norm thrown away, so no grad_norm is logged. Here torch's multi-tensor norm and clip do it (with
       the norm averaged over the data-parallel ranks as DeepSpeed does; ldmscale has no model or expert

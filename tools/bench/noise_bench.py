@@ -14,13 +14,10 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from ldmscale.models import noise  # noqa: E402
+from ldmscale.models import noise
 
 # (name, micro-batch, latent shape): the demo's 32 px, SD 1.x at 256 and 512 px
 CASES = [("small 32px", 16, (4, 8, 8)), ("sd 256px", 64, (4, 32, 32)), ("sd 512px", 32, (4, 64, 64))]

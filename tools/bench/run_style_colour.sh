@@ -3,7 +3,7 @@
 # step 1 (configs/style-colour-step1.yaml) -> step 2 (configs/style-colour-step2.yaml, augmented-view
 # references) -> tools/bench/style_colour.py on every kept step-2 checkpoint (the error-vs-steps curve).
 # Usage: tools/bench/run_style_colour.sh [OUT=demo_colour] [extra step-2 overrides...]. Finished steps are skipped.
-# QUICK=1: the settings of README's ablation table (tiny U-Net, batch 32, step 1 400 / step 2 250 steps).
+# QUICK=1: the settings of the ablation table in docs/results/style.md (tiny U-Net, batch 32, steps 400 / 250).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-demo_colour}

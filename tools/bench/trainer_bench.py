@@ -1,7 +1,7 @@
 """ldmscale's training step against a bare PyTorch loop on the same U-Net, frozen VAE and text encoder, batch
 and optimizer, measured side by side in one process: alternating rounds (the order flips every round), medians.
 
-    python tools/bench/trainer_bench.py --preset small                      # CPU: the README figure
+    python tools/bench/trainer_bench.py --preset small                      # CPU: docs/results/trainer-bench.md
     python tools/bench/trainer_bench.py --preset sd15 --resolution 512 --precision bf16 [--compile]   # one GPU
 
 ldmscale's step is the trainer's: the stage's loss (VAE encode on the fly, text encoding, per-sample noise,
@@ -25,22 +25,21 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from ldmscale.runtime import dist  # noqa: E402
-from ldmscale.config import load_config  # noqa: E402
-from ldmscale.data import normalize_pixels  # noqa: E402
-from ldmscale.data.position import DataPosition  # noqa: E402
-from ldmscale.models.networks import build_unet  # noqa: E402
-from ldmscale.models.offline import train_tokenizer, write_text_encoder, write_vae  # noqa: E402
-from ldmscale.trainer.ds_config import build_ds_config, precision_dtype  # noqa: E402
-from ldmscale.trainer.ema import EMA, warmup_decay  # noqa: E402
-from ldmscale.trainer.engine import build_engine  # noqa: E402
-from ldmscale.trainer.monitor import DROP_REASONS, Monitor, StepStats, StepTimer, peak_tflops  # noqa: E402
-from ldmscale.trainer.stages import build_stage  # noqa: E402
+from ldmscale.config import load_config
+from ldmscale.data import normalize_pixels
+from ldmscale.data.position import DataPosition
+from ldmscale.models.networks import build_unet
+from ldmscale.models.offline import train_tokenizer, write_text_encoder, write_vae
+from ldmscale.runtime import dist
+from ldmscale.trainer.ds_config import build_ds_config, precision_dtype
+from ldmscale.trainer.ema import EMA, warmup_decay
+from ldmscale.trainer.engine import build_engine
+from ldmscale.trainer.monitor import DROP_REASONS, Monitor, StepStats, StepTimer, peak_tflops
+from ldmscale.trainer.stages import build_stage
 
 # small: the CPU demo's U-Net on 32 px digits-sized inputs; sd15: Stable Diffusion 1.x (U-Net, VAE, CLIP-L sizes)
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,0 +1,443 @@
+"""Preemption, time limits, killed ranks and submission errors on a REAL two-node Slurm cluster.
+
+Every training job here is 2 nodes x 1 task (n1, n2 on this host) running the real trainer on
+configs/tiny.yaml. A resumed run must log exactly the steps an uninterrupted run logs, with the same loss
+at every step, and end with a checkpoint at max_steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ldmscale.checkpoint import latest_tag, read_trainer_state
+from ldmscale.launch import slurm_job_fields
+from tests.conftest import tiny_overrides
+from tests.slurm_fixtures import SlurmCluster
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_STEPS = 60
+# Only the preemption save may make a checkpoint, so "resumed at the PREEMPTED step" proves that save worked.
+NO_PERIODIC = {"train.max_steps": MAX_STEPS, "train.ckpt_every": 1000}
+JOB_TIMEOUT_S = 300  # one job incl. requeues; a tiny run needs ~20-60 s on 2 loaded cores
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def step_losses(out_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) per training step line of rank 0's log.jsonl, in file order."""
+    path = out_dir / "log.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "step" in r and "loss" in r]
+
+
+def steps_after_event(out_dir: Path, prefix: str) -> list[tuple[int, float]]:
+    """(step, loss) rows logged after the last event starting with `prefix`."""
+    rows = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    start = max(i for i, r in enumerate(rows) if r.get("event", "").startswith(prefix))
+    return [(r["step"], r["loss"]) for r in rows[start + 1 :] if "step" in r and "loss" in r]
+
+
+def events(out_dir: Path) -> list[str]:
+    path = out_dir / "log.jsonl"
+    return [json.loads(line)["event"] for line in path.read_text().splitlines() if '"event"' in line]
+
+
+def last_step(out_dir: Path) -> int:
+    rows = step_losses(out_dir)
+    return rows[-1][0] if rows else 0
+
+
+def job_done(job_id: str) -> dict[str, str] | None:
+    fields = slurm_job_fields(job_id)
+    state = fields.get("JobState", "GONE")
+    return fields if state not in {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"} else None
+
+
+def final_checkpoint_step(out_dir: Path) -> int:
+    root = out_dir / "checkpoints"
+    return int(read_trainer_state(root / latest_tag(root))["step"])
+
+
+def assert_same_trajectory(out_dir: Path, reference: dict[int, float], context: str) -> None:
+    """Exactly the steps of an uninterrupted run, each once, in order, with bitwise-equal losses."""
+    rows = step_losses(out_dir)
+    steps = [s for s, _ in rows]
+    assert steps == list(range(1, MAX_STEPS + 1)), (
+        f"steps not 1..{MAX_STEPS} exactly once: {steps}\n{context}"
+    )
+    bad = [(s, loss, reference[s]) for s, loss in rows if loss != reference[s]]
+    assert not bad, f"loss differs from the uninterrupted run at (step, got, want) {bad[:5]}\n{context}"
+
+
+def sbatch_train(cluster: SlurmCluster, assets: Path, out_dir: Path, **extra: object) -> str:
+    """Submit slurm/train.sbatch (self-submitting mode) on 2 nodes x 1 CPU task; returns the job id."""
+    env = cluster.env(
+        CONFIG="configs/tiny.yaml",
+        OVERRIDES=" ".join(tiny_overrides(assets, out_dir, **{**NO_PERIODIC, **extra})),
+        NODES="2",
+        GPUS_PER_NODE="0",
+        PYTHON=sys.executable,
+        LDMSCALE_ROOT=str(REPO),
+        # a submitting shell left with a single process's rendezvous (as after an in-process torch run): sbatch
+        # exports it to every task, which must still take its rank from Slurm
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_PORT="29500",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["bash", "slurm/train.sbatch", f"--output={out_dir}/job-%j.out"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+
+
+class Launcher:
+    """`python -m ldmscale.launch ...` in the background, its output in a file."""
+
+    def __init__(self, cluster: SlurmCluster, out_dir: Path, args: list[str]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.log = out_dir.parent / f"{out_dir.name}-launch.log"
+        self._fh = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ldmscale.launch", *args],
+            cwd=REPO,
+            env=cluster.env(),
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def job_ids(self) -> list[str]:
+        return re.findall(r"submitted job (\d+)", self.text())
+
+    def first_job(self) -> str:
+        return wait_until(lambda: (self.job_ids() or [None])[0], 60, f"a job id in {self.log}")
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        finally:
+            self._fh.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def launch_args(assets: Path, out_dir: Path, *more: str, **extra: object) -> list[str]:
+    return [
+        "--config",
+        "configs/tiny.yaml",
+        *tiny_overrides(assets, out_dir, **{**NO_PERIODIC, **extra}),
+        "--nodes",
+        "2",
+        *more,
+    ]
+
+
+def rank_pid(job_id: str, rank: int) -> int | None:
+    """The pid of the submitit task running `rank` of `job_id` (both fake nodes live on this host).
+
+    Data-loader workers are forks with the same command line and environment: take the one whose parent
+    is not itself a task process.
+    """
+
+    def task_of(pid: str) -> bool:
+        try:
+            env = dict(
+                kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv
+            )
+            cmd = Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:
+            return False
+        return env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and "_submit" in cmd
+
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and task_of(entry.name):
+            try:
+                ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+            if not task_of(ppid):
+                return int(entry.name)
+    return None
+
+
+def slurm_text(job_out: Path) -> str:
+    return job_out.read_text() if job_out.exists() else f"(no {job_out})"
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture
+def jobs(slurm_cluster: SlurmCluster) -> Iterator[list[str]]:
+    """Job ids a test submitted; what still runs at teardown is cancelled so the next test starts clean."""
+    ids: list[str] = []
+    yield ids
+    for job_id in ids:
+        subprocess.run(["scancel", job_id], check=False, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference(
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[int, float]:
+    """Loss per step of an uninterrupted run through the same sbatch script (same world size, same config).
+
+    While it runs, another program holds the job-specific rendezvous port (20000 + job id % 20000) of the next
+    few job ids, as a daemon or a killed run's lingering rank may on a real node: the script must pick a free
+    port instead of failing every rank with EADDRINUSE.
+    """
+    out = tmp_path_factory.mktemp("slurm") / "reference"
+    next_id = int(slurm_last_job_id())
+    held_ports = [20000 + (next_id + k) % 20000 for k in range(3)]
+    held = [held_port(port) for port in held_ports]
+    try:
+        job_id = sbatch_train(slurm_cluster, assets, out)
+        try:
+            fields = wait_until(lambda: job_done(job_id), JOB_TIMEOUT_S, f"reference job {job_id}")
+        finally:
+            subprocess.run(["scancel", job_id], check=False, timeout=30)
+    finally:
+        for sock in held:
+            sock.close()
+    text = slurm_text(out / f"job-{job_id}.out")
+    assert fields.get("JobState") == "COMPLETED", text
+    port = int(re.search(r"master=\S+:(\d+)", text).group(1))
+    assert port not in held_ports, text
+    assert f"FINISHED step={MAX_STEPS}" in text, text
+    rows = step_losses(out)
+    assert [s for s, _ in rows] == list(range(1, MAX_STEPS + 1)), text
+    return dict(rows)
+
+
+# ------------------------------------------------------------------------------------------ sbatch
+
+
+def test_sbatch_usr1_saves_on_every_rank_requeues_and_resumes(
+    slurm_cluster: SlurmCluster, assets: Path, reference: dict[int, float], tmp_path: Path, jobs: list[str]
+) -> None:
+    out = tmp_path / "run"
+    job_id = sbatch_train(slurm_cluster, assets, out)
+    jobs.append(job_id)
+    job_out = out / f"job-{job_id}.out"
+    wait_until(lambda: last_step(out) >= 10, JOB_TIMEOUT_S, "step 10", poll_s=0.2)
+    # `--batch`: only the batch shell gets USR1 (as with --signal=B:USR1@grace); its trap forwards it.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+    fields = wait_until(lambda: job_done(job_id), JOB_TIMEOUT_S, f"job {job_id} to end")
+    text = slurm_text(job_out)
+
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text)
+    assert text.count("=== ldmscale job") == 2, text  # one section per run of the job
+    preempted = int(re.search(r"^PREEMPTED step=(\d+)", text, re.M).group(1))
+    assert 10 <= preempted < MAX_STEPS, text
+    assert f"resumed from {out / 'checkpoints'}/step_{preempted:08d} at step {preempted}" in events(out), text
+    assert f"FINISHED step={MAX_STEPS}" in text, text
+    assert_same_trajectory(out, reference, text)
+    assert final_checkpoint_step(out) == MAX_STEPS
+
+
+# ------------------------------------------------------------------------------------------ ldmscale-launch
+
+
+def test_launch_usr2_preemption_every_rank_saves_then_requeue(
+    slurm_cluster: SlurmCluster, assets: Path, reference: dict[int, float], tmp_path: Path, jobs: list[str]
+) -> None:
+    out = tmp_path / "run"
+    launcher = Launcher(slurm_cluster, out, launch_args(assets, out, "--time", "10"))
+    try:
+        job_id = launcher.first_job()
+        jobs.append(job_id)
+        wait_until(lambda: last_step(out) >= 10, JOB_TIMEOUT_S, "step 10", poll_s=0.2)
+        # What Slurm does before a preemption / time limit with submitit's --signal=USR2@N: USR2 to all tasks.
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        rc = launcher.wait(JOB_TIMEOUT_S)
+    finally:
+        launcher.kill()
+    text = launcher.text()
+    rank0 = slurm_text(out / "slurm" / job_id / f"{job_id}_0_log.out")
+    rank1 = slurm_text(out / "slurm" / job_id / f"{job_id}_1_log.out")
+    assert rc == 0, text + rank0
+    assert f"job {job_id}: state=COMPLETED restarts=1" in text, text
+    assert f"FINISHED step={MAX_STEPS}" in text, text
+    assert launcher.job_ids() == [job_id], text
+    # rank 1 took the signal through the trainer's flag, not submitit's rank-0-only handler ...
+    assert "Not checkpointing nor requeuing" not in rank1, rank1
+    # ... and rank 0 requeued only after the collective save.
+    preempted = int(re.search(r"^PREEMPTED step=(\d+)", rank0, re.M).group(1))
+    assert rank0.index(f"PREEMPTED step={preempted}") < rank0.index(f"Requeued job {job_id}"), rank0
+    assert f"resumed from {out / 'checkpoints'}/step_{preempted:08d} at step {preempted}" in events(out), (
+        rank0
+    )
+    assert_same_trajectory(out, reference, rank0)
+    assert final_checkpoint_step(out) == MAX_STEPS
+
+
+def test_launch_time_limit_signal_requeues_and_finishes(
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path, jobs: list[str]
+) -> None:
+    """Slurm's own time-limit warning: the job's limit is cut so that the USR2 it sends `--signal-delay` s
+    before the end falls inside training (slurmctld checks limits every 30 s, so a 1-minute job would race
+    the trainer's start-up). After the requeue the limit is restored, so the second run can finish."""
+    out = tmp_path / "run"
+    # training must outlast the next 30-s limit check after step 10 even on an idle machine (300 tiny steps took
+    # only 27 s there and finished before the warning); the long tail is paid once, after the requeue
+    steps = 1000
+    launcher = Launcher(
+        slurm_cluster,
+        out,
+        launch_args(assets, out, "--time", "10", "--signal-delay", "120", **{"train.max_steps": steps}),
+    )
+    try:
+        job_id = launcher.first_job()
+        jobs.append(job_id)
+        wait_until(lambda: last_step(out) >= 10, JOB_TIMEOUT_S, "step 10", poll_s=0.2)
+        started = slurm_job_fields(job_id)["RunTime"]  # H:MM:SS or MM:SS
+        elapsed_s = sum(int(x) * 60**i for i, x in enumerate(reversed(started.split(":"))))
+        # remaining time in (60, 120] s <= signal delay: the warning comes at the next check, the kill never
+        new_limit = math.ceil(elapsed_s / 60) + 1
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job_id}", f"TimeLimit={new_limit}"], check=True, timeout=30
+        )
+        wait_until(
+            lambda: int(slurm_job_fields(job_id).get("Restarts", "0")) >= 1, 120, "the time-limit requeue"
+        )
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True, timeout=30)
+        rc = launcher.wait(3 * JOB_TIMEOUT_S)
+    finally:
+        launcher.kill()
+    text = launcher.text()
+    rank0 = slurm_text(out / "slurm" / job_id / f"{job_id}_0_log.out")
+    assert rc == 0, text + rank0
+    assert f"FINISHED step={steps}" in text, text
+    assert "PREEMPTED step=" in rank0 and "signals: ['SIGUSR2']" in rank0, rank0
+    steps_logged = [s for s, _ in step_losses(out)]
+    assert steps_logged == list(range(1, steps + 1)), steps_logged
+    root = out / "checkpoints"
+    assert int(read_trainer_state(root / latest_tag(root))["step"]) == steps
+
+
+def test_launch_killed_rank_fails_job_and_resubmission_resumes(
+    slurm_cluster: SlurmCluster, assets: Path, reference: dict[int, float], tmp_path: Path, jobs: list[str]
+) -> None:
+    out = tmp_path / "run"
+    launcher = Launcher(
+        slurm_cluster,
+        out,
+        launch_args(assets, out, "--time", "10", "--max-submissions", "2", **{"train.ckpt_every": 10}),
+    )
+    try:
+        first = launcher.first_job()
+        jobs.append(first)
+        wait_until(lambda: last_step(out) >= 25, JOB_TIMEOUT_S, "step 25", poll_s=0.2)
+        pid = wait_until(lambda: rank_pid(first, 1), 30, "rank 1's pid")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(launcher.job_ids()) >= 2, 120, "a second submission")
+        jobs.append(launcher.job_ids()[1])
+        rc = launcher.wait(JOB_TIMEOUT_S)
+    finally:
+        launcher.kill()
+    text = launcher.text()
+    assert rc == 0, text
+    assert re.search(rf"job {first}: state=FAILED", text), text
+    assert f"FINISHED step={MAX_STEPS}" in text, text
+    resumed = [e for e in events(out) if e.startswith("resumed from")]
+    assert len(resumed) == 1, events(out)
+    at = int(resumed[0].rsplit(" ", 1)[1])
+    assert at >= 20 and at % 10 == 0, resumed  # the last complete periodic checkpoint before the kill
+    after = steps_after_event(out, "resumed from")
+    assert [s for s, _ in after] == list(range(at + 1, MAX_STEPS + 1)), after
+    assert all(loss == reference[s] for s, loss in after), [(s, loss, reference[s]) for s, loss in after][:5]
+    assert final_checkpoint_step(out) == MAX_STEPS
+
+
+def run_launch_cli(cluster: SlurmCluster, args: list[str]) -> subprocess.CompletedProcess:
+    """`ldmscale-launch ARGS` to completion: for the cases that fail before or at submission."""
+    return subprocess.run([sys.executable, "-m", "ldmscale.launch", *args], cwd=REPO, env=cluster.env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_launch_config_error_is_reported_before_submission(
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    before = slurm_last_job_id()
+    proc = run_launch_cli(slurm_cluster, launch_args(assets, out, "train.bogus_key=1"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "config error: nothing submitted" in proc.stderr and "bogus_key" in proc.stderr, proc.stderr
+    assert slurm_last_job_id() == before and not (out / "slurm").exists()
+
+
+def test_launch_missing_partition_passes_slurms_message(
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    proc = run_launch_cli(slurm_cluster, launch_args(assets, out, "--partition", "nosuch"))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Slurm rejected the job" in proc.stderr and "invalid partition specified: nosuch" in proc.stderr, (
+        proc.stderr
+    )
+
+
+def test_launch_impossible_node_count_passes_slurms_message(
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    proc = run_launch_cli(slurm_cluster, [*launch_args(assets, out), "--nodes", "3"])
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Node count specification invalid" in proc.stderr, proc.stderr
+
+
+def held_port(port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:port (or the port left alone if something already holds it)."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    except OSError:
+        pass  # already taken by someone else: just as good for the test
+    return sock
+
+
+def slurm_last_job_id() -> str:
+    """slurmctld's next job id: it moves if anything at all was submitted."""
+    proc = subprocess.run(
+        ["scontrol", "show", "config"], capture_output=True, text=True, check=True, timeout=30
+    )
+    return re.search(r"NEXT_JOB_ID\s*=\s*(\d+)", proc.stdout).group(1)
