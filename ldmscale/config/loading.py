@@ -200,7 +200,10 @@ def dump_config(cfg: Config) -> str:
 # Fields added with a default that changes what a saved run meant: a config saved before the field existed gets
 # the value its run actually used, not today's default (else its checkpoint no longer loads).
 ADDED_FIELDS_OLD_VALUES: dict[tuple[str, str], Any] = {
-    ("style", "colour_stats"): False,  # the style encoder's colour-statistics input (new default: on)
+    ("style", "colour_stats"): False,  # the style encoder's colour-statistics input (new default: on for conv)
+    ("style", "clip_head"): "pooled",  # backbone=clip: CLIPVisionModel's pooled output (new: ip_adapter)
+    ("style", "global_path"): False,  # the style tokens added to the time embedding (new default: on for conv)
+    ("style", "lr_scale"): 1.0,
 }
 
 

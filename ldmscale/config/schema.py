@@ -178,10 +178,19 @@ class StyleConfig:
     backbone: Literal["conv", "clip"] = "conv"  # conv: small net trained from scratch; clip: frozen CLIP + head
     vision_model: str = ""  # backbone=clip: a CLIPVisionModel folder or hub id (from_pretrained)
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # backbone=conv: stride-2 stages
-    num_tokens: int = 4  # K style tokens in the U-Net's cross-attention space
+    num_tokens: int = 4  # K style tokens in the U-Net's cross-attention space (an IP-Adapter export needs 4)
     # the encoder's head also sees the reference's per-channel colour mean, std and quantiles
-    # (ldmscale/style/encoder.py; measured in docs/results/style.md)
-    colour_stats: bool = True
+    # (ldmscale/style/encoder.py; measured in docs/results/style.md). None: on for the conv backbone, off for clip
+    # (diffusers' IP-Adapter format, what a clip model exports to, cannot carry them)
+    colour_stats: bool | None = None
+    # backbone=clip: ip_adapter = CLIPVisionModelWithProjection's image_embeds -> Linear -> LayerNorm per token
+    # (diffusers' ImageProjection, exported by ldmscale-export); pooled = CLIPVisionModel's pooled output
+    # (+ colour statistics) -> LayerNorm -> Linear (style runs before the export existed)
+    clip_head: Literal["ip_adapter", "pooled"] = "ip_adapter"
+    # the style tokens, projected, also added to the U-Net's time embedding (every ResNet block; style/global_path.py).
+    # None: on for the conv backbone, off for clip (the IP-Adapter format cannot carry it)
+    global_path: bool | None = None
+    lr_scale: float = 1.0  # learning rate of what step 2 adds (style encoder, style attention, global path) x this
     # weight of KL(q(s|ref) || N(0, I)), KL in nats per sample while the denoising loss is a per-element mean; too
     # large collapses the posterior and the style is ignored (docs/results/style.md)
     beta: float = 1e-5
@@ -197,10 +206,22 @@ class StyleConfig:
     init_weights: Literal["ema", "raw"] = "ema"  # which step-1 weights
     guidance_scale: float = 3.0  # in-training sample grids and the CLI default
 
+    @property
+    def uses_colour_stats(self) -> bool:
+        return self.backbone == "conv" if self.colour_stats is None else self.colour_stats
+
+    @property
+    def uses_global_path(self) -> bool:
+        return self.backbone == "conv" if self.global_path is None else self.global_path
+
     def check(self) -> None:
         if not self.enabled:
             return
+        if self.backbone == "clip" and self.clip_head == "ip_adapter" and self.uses_colour_stats:
+            raise ConfigError("style.colour_stats=true: the clip backbone's ip_adapter head takes CLIP's image_embeds "
+                              "only; set style.clip_head=pooled for colour statistics, or style.colour_stats=false")
         _positive("style.num_tokens", self.num_tokens)
+        _positive("style.lr_scale", self.lr_scale)
         _positive("style.beta", self.beta, allow_zero=True)
         _positive("style.beta_warmup_steps", self.beta_warmup_steps, allow_zero=True)
         _positive("style.pair_window", self.pair_window)

@@ -17,6 +17,7 @@ from ldmscale.inference.prompts import read_prompts
 from ldmscale.inference.sizes import add_size_args, canvas_from_args, drawable
 from ldmscale.runtime.cli import ArgumentParser, at_least, finite_float, output_dir_problem, run_cli
 from ldmscale.runtime.errors import InputError
+from ldmscale.style.attention import parse_block_scales, set_style_scales
 
 
 def gather_prompts(args: argparse.Namespace) -> list[str]:
@@ -48,6 +49,13 @@ def check_device(spec: str | None) -> torch.device:
     return device
 
 
+def block_scales_arg(text: str) -> dict[str, float]:
+    try:
+        return parse_block_scales(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="ldmscale-sample", description="Images from a checkpoint or diffusers folder")
     p.add_argument("checkpoint", help="run dir, checkpoints/ folder, step_* folder, or exported diffusers folder")
@@ -61,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="style reference image (style checkpoints); repeat for several: every prompt x every style")
     p.add_argument("--style-scale", type=finite_float, default=None,
                    help="style guidance scale (default: the checkpoint's style.guidance_scale)")
+    p.add_argument("--style-scale-blocks", type=block_scales_arg, default=None, metavar="down=S,mid=S,up=S",
+                   help="weights of the style attention per block group (default 1 each), e.g. down=0,mid=1,up=1 to "
+                        "keep the reference's layout out (diffusers: set_ip_adapter_scale per block)")
     add_size_args(p)
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--weights", choices=["ema", "raw"], help="EMA (the default) or raw weights")
@@ -77,6 +88,9 @@ def check_inputs(a: argparse.Namespace) -> tuple[list[str], CheckpointInfo, torc
         check_style_image(f)
     if a.style_scale is not None and not a.style_image:
         raise InputError("--style-scale weighs a style reference: give --style-image FILE too, or drop --style-scale")
+    if a.style_scale_blocks is not None and not a.style_image:
+        raise InputError("--style-scale-blocks weighs a style reference per block: give --style-image FILE too, or "
+                         "drop --style-scale-blocks")
     device = check_device(a.device)
     problem = output_dir_problem(a.out)
     if problem:
@@ -98,6 +112,7 @@ def sample(a: argparse.Namespace) -> None:
     if a.style_image:
         assert m.cfg is not None and m.style is not None
         style_scale = a.style_scale if a.style_scale is not None else m.cfg.style.guidance_scale
+        set_style_scales(m.unet, a.style_scale_blocks)
         refs = torch.cat([load_style_image(f, m.cfg.data.resolution) for f in a.style_image])
         per_style = m.style.tokens(refs)
         pairs = [(q, i) for q in prompts for i in range(len(a.style_image)) for _ in range(a.num_images)]
@@ -116,6 +131,8 @@ def sample(a: argparse.Namespace) -> None:
         meta["size_cond"] = size_cond.as_list()  # original h, w, crop top, left, target h, w
     if tokens is not None:
         meta["style_scale"] = style_scale
+        if a.style_scale_blocks:
+            meta["style_scale_blocks"] = a.style_scale_blocks
     grid = write_samples(to_pil(images), labels, Path(a.out), a.num_images, meta)
     print(f"wrote {len(all_prompts)} images and {grid}")
 

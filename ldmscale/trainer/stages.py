@@ -37,8 +37,8 @@ from ldmscale.models.networks import (
 from ldmscale.models.objective import LatentDiffusion, build_noise_scheduler
 from ldmscale.models.size_conditioning import apply_size_config
 from ldmscale.runtime import dist
-from ldmscale.style.attention import add_style_path
 from ldmscale.style.encoder import beta_at, build_style, style_input
+from ldmscale.style.install import install_style_path
 from ldmscale.trainer.ema import EMA, gathered
 from ldmscale.trainer.monitor import Monitor, encode_flops_per_sample, training_flops_per_sample
 
@@ -128,7 +128,7 @@ class DiffusionStage(Stage):
         _prepare(unet, cfg)
         if cfg.style.enabled:
             # last: after step 1's weights are in (to_k_style copies to_k) and the attention kind is chosen
-            add_style_path(unet, self.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
+            install_style_path(unet, cfg.style, self.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
         self.empty_ids = tokenize(self.tokenizer, [""]).to(device)
         self._empty = None
         self._default_size_cond: dict[tuple[int, int], torch.Tensor] = {}
@@ -222,7 +222,8 @@ class DiffusionStage(Stage):
         t0 = time.perf_counter()
         unet = UNet2DConditionModel.from_config(self.trained.config).to(self.device)
         if self.cfg.style.enabled:  # grids during style training are text-only: the style path adds nothing
-            add_style_path(unet, self.encoders.text_dim, sdpa=self.cfg.model.attention == "sdpa")
+            install_style_path(unet, self.cfg.style, self.encoders.text_dim,
+                               sdpa=self.cfg.model.attention == "sdpa")
         broadcast_weights(unet, self.trained_weights(engine, ema), self.device)
         unet.eval()
         s, d = self.cfg.sample, self.cfg.data
