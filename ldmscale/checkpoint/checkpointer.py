@@ -11,7 +11,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from ldmscale.checkpoint.loading import load_ema
-from ldmscale.checkpoint.store import CheckpointStore, read_rank_states
+from ldmscale.checkpoint.store import CheckpointStore, read_rank_state
 
 
 @dataclass
@@ -51,7 +51,10 @@ class Checkpointer:
         if self.posthoc_ema is not None:  # its presence was checked before the process group (check_resumable)
             self.posthoc_ema.load_state_dict(load_file(str(tag_dir / self.posthoc_ema.STATE_FILE)))
         saved_world = int(state.get("world_size", self.world_size))
-        note = self.loader.load_state_dict([r["data"] for r in read_rank_states(tag_dir, saved_world)])
+        # only the saved ranks this rank's share of the epoch comes from: its own on the same world, 2-3 otherwise
+        positions = {r: read_rank_state(tag_dir, r, saved_world)["data"]
+                     for r in self.loader.saved_ranks_needed(saved_world)}
+        note = self.loader.load_state_dict(positions, saved_world)
         self.saved_step = self.train_state.step  # that step is on disk already
         return note
 

@@ -7,4 +7,5 @@ noise.py        per-sample draws as pure functions of (seed, global sample index
 immiscible.py   model.immiscible: a micro-batch's noises assigned to its latents by a linear assignment
 autoencoder.py  the autoencoder stage's objective (reconstruction + KL) and its latent scaling factor
 offline.py      tokenizer, text encoder and VAE folders written with save_pretrained (tests, the demo)
+size_conditioning.py  SDXL's size and crop conditioning on the U-Net (diffusers' text_time path), and its baking
 """
