@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from ldmscale.checkpoint.store import COMPLETE, CheckpointError
 from ldmscale.runtime.atomic import atomic_save_tensors, atomic_write_text
+from ldmscale.runtime.cli import output_dir_problem
 
 SNAPSHOT_DIR = "posthoc_ema"
 MAX_SIGMA_REL = 0.28  # sigma_rel -> 0.2887 as gamma -> 0 (a uniform average of the whole run)
@@ -98,8 +99,9 @@ def list_snapshots(run_dir: Path) -> list[Snapshot]:
     """Every snapshot of a run (train.posthoc_ema), by step then sigma_rel."""
     folder = run_dir / SNAPSHOT_DIR
     if not folder.is_dir():
-        raise CheckpointError(f"{run_dir} has no {SNAPSHOT_DIR}/ folder: train with train.posthoc_ema.sigma_rels="
-                              f"[0.05,0.10] to keep post-hoc EMA snapshots")
+        raise CheckpointError(f"{run_dir} has no {SNAPSHOT_DIR}/ folder: give the run's train.out_dir (the folder "
+                              f"that holds checkpoints/ and {SNAPSHOT_DIR}/); a run keeps snapshots only when trained "
+                              f"with train.posthoc_ema.sigma_rels=[0.05,0.10]")
     out = []
     for path in sorted(folder.glob("step_*.sigma_*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -111,11 +113,9 @@ def list_snapshots(run_dir: Path) -> list[Snapshot]:
     return sorted(out, key=lambda s: (s.step, s.sigma_rel))
 
 
-def reconstruct(snapshots: list[Snapshot], sigma_rel: float, step: int | None = None
-                ) -> tuple[dict[str, torch.Tensor], list[tuple[Snapshot, float]]]:
-    """The EMA of profile sigma_rel at `step` (default: the last snapshot step) from the snapshots up to it:
-    (fp32 weights, [(snapshot, coefficient)]). Summed one tensor at a time in float64: memory is one tensor per
-    snapshot, whatever the model's size."""
+def select(snapshots: list[Snapshot], sigma_rel: float, step: int | None = None) -> tuple[list[Snapshot], int]:
+    """The snapshots a reconstruction at `step` (default: the last snapshot step) uses, and that step; refuses a
+    length out of range and a step with no snapshot."""
     if not 0 < sigma_rel <= MAX_SIGMA_REL:
         raise CheckpointError(f"--sigma-rel {sigma_rel}: give a value in (0, {MAX_SIGMA_REL}] (EDM2 uses 0.05-0.20)")
     steps = sorted({s.step for s in snapshots})
@@ -123,7 +123,15 @@ def reconstruct(snapshots: list[Snapshot], sigma_rel: float, step: int | None = 
     if step not in steps:
         raise CheckpointError(f"--step {step}: no snapshot at that step; snapshots exist at steps "
                               f"{', '.join(map(str, steps))} (a reconstruction needs every profile up to its step)")
-    used = [s for s in snapshots if s.step <= step]
+    return [s for s in snapshots if s.step <= step], step
+
+
+def reconstruct(snapshots: list[Snapshot], sigma_rel: float, step: int | None = None
+                ) -> tuple[dict[str, torch.Tensor], list[tuple[Snapshot, float]]]:
+    """The EMA of profile sigma_rel at `step` (default: the last snapshot step) from the snapshots up to it:
+    (fp32 weights, [(snapshot, coefficient)]). Summed one tensor at a time in float64: memory is one tensor per
+    snapshot, whatever the model's size."""
+    used, step = select(snapshots, sigma_rel, step)
     coefs = solve_coefficients([s.step for s in used], [s.sigma_rel for s in used], step, sigma_rel)
     handles = [safe_open(str(s.path), framework="pt") for s in used]
     out: dict[str, torch.Tensor] = {}
@@ -135,14 +143,46 @@ def reconstruct(snapshots: list[Snapshot], sigma_rel: float, step: int | None = 
     return out, list(zip(used, coefs.tolist()))
 
 
+def plan(run_dir: Path, sigma_rel: float, step: int | None = None) -> tuple[list[Snapshot], int]:
+    """The checks on a run that need no weights (its folder, config, the snapshots' headers, the length and step):
+    (the snapshots used, the step)."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder; give the run's train.out_dir")
+    snapshots = list_snapshots(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise CheckpointError(f"{run_dir} has no config.yaml: give the run's out_dir (train.out_dir)")
+    return select(snapshots, sigma_rel, step)
+
+
+def check_output(run_dir: Path, out: Path) -> None:
+    """OUT can be written and is nobody else's: not a file, not the run's own folder or one of the folders the
+    run writes (checkpoints/, posthoc_ema/), not a folder holding other files (an earlier output is replaced)."""
+    problem = output_dir_problem(out)
+    if problem:
+        raise CheckpointError(f"--out {out}: {problem}; give a folder path for the checkpoint")
+    target, run = out.resolve(), run_dir.resolve()
+    if target == run or any(target.is_relative_to(run / d) for d in ("checkpoints", SNAPSHOT_DIR)):
+        raise CheckpointError(f"--out {out} is the run's own folder or inside its checkpoints/ or {SNAPSHOT_DIR}/: "
+                              f"give a folder of its own, e.g. {run.parent / (run.name + '_ema')}")
+    if out.is_dir() and any(out.iterdir()) and not _is_reconstruction(out):
+        raise CheckpointError(f"--out {out} is a folder with other files in it: give a new or empty folder (or an "
+                              f"earlier ldmscale-ema output to replace)")
+
+
+def _is_reconstruction(folder: Path) -> bool:
+    try:
+        return "posthoc_ema" in json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def write_checkpoint(run_dir: Path, out: Path, sigma_rel: float, step: int | None = None) -> Path:
     """Reconstruct and write a checkpoint folder that ldmscale-sample, -eval and -export take (its EMA weights:
-    ema.safetensors, config.yaml, trainer_state.json, COMPLETE)."""
-    snapshots, config = list_snapshots(run_dir), run_dir / "config.yaml"
-    if not config.exists():
-        raise CheckpointError(f"{run_dir} has no config.yaml: give the run's out_dir (train.out_dir)")
+    ema.safetensors, config.yaml, trainer_state.json, COMPLETE). Every input is checked before a weight is read."""
+    snapshots, step = plan(run_dir, sigma_rel, step)
+    check_output(run_dir, out)
     weights, used = reconstruct(snapshots, sigma_rel, step)
-    step = used[-1][0].step if step is None else step
+    config = run_dir / "config.yaml"
     out.mkdir(parents=True, exist_ok=True)
     (out / COMPLETE).unlink(missing_ok=True)
     atomic_save_tensors(out / "ema.safetensors", weights)

@@ -1,4 +1,4 @@
-"""The input-error contract of the six console scripts, as one table: each row feeds one CLI a bad input, in
+"""The input-error contract of the seven console scripts, as one table: each row feeds one CLI a bad input, in
 process (`cli(argv)`), and asserts exit code 2, exactly one line on stderr that names the command, no traceback,
 and a keyword of the fix. A tripwire on every place where work starts (a model loading, the process group, the
 latent encoder, a Slurm submission) fails a row whose check comes too late.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldmscale.config import dump_config, load_config
@@ -33,6 +34,7 @@ CLIS = {
     "eval": ("ldmscale-eval", "ldmscale.eval.cli"),
     "encode": ("ldmscale-encode", "ldmscale.latents.encode"),
     "launch": ("ldmscale-launch", "ldmscale.launch"),
+    "ema": ("ldmscale-ema", "ldmscale.checkpoint.posthoc_cli"),
 }
 
 
@@ -72,6 +74,14 @@ def ctx(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
     both = fake_run(t / "both", assets)
     (both / "model_index.json").write_text("{}")  # an export written into the run folder by an older version
     c["both"] = str(both)
+    # a run with post-hoc EMA snapshots (train.posthoc_ema) at steps 2 and 4: tiny weights, real headers
+    from ldmscale.checkpoint.posthoc_ema import SNAPSHOT_DIR, write_snapshot
+    ema_run = fake_run(t / "ema_run", assets)
+    (ema_run / "config.yaml").write_text((ema_run / "checkpoints/step_00000004/config.yaml").read_text())
+    for step in (2, 4):
+        for sigma_rel in (0.05, 0.10):
+            write_snapshot(ema_run / SNAPSHOT_DIR, step, sigma_rel, {"unet.w": torch.zeros(2)})
+    c["ema_run"] = str(ema_run)
     export = t / "export"
     for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
         (export / part).mkdir(parents=True)
@@ -138,6 +148,7 @@ def tripwires(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return trip
 
     import ldmscale.checkpoint
+    import ldmscale.checkpoint.posthoc_ema
     import ldmscale.eval.cli
     import ldmscale.inference.export
     import ldmscale.latents.encode
@@ -147,6 +158,7 @@ def tripwires(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for module in (ldmscale.checkpoint, ldmscale.eval.cli, ldmscale.inference.export):
         monkeypatch.setattr(module, "load_trained", tripped("a model loaded"))
     monkeypatch.setattr(dist, "init_distributed", tripped("the process group started"))
+    monkeypatch.setattr(ldmscale.checkpoint.posthoc_ema, "reconstruct", tripped("the snapshots' weights were read"))
     monkeypatch.setattr(ldmscale.latents.encode, "Encoder", tripped("the VAE loaded"))
     monkeypatch.setattr(ldmscale.launch, "build_executor", tripped("a Slurm submission started"))
     saved = dict(os.environ)
@@ -167,6 +179,7 @@ E = ["{run}", "--prompts", "{tmp}/p.txt", "--features", "pixels:4", "--num-image
 R = ["--reference", "{heldout}"]
 ENC = ["--config", "{tiny}", "--out", "{tmp}/latents", *OV()]
 L = ["--config", "{tiny}", *OV()]
+EMA = ["{ema_run}", "--sigma-rel", "0.1", "--out"]  # a valid ldmscale-ema command line, less its output folder
 
 # (cli, argv, keyword of the fix); item numbers are those of the bad-input list in docs/errors.md
 ROWS: list[tuple[str, list[str], str]] = [
@@ -334,6 +347,23 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("launch", [*OV()], "the following arguments are required: --config"),
     ("launch", [*L, "--no-such-option"], "unrecognized arguments"),
     ("launch", L, "sbatch is not on PATH"),
+    # ldmscale-ema
+    ("ema", [*EMA[:2], "0.4", "--out", "{tmp}/ema"], "0.4 is out of range: give a value in (0, 0.28]"),
+    ("ema", [*EMA[:2], "nan", "--out", "{tmp}/ema"], "--sigma-rel: 'nan' is not a finite number"),
+    ("ema", ["{ema_run}", "--out", "{tmp}/ema"], "the following arguments are required: --sigma-rel"),
+    ("ema", [*EMA, "{tmp}/ema", "--step", "0"], "--step: 0 is too small"),
+    ("ema", [*EMA, "{tmp}/ema", "--step", "3"], "no snapshot at that step; snapshots exist at steps 2, 4"),
+    ("ema", EMA, "--out: expected one argument"),
+    ("ema", [*EMA, "{tmp}/file"], "is a file, not a folder"),
+    ("ema", [*EMA, "{tmp}/file/ema"], "is a file, so"),
+    ("ema", [*EMA, "{ema_run}/checkpoints/ema"], "the run's own folder or inside its checkpoints/"),
+    ("ema", [*EMA, "{other}"], "give a new or empty folder"),
+    ("ema", ["{tmp}/nothing", "--sigma-rel", "0.1", "--out", "{tmp}/ema"], "no such run folder"),
+    ("ema", ["{run}", "--sigma-rel", "0.1", "--out", "{tmp}/ema"], "no posthoc_ema/ folder"),
+    ("ema", ["{ema_run}/checkpoints", "--sigma-rel", "0.1", "--out", "{tmp}/ema"], "give the run's train.out_dir"),
+    # train resumed with profiles its checkpoint does not hold (train.posthoc_ema)
+    ("train", ["--config", "{tiny}", "--resume", "{ckpt}", *OV(**{"train.posthoc_ema.sigma_rels": "[0.05,0.1]"})],
+     "saved without train.posthoc_ema"),
 ]
 
 
