@@ -82,6 +82,13 @@ def ctx(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
         for sigma_rel in (0.05, 0.10):
             write_snapshot(ema_run / SNAPSHOT_DIR, step, sigma_rel, {"unet.w": torch.zeros(2)})
     c["ema_run"] = str(ema_run)
+    recon = t / "ema_0.10"  # what ldmscale-ema writes: EMA weights only, no DeepSpeed files
+    recon.mkdir()
+    (recon / "config.yaml").write_text((ema_run / "config.yaml").read_text())
+    (recon / "trainer_state.json").write_text(json.dumps({"step": 4, "posthoc_ema": {"sigma_rel": 0.1}}))
+    (recon / "ema.safetensors").write_bytes(b"")
+    (recon / "COMPLETE").write_text("")
+    c["recon"] = str(recon)
     export = t / "export"
     for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
         (export / part).mkdir(parents=True)
@@ -238,6 +245,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("sample", ["{ae_run}", "--prompt", "a"], "autoencoder-stage checkpoint"),
     ("sample", ["{noema_run}", "--prompt", "a"], "pass --weights raw"),
     ("sample", ["{export}", "--prompt", "a", "--weights", "raw"], "export of the ema weights"),
+    ("sample", ["{recon}", "--prompt", "a", "--weights", "raw"], "holds EMA weights only"),
     ("sample", ["{both}", "--prompt", "a"], "holds both checkpoints/ and a diffusers export"),
     # ldmscale-export (6)
     ("export", ["{run}", "{run}"], "the run's own folder"),
@@ -249,6 +257,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("export", ["{style_run}", "{tmp}/pipe"], "style.backbone=conv"),
     ("export", ["{export}", "{tmp}/pipe"], "already an exported diffusers folder"),
     ("export", ["{noema_run}", "{tmp}/pipe"], "pass --weights raw"),
+    ("export", ["{recon}", "{tmp}/pipe", "--weights", "raw"], "holds EMA weights only"),
     ("export", ["{run}"], "the following arguments are required: out"),
     ("export", ["{run}", "{tmp}/pipe", "--weights", "fp16"], "invalid choice: 'fp16'"),
     ("export", ["{run}", "{tmp}/pipe", "--original-size", "64", "64"], "trained without model.size_conditioning"),
