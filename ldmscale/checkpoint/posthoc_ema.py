@@ -48,7 +48,8 @@ def beta(gamma: float, step: int) -> float:
     return (1.0 - 1.0 / step) ** (gamma + 1.0)
 
 
-def profile_inner(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.ndarray) -> np.ndarray:
+def profile_inner(t_a: np.ndarray | float, g_a: np.ndarray | float, t_b: np.ndarray | float,
+                  g_b: np.ndarray | float) -> np.ndarray:
     """<p_a, p_b> of normalised power-function profiles ending at t_a and t_b (EDM2 eq. 151), broadcast."""
     ratio = t_a / t_b
     exp = np.where(t_a < t_b, g_b, -g_a)
