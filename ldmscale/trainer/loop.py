@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
@@ -22,9 +22,10 @@ from ldmscale.checkpoint.store import ResumeError, read_rank_state, read_trainer
 from ldmscale.config import Config, dump_config, validate, world_size_from_env
 from ldmscale.data import ResumableLoader, shared_plan
 from ldmscale.data.position import check_saved_shards
-from ldmscale.data.shardlist import check_split, expand_without_listing, is_local
+from ldmscale.data.shardlist import is_local
+from ldmscale.data.sources import MixSource, check_splits, listed_without_store
 from ldmscale.eval.validation import build_validator, shared_validation_samples
-from ldmscale.latents.manifest import check_shard_format, shared_manifest
+from ldmscale.latents.manifest import check_shard_format, shared_source_manifests
 from ldmscale.runtime import dist, preemption
 from ldmscale.trainer.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.trainer.ema import EMA, warmup_decay
@@ -48,6 +49,8 @@ def absolutize_model_paths(cfg: Config) -> None:
         if ref and Path(ref).exists():
             setattr(m, key, str(Path(ref).resolve()))
     cfg.data.shards = [str(Path(s).resolve()) if Path(s).exists() else s for s in cfg.data.shards]
+    for source in cfg.data.sources:
+        source.shards = [str(Path(s).resolve()) if Path(s).exists() else s for s in source.shards]
     cfg.data.val_shards = [str(Path(s).resolve()) if Path(s).exists() else s for s in cfg.data.val_shards]
     for key in ("vision_model", "init_from"):
         ref = getattr(cfg.style, key)
@@ -56,27 +59,34 @@ def absolutize_model_paths(cfg: Config) -> None:
 
 
 def check_data_early(cfg: Config, world: int) -> bool:
-    """Before any process group and without asking the store: too few shards for ranks x workers (when the shard
-    list is local or a brace pattern), and, for local shards, latent shards made for another config. Returns
-    whether the shards' format was checked (else rank 0 reads their manifest once the group is up)."""
-    urls = expand_without_listing(cfg.data.shards)
-    if urls is None:
-        return False
-    check_split(len(urls), world, cfg.data.num_workers)
-    if not all(is_local(u) for u in urls):  # an object store: one read by rank 0, not one per rank
-        return False
-    check_shard_format(cfg, urls)  # latent shards: their manifest must match this config (a ConfigError)
-    return True
+    """Before any process group and without asking the store, for every source: a local source that names no shard,
+    too few shards for ranks x workers (when the shard list is local or a brace pattern), and, for local shards,
+    latent shards made for another config. Returns whether every source's format was checked (else rank 0 reads
+    their manifests once the group is up)."""
+    listed = listed_without_store(cfg.data)
+    if all(urls is not None for _, _, urls in listed):
+        check_splits([(name, len(urls or [])) for name, _, urls in listed], world, cfg.data.num_workers)
+    checked = True
+    for _, view, urls in listed:
+        if urls is None:
+            checked = False
+            continue
+        if not all(is_local(u) for u in urls):  # an object store: one read by rank 0, not one per rank
+            checked = False
+            continue
+        check_shard_format(replace(cfg, data=view), urls)  # latent shards: their manifest must match this config
+    return checked
 
 
-def saved_shard_check(cfg: Config, tag_dir: Path | None) -> Callable[[list[str]], str | None] | None:
-    """For the data plan (rank 0): the shard list now against the one the checkpoint's data position indexes."""
+def saved_shard_check(cfg: Config, tag_dir: Path | None) -> Callable[[list[MixSource]], str | None] | None:
+    """For the data plan (rank 0): the sources now against those the checkpoint's data position indexes."""
     if tag_dir is None:
         return None
 
-    def check(urls: list[str]) -> str | None:
+    def check(sources: list[MixSource]) -> str | None:
         saved = read_rank_state(tag_dir, 0, int(read_trainer_state(tag_dir).get("world_size", 1)))
-        return check_saved_shards(saved["data"], urls, cfg.data.on_shard_list_change)
+        return check_saved_shards(saved["data"], [s.identity() for s in sources], cfg.data.on_shard_list_change,
+                                  [s.urls for s in sources])
 
     return check
 
@@ -103,15 +113,15 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     # A resume over another shard list than the checkpoint's is refused here, before any model is built. The latent
     # manifest and the validation samples are read the same way: by rank 0, shared.
     plan = shared_plan(cfg.data, on_urls=saved_shard_check(cfg, tag_dir))
-    check_split(len(plan.urls), info.world_size, cfg.data.num_workers)
+    sources = plan.mix_sources(cfg.data)
+    shared = check_splits([(s.name, len(s.urls)) for s in sources], info.world_size, cfg.data.num_workers)
     manifest = None
     if cfg.data.format == "latents" or not format_checked:
-        manifest = shared_manifest(cfg, plan.urls)
-        check_shard_format(cfg, plan.urls, manifest)
+        manifest = shared_source_manifests(cfg, sources)
     val_samples = shared_validation_samples(cfg) if cfg.train.eval_every else []
     dist.print0(plan.summary())
-    if plan.note:
-        dist.print0(plan.note)
+    for line in filter(None, [plan.note, *shared]):
+        dist.print0(line)
 
     # Create the stage (frozen encoders outside the engine, the module DeepSpeed trains), the engine and the EMA
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -131,7 +141,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     loader = ResumableLoader(
         cfg.data, stage.tokenizer, seed=cfg.train.seed, rank=info.rank, world=info.world_size,
         micro_batch=cfg.train.micro_batch_size, samples_per_epoch=plan.samples_per_epoch,
-        global_batch=cfg.train.global_batch_size, urls=plan.urls, style=cfg.style,
+        global_batch=cfg.train.global_batch_size, sources=sources, style=cfg.style,
     )
 
     # Setup validation (train.eval_every): fixed held-out samples read once, each rank its share

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from ldmscale.config import Config, public_dict
-from ldmscale.data.loader import DROP_REASONS
 
 # dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, SXM parts)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -107,16 +106,16 @@ class Monitor:
         """Every rank calls it once per step: one all-reduce carries the step's loss, its parts and this rank's
         stop request; rank 0 logs the global means (every step) and prints a console line every `log_every`
         steps. Returns True when any rank asked to stop (preemption), so all ranks stop at the same step."""
-        # the data's drop counters ride along, so W&B shows the whole job's, not rank 0's
-        drops = loader.dropped_vector()
-        vec = torch.cat([stats.vector().double(), torch.tensor([float(stop_requested), *drops], dtype=torch.float64,
+        # the data's accounting rides along (drops, a mixture's draws per source), so W&B shows the whole job's
+        data = loader.accounting_vector()
+        vec = torch.cat([stats.vector().double(), torch.tensor([float(stop_requested), *data], dtype=torch.float64,
                                                                  device=stats.losses[0].device)])
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(vec)
         values = vec.tolist()  # the step's one host sync
-        dropped = dict(zip(DROP_REASONS, values[len(values) - len(drops):]))
-        loader.check_failure_budget(dropped)  # the job's sums: every rank stops alike, at the same step
-        values = values[: len(values) - len(drops)]
+        # the job's sums; past the shard-failure budget every rank stops alike, at the same step
+        tally = loader.read_accounting(values[len(values) - len(data):])
+        values = values[: len(values) - len(data)]
         stop = values[-1] > 0
         loss, *parts = (v / world for v in values[:-1])
         metrics: dict[str, Any] = {"loss": loss, "lr": engine.get_lr()[0], "samples_seen": samples_seen,
@@ -126,7 +125,7 @@ class Monitor:
             metrics["grad_norm"] = float(grad_norm)
         if step % log_every == 0 or step == max_steps:
             metrics.update(timer.summary(world, flops_per_sample, peak))
-            metrics.update({f"data/dropped_{k}": int(v) for k, v in dropped.items() if v})
+            metrics.update(loader.accounting.metrics(tally))
             if self.is_main:
                 print(
                     f"step {step}/{max_steps} | loss {loss:.4f} | lr {metrics['lr']:.2e}"

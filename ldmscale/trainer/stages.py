@@ -235,7 +235,7 @@ class AutoencoderStage(Stage):
             # the training run's shard list and epoch size (no second listing of the store), read as one rank
             probe = ResumableLoader(cfg.data, None, seed=cfg.train.seed + 1, rank=0, world=1,
                                     micro_batch=cfg.train.micro_batch_size, samples_per_epoch=loader.samples_per_epoch,
-                                    urls=loader.urls)
+                                    sources=loader.sources)
             batches = (normalize_pixels(next(probe)["pixels"]) for _ in range(10**9))
             factor = measure_scaling_factor(vae, batches, cfg.autoencoder.scaling_samples)
             save_vae(vae, weights, factor, out / "vae")

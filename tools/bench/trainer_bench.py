@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ldmscale.config import load_config
 from ldmscale.data import normalize_pixels
+from ldmscale.data.accounting import DROP_REASONS, Accounting, DataTally
 from ldmscale.data.position import DataPosition
 from ldmscale.models.networks import build_unet
 from ldmscale.models.offline import train_tokenizer, write_text_encoder, write_vae
@@ -38,7 +39,7 @@ from ldmscale.runtime import dist
 from ldmscale.trainer.ds_config import build_ds_config, precision_dtype
 from ldmscale.trainer.ema import EMA, warmup_decay
 from ldmscale.trainer.engine import build_engine
-from ldmscale.trainer.monitor import DROP_REASONS, Monitor, StepStats, StepTimer, peak_tflops
+from ldmscale.trainer.monitor import Monitor, StepStats, StepTimer, peak_tflops
 from ldmscale.trainer.stages import build_stage
 
 # small: the CPU demo's U-Net on 32 px digits-sized inputs; sd15: Stable Diffusion 1.x (U-Net, VAE, CLIP-L sizes)
@@ -66,9 +67,13 @@ class FixedBatches:
     """What the monitor asks of the loader; the batch itself is the same prepared one for both loops."""
 
     position = DataPosition()
+    accounting = Accounting(["default"], [None])
 
-    def dropped_vector(self) -> list[float]:
+    def accounting_vector(self) -> list[float]:
         return [0.0] * len(DROP_REASONS)
+
+    def read_accounting(self, values: list[float]) -> DataTally:
+        return self.accounting.read(values)
 
 
 class Ldmscale:
