@@ -5,6 +5,7 @@ mix alike, the per-source accounting, the plan and the config's one-line errors.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -347,3 +348,52 @@ def test_latents_read_the_caption_the_encoder_stored() -> None:
         {"name": "a", "shards": ["x"], "weight": 1, "caption_key": "json.recaption"}]}})
     with pytest.raises(ConfigError, match="leave it at txt for the latent shards"):
         cfg.check()
+
+
+def test_a_source_with_fewer_shards_than_workers_shares_them_each_sample_once(sets: dict[str, Path]) -> None:
+    """small (4 shards of 5) on 4 ranks x 2 workers: 8 streams, two on each shard, each taking its own residue of
+    the shard's samples, so one pass of all of them reads each of the 20 samples once."""
+    from ldmscale.data.stream import SourceStream
+
+    cfg = DataConfig(shards=[str(sets["small"])], resolution=16, shuffle_buffer=1)
+    urls = sorted(str(p) for p in sets["small"].glob("*.tar"))
+    seen: Counter[str] = Counter()
+    for rank in range(4):
+        for role in range(2):
+            stream = SourceStream(cfg, urls, seed=SEED, epoch=0, src=(rank, 4, role, 2))
+            seen.update(next(stream)["__key__"] for _ in range(2))  # 5 samples a shard, 2 streams: 3 and 2 each
+    assert len(seen) == 16 and set(seen.values()) == {1}
+
+
+def test_ldmscale_encode_writes_one_latent_set_per_source(assets: Path, sets: dict[str, Path], tmp_path: Path) -> None:
+    """Each source into <out>/<name>/ with its manifest and the caption its caption_key picks; training from them
+    (data.format=latents, the same names and weights) passes the manifest checks and mixes as the images do."""
+    from ldmscale.config import load_config
+    from ldmscale.data.sources import resolve_sources
+    from ldmscale.latents.manifest import check_shard_format
+    from tests.conftest import REPO, tiny_overrides
+    from tests.unit.test_latents import latent_samples, run_encode
+
+    sources = (f'[{{name: big, shards: [{sets["big"]}], weight: 0.5}}, {{name: recap, shards: [{sets["recap"]}], '
+               f'weight: 0.5, caption_key: json.recaption}}]')
+    overrides = [o for o in tiny_overrides(assets, tmp_path / "run") if not o.startswith("data.shards=")]
+    cfg = load_config(REPO / "configs/tiny.yaml", [*overrides, f"data.sources={sources}", "data.num_workers=0"])
+    res = run_encode(cfg, tmp_path / "latents", dtype="fp32", batch_size=32)
+    assert set(res.manifests) == {"big", "recap"} and len(res.written) == 12
+    recap_manifest = res.manifests["recap"]
+    assert recap_manifest["caption_key"] == "json.recaption" and recap_manifest["counts"]["samples"] == 10
+    recap = [s for t in sorted((tmp_path / "latents/recap").glob("*.tar")) for s in latent_samples(t)]
+    assert sorted(s["txt"] for s in recap) == sorted(f"synthetic {i}".encode() for i in range(0, 20, 2))
+    latent_sources = sources.replace(str(sets["big"]), str(tmp_path / "latents/big")).replace(
+        str(sets["recap"]), str(tmp_path / "latents/recap")).replace(", caption_key: json.recaption", "")
+    lcfg = load_config(REPO / "configs/tiny.yaml", [*overrides, f"data.sources={latent_sources}",
+                                                    "data.format=latents"])
+    for source in resolve_sources(lcfg.data):
+        check_shard_format(dataclasses.replace(lcfg, data=source.cfg), source.urls)  # each set's own manifest
+    loader = ResumableLoader(lcfg.data, None, seed=SEED, rank=0, world=1, micro_batch=4, samples_per_epoch=40,
+                             global_batch=4, sources=resolve_sources(lcfg.data))
+    batches = _batches(loader, 10)
+    drawn = Mixture.of(SEED, [0.5, 0.5]).sources(0, np.arange(40)).tolist()
+    assert [source_of(k) for b in batches for k in b["keys"]] == [["big", "recap"][k] for k in drawn]
+    assert all(c.startswith("synthetic") for b in batches for k, c in zip(b["keys"], b["captions"])
+               if source_of(k) == "recap")
