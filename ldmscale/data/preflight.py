@@ -95,6 +95,15 @@ class DataPlan:
         return [MixSource(name, weight, view, plan.urls, plan.samples)
                 for (name, weight, view), plan in zip(source_views(cfg), self.sources)]
 
+    def describe(self) -> dict[str, Any]:
+        """The plan as data (log.jsonl, the W&B run config): the epoch and, per source, its shards, samples, filter
+        pass rate, weight and expected passes an epoch."""
+        epoch = self.samples_per_epoch
+        return {"samples_per_epoch": epoch, "given": self.given, "sources": {s.name: {
+            "shards": len(s.urls), "samples_in_shards": s.in_shards, "pass_rate": s.pass_rate, "samples": s.samples,
+            "weight": s.weight, "passes_per_epoch": s.weight * epoch / s.samples if s.samples else None,
+        } for s in self.sources}}
+
     def summary(self) -> str:
         if len(self.sources) > 1:
             how = "data.samples_per_epoch" if self.given else "the sources' samples after filtering, summed"

@@ -154,6 +154,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
                         engine=engine, ema=ema, loader=loader, train_state=state, config_yaml=config_yaml,
                         world_size=info.world_size)
     monitor = Monitor(cfg, out, info.is_main)
+    monitor.record("data_plan", plan.describe())  # per source: shards, samples, pass rate, weight, passes an epoch
     if tag_dir is not None:
         note = "; ".join(filter(None, [elastic_note, ckpt.restore(tag_dir, universal=universal)]))
         monitor.event(f"resumed from {tag_dir} at step {state.step}")

@@ -88,6 +88,15 @@ class Monitor:
             # explicit step: a resumed offline run would otherwise restart its step count at 0
             self.run.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
 
+    def record(self, key: str, value: dict[str, Any]) -> None:
+        """A description of the run made at start (the data plan): a log.jsonl line and a key of the W&B run config."""
+        if not self.is_main:
+            return
+        self.jsonl.write(json.dumps({key: value, "time": time.time()}) + "\n")
+        self.jsonl.flush()
+        if self.run is not None:
+            self.run.config.update({key: value}, allow_val_change=True)
+
     def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
         if self.is_main and self.run is not None:
             import wandb

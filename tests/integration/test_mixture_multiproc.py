@@ -5,6 +5,7 @@ printed per source and log.jsonl carries the per-source share, samples and passe
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -84,3 +85,6 @@ def test_a_mixture_resumes_exactly_after_kill_9_and_elastically_on_fewer_ranks(a
     assert row["data/digits/share"] + row["data/small/share"] == pytest.approx(1.0)
     assert row["data/small/passes"] == pytest.approx(row["data/small/samples"] / 16)
     assert "data/small/share" not in logged[11]  # per logging window
+    plans = [json.loads(line)["data_plan"] for line in (killed / "log.jsonl").read_text().splitlines()
+             if "data_plan" in line]
+    assert len(plans) == 3 and plans[0]["sources"]["small"]["passes_per_epoch"] == pytest.approx(0.5 * 128 / 16)
