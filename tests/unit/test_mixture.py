@@ -397,3 +397,37 @@ def test_ldmscale_encode_writes_one_latent_set_per_source(assets: Path, sets: di
     assert [source_of(k) for b in batches for k in b["keys"]] == [["big", "recap"][k] for k in drawn]
     assert all(c.startswith("synthetic") for b in batches for k, c in zip(b["keys"], b["captions"])
                if source_of(k) == "recap")
+
+
+def test_faults_in_one_source_resume_as_they_were_decided(sets: dict[str, Path], tmp_path: Path) -> None:
+    """A tar that is not one among small's shards (retried, then dropped) and 1 in 5 JPEGs corrupt in big's: each
+    rank, saved after 5 micro-batches and resumed, gives the keys and counts of the run that was never stopped,
+    and each fault is counted for its own source."""
+    import shutil
+
+    from tests.integration.test_resume_multiproc import _corrupt_every_fifth_jpeg
+
+    big, small = tmp_path / "big", tmp_path / "small"
+    shutil.copytree(sets["big"], big)
+    shutil.copytree(sets["small"], small)
+    for tar in sorted(big.glob("*.tar"))[::2]:
+        _corrupt_every_fifth_jpeg(tar)
+    (small / "00199.tar").write_bytes(b"not a tar" * 100)
+    cfg = _cfg({"big": big, "small": small}, {"big": 0.5, "small": 0.5})
+    for rank in range(2):
+        reference = _loader(cfg, rank, 2)
+        keys = [b["keys"] for b in _batches(reference, 20)]
+        first = _loader(cfg, rank, 2)
+        _batches(first, 5)
+        resumed = _loader(cfg, rank, 2)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert [b["keys"] for b in _batches(resumed, 15)] == keys[5:], rank
+        assert resumed.dropped_by_source() == reference.dropped_by_source()
+    counts = [Counter(), Counter()]
+    for rank in range(2):
+        loader = _loader(cfg, rank, 2)
+        _batches(loader, 20)
+        for k, c in enumerate(loader.dropped_by_source()):
+            counts[k].update(c)
+    assert counts[0]["decode_error"] > 0 and "shard_error" not in counts[0]
+    assert counts[1]["shard_error"] == 1 and "decode_error" not in counts[1]
