@@ -59,8 +59,8 @@ def latest_tag(root: Path) -> str | None:
     tag = f.read_text().strip()
     if not is_complete(root / tag):
         raise CheckpointError(
-            f"{f} names {tag}, which has no {COMPLETE} marker: the save did not finish. Point `latest` at an "
-            f"earlier tag in {root} (ls it), or resume from a path with --resume {root}/<tag>"
+            f"{f} names {tag}, which has no {COMPLETE} marker: the save did not finish. Give an earlier complete "
+            f"step_* folder of {root} instead (ls it), or point `latest` at one"
         )
     return tag
 

@@ -56,6 +56,18 @@ def _expand_one(spec: str, storage_options: dict | None) -> tuple[list[str], str
         if glob.has_magic(path):
             return sorted(glob.glob(path)), f"files matching {path}"
         return ([path] if os.path.exists(path) else []), f"file {path}"
+    try:
+        return _expand_remote(spec, storage_options)
+    except Exception as e:  # a wrong endpoint, credentials or bucket: one line with the fix, not botocore's traceback
+        opts = storage_options_for(spec, storage_options)
+        endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+        detail = scrub(f"{type(e).__name__}: {e}", storage_options)[:300]
+        err = StorageError(f"{scrub(spec)}: cannot list the shards: {_fix_hint(spec, e, endpoint)} ({detail})")
+        err.transient = is_throttling(e)
+        raise err from None
+
+
+def _expand_remote(spec: str, storage_options: dict | None) -> tuple[list[str], str]:
     fs, path = fsspec.core.url_to_fs(spec, **storage_options_for(spec, storage_options))
     if spec.endswith("/"):
         # Listings are cached per filesystem instance; shards may have been written since.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import random
 import tarfile
@@ -32,12 +33,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 from webdataset.tariterators import group_by_keys
 
 from ldmscale.config import DataConfig, StyleConfig
 from ldmscale.data.captions import caption_of
 from ldmscale.data.filters import IMAGE_EXTS, reject_reason
-from ldmscale.data.storage import open_shard
+from ldmscale.data.storage import open_shard, storage_options_for
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,30 @@ def resume_cost(cursor: StreamCursor | None, split_size: int) -> dict[str, int]:
 
 class FailedShard(RuntimeError):
     """A replay reached the offset where the original run's read of this shard failed."""
+
+
+class ShortShard(RuntimeError):
+    """A shard ended before the sample count its `_stats.json` gives: a tar cut at a member boundary reads
+    without any tar error, so only the count tells."""
+
+
+def listed_samples(url: str, storage_options: dict | None) -> int | None:
+    """The samples a shard holds by its img2dataset-style `NNNNN_stats.json` (`successes`); None without one."""
+    if not url.endswith(".tar"):
+        return None
+    stats_url = url[: -len(".tar")] + "_stats.json"
+    try:
+        with fsspec.open(stats_url, "rt", **storage_options_for(stats_url, storage_options)) as f:
+            return int(json.load(f)["successes"])
+    except Exception:  # no stats file (shards written by other tools): nothing to compare against
+        return None
+
+
+def check_shard_length(url: str, seen: int, storage_options: dict | None) -> None:
+    """Raise ShortShard when a shard read to its end held fewer samples than its stats file lists."""
+    listed = listed_samples(url, storage_options)
+    if listed is not None and seen < listed:
+        raise ShortShard(f"{url} ended after {seen} of the {listed} samples its _stats.json lists (truncated)")
 
 
 def tar_members(stream: Any, url: str, max_bytes: int) -> Iterator[dict[str, Any]]:
@@ -302,13 +328,16 @@ class SourceStream:
         try:
             samples = group_by_keys(tar_members(stream, url, self.max_member_bytes))
             phase, stride = self.stride
+            seen = 0
             for n, sample in enumerate(samples):
                 if stop is not None and n >= stop:
                     break
+                seen = n + 1
                 if n >= offset and n % stride == phase:
                     yield n, sample
             if stop is not None:
                 raise FailedShard(f"{url}: failed at sample {stop} in the run being resumed")
+            check_shard_length(url, seen, self.cfg.storage_options)
         finally:
             stream.close()
 

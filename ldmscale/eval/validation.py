@@ -25,6 +25,7 @@ from ldmscale.data.preflight import rank0_shared, with_retries
 from ldmscale.eval.reference import shard_samples
 from ldmscale.models import noise
 from ldmscale.models.encoders import tokenize
+from ldmscale.models.size_conditioning import has_size_conditioning
 
 VAL_ID_BASE = 1 << 60  # training ids are step * global_batch + slot: far below this
 BUCKETS = ("low", "mid", "high")
@@ -83,6 +84,9 @@ class Validator:
         self.vset, self.encoders, self.latent_shape = vset, encoders, latent_shape
         self.num_timesteps, self.seed, self.batch, self.device = num_timesteps, seed, batch_size, device
         self.batches = math.ceil(math.ceil(vset.total / world) / batch_size)  # the same on every rank
+        # a size-conditioned U-Net is scored under SDXL's default for the (square) validation images
+        h, w = vset.pixels.shape[-2:]
+        self.size_row = torch.tensor([[h, w, 0, 0, h, w]]).to(device)
 
     def _draws(self, ids: list[int], bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps uniform in the bucket's third of the schedule, and the noise, for (sample, bucket)."""
@@ -107,9 +111,10 @@ class Validator:
                                self.device)
             latents = self.encoders.encode_images(pixels, post)
             context = self.encoders.encode_text(input_ids.to(self.device))
+            sized = {"size_cond": self.size_row.expand(len(ids), -1)} if has_size_conditioning(module.unet) else {}
             for k in range(len(BUCKETS)):
                 t, eps = self._draws(ids, k)
-                loss, parts = module(latents, context, eps, t)
+                loss, parts = module(latents, context, eps, t, **sized)
                 sums[k] += parts["mse"].double() * n
                 sums[len(BUCKETS) + k] += loss.detach().double() * n
             sums[-1] += n

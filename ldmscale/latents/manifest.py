@@ -54,6 +54,15 @@ def vae_entry(model: ModelConfig, vae_config: dict[str, Any], encoder_hash: str)
     }
 
 
+def buckets_entry(cfg: Config) -> dict[str, Any] | None:
+    """What the manifest records of data.buckets: the canvases' rule and, with random crops, the seed they are
+    drawn from (train.seed); None without buckets (and in manifests written before buckets existed)."""
+    b, d = cfg.data.buckets, cfg.data
+    if not b.enabled:
+        return None
+    return {"step": b.step, "max_aspect": b.max_aspect, "crop_seed": None if d.center_crop else cfg.train.seed}
+
+
 def shards_dir(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url else "."
 
@@ -123,6 +132,10 @@ def check_manifest(cfg: Config, manifest: dict[str, Any], urls: list[str]) -> No
             f"latent shards were encoded at data.resolution={manifest['resolution']} "
             f"center_crop={manifest['center_crop']}, the config says {d.resolution} / {d.center_crop}: {fix}"
         )
+    if manifest.get("buckets") != buckets_entry(cfg):
+        raise ConfigError(f"latent shards were encoded with aspect buckets {manifest.get('buckets')}, the config asks "
+                          f"for {buckets_entry(cfg)} (data.buckets step, max_aspect; train.seed draws random crops): "
+                          f"{fix}")
     vae_config = load_vae_config(cfg.model)
     mine = vae_entry(cfg.model, vae_config, "")
     for key in ("scaling_factor", "shift_factor"):

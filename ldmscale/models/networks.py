@@ -16,6 +16,11 @@ def vae_downsample_factor(vae_config: Any) -> int:
     return 2 ** (len(vae_config.block_out_channels) - 1)
 
 
+def unet_downsample_factor(unet_config: Any) -> int:
+    """Every down block but the last halves the latent."""
+    return 2 ** (len(unet_config.block_out_channels) - 1)
+
+
 def build_unet(ref: str, in_channels: int, cross_attention_dim: int, sample_size: int) -> UNet2DConditionModel:
     """A preset built from config (random init), or a pretrained U-Net folder/hub id to fine-tune."""
     if ref in UNET_PRESETS:

@@ -29,7 +29,7 @@ from ldmscale.latents.manifest import check_shard_format, shared_source_manifest
 from ldmscale.runtime import dist, preemption
 from ldmscale.trainer.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.trainer.ema import EMA, warmup_decay
-from ldmscale.trainer.engine import build_engine
+from ldmscale.trainer.engine import build_engine, optimizer_groups
 from ldmscale.trainer.monitor import Monitor, StepStats, StepTimer, peak_tflops, rank_keys_file
 from ldmscale.trainer.stages import build_stage
 
@@ -133,7 +133,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     ds_config = build_ds_config(cfg, info.world_size)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    engine = build_engine(stage.module, [p for _, p in trainable], ds_config)
+    engine = build_engine(stage.module, optimizer_groups(trainable, cfg), ds_config)
     # each rank averages its own share of the optimizer's fp32 masters: no communication per step
     ema = EMA(trainable, cfg.train.ema_decay, engine.optimizer) if cfg.train.ema_decay > 0 else None
 
