@@ -86,7 +86,7 @@ def test_saved_config_without_a_newer_field_keeps_the_value_its_run_used() -> No
     from ldmscale.config import config_from_yaml_text, dump_config
 
     old = "style:\n  enabled: true\n  num_tokens: 4\n"
-    assert config_from_yaml_text(old).style.colour_stats is False
+    assert config_from_yaml_text(old).style.uses_colour_stats is False
     fresh = load_config(None, ["data.shards=[x.tar]", "train.stage=autoencoder", "style.enabled=true"])
-    assert fresh.style.colour_stats is True
-    assert config_from_yaml_text(dump_config(fresh)).style.colour_stats is True
+    assert fresh.style.uses_colour_stats is True  # the default (None) means on for the conv backbone
+    assert config_from_yaml_text(dump_config(fresh)).style.uses_colour_stats is True
