@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ldmscale.checkpoint.store import CheckpointError, find_tag_dir
+from ldmscale.checkpoint.resume import find_tag_dir
+from ldmscale.checkpoint.store import CheckpointError
 from ldmscale.config import Config, ModelConfig, config_from_yaml_text
 from ldmscale.models.encoders import FrozenEncoders
 from ldmscale.models.networks import build_unet, strip_prefix, vae_downsample_factor
@@ -25,17 +27,24 @@ def load_ema(tag_dir: Path) -> dict[str, torch.Tensor]:
     f = tag_dir / "ema.safetensors"
     if not f.exists():
         raise CheckpointError(f"{tag_dir} holds no EMA weights (train.ema_decay was 0); use raw weights")
-    return load_file(str(f))
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f} cannot be read ({e}): the checkpoint is damaged; use an earlier step") from None
 
 
 def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the trained module, consolidated from ZeRO shards by DeepSpeed's own utility."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if any(tag_dir.glob("*optim_states.pt")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    # ZeRO stage 0 without a ZeRO optimizer: the whole module sits in the model-states file
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    try:
+        if any(tag_dir.glob("*optim_states.pt")):
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        # ZeRO stage 0 without a ZeRO optimizer: the whole module sits in the model-states file
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # a shard cut short: torch's zip reader fails
+        raise CheckpointError(f"{tag_dir}: DeepSpeed's files cannot be read ({str(e)[:200]}); use an earlier "
+                              f"step") from None
     return {k: v.float() for k, v in states["module"].items()}
 
 
@@ -60,7 +69,7 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
         sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler").config
         return TrainedModel(None, unet.to(device, dtype).eval(), enc, dict(sched))
     tag_dir = find_tag_dir(path)
-    cfg = config_from_yaml_text((tag_dir / "config.yaml").read_text())
+    cfg = config_from_yaml_text((tag_dir / "config.yaml").read_text())  # find_tag_dir checked it is whole
     if cfg.train.stage != "diffusion":
         raise CheckpointError(
             f"{tag_dir} is an autoencoder-stage checkpoint; its VAE is exported as {cfg.train.out_dir}/vae"
