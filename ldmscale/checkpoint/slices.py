@@ -43,6 +43,8 @@ class TensorSlices:
         shape = part.get_shape()
         if len(shape) == 0:
             return self._file.get_tensor(name).reshape(-1)[start:start + numel]
+        if numel == 0:  # (a tensor with a zero-sized dimension has no rows to divide by)
+            return part[0:0].reshape(-1)
         row = math.prod(shape[1:])  # elements per index of the first dimension
         first, last = start // row, -(-(start + numel) // row)
         rows = part[first:last].reshape(-1)

@@ -121,6 +121,12 @@ class ResumableLoader:
     def state_dict(self) -> dict[str, Any]:
         return self.position.to_dict()
 
+    def needs_every_rank(self, own: dict[str, Any]) -> bool:
+        """Whether resuming from this rank's saved position `own` needs every saved rank's instead (another
+        number of ranks or workers: the rest of the epoch is re-divided). The checkpointer then has one process
+        read them all and broadcast them, rather than every rank reading every rank's file."""
+        return int(own.get("world", -1)) != self.world or int(own.get("workers", -1)) != self.workers
+
     def load_state_dict(self, positions: dict[str, Any] | list[dict[str, Any]]) -> str:
         """Resume from this rank's saved position, or from every saved rank's (a list, as the checkpoint holds
         them) when the number of ranks or loader workers changed: then the rest of the epoch is re-divided.
