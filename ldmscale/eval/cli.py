@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ldmscale.checkpoint import find_tag_dir, load_trained, read_trainer_state
+from ldmscale.checkpoint.loading import inference_dtype
 from ldmscale.config import config_from_yaml_text
 from ldmscale.eval.clip_score import build_clip_score, check_clip_model
 from ldmscale.eval.fid import FeatureError, GaussianStats, build_fid, load_stats, parse_features, stats_of
@@ -118,7 +119,7 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
             print(f"ldmscale-eval: wrote {a.save_reference_stats} ({ref.n} reference images, {a.features})", flush=True)
     if p.settings is None:
         return None
-    model = load_trained(a.checkpoint, a.weights, device)
+    model = load_trained(a.checkpoint, a.weights, device, inference_dtype(a.dtype, a.checkpoint, device))
     clip = build_clip_score(a.clip_model, device) if a.clip_model else None
     if rank == 0:
         write_settings(out, p.settings)
@@ -167,6 +168,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--weights", default="ema", choices=["ema", "raw"])
     ap.add_argument("--resolution", type=int, help="generation size (default: the checkpoint's data.resolution)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="the U-Net's and encoders' precision; auto: the training precision on a GPU, fp32 on the CPU")
     ap.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
                     help="default: the checkpoint's wandb.mode")
     ap.add_argument("--out", default="eval_out", help="images, eval.json and the plot go here")

@@ -43,15 +43,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: the training precision on a GPU, fp32 on the CPU")
     p.add_argument("--out", default="samples")
     return p.parse_args(argv)
 
 
 def sample(a: argparse.Namespace) -> None:
-    from ldmscale.checkpoint import load_trained  # not at the top: --help stays fast
+    from ldmscale.checkpoint.loading import inference_dtype, load_trained  # not at the top: --help stays fast
 
     prompts = gather_prompts(a)
-    m = load_trained(a.checkpoint, a.weights, a.device)
+    m = load_trained(a.checkpoint, a.weights, a.device, inference_dtype(a.dtype, a.checkpoint, a.device))
     res = m.cfg.data.resolution if m.cfg else None
     tokens, labels, style_scale = None, [q for q in prompts for _ in range(a.num_images)], 1.0
     if a.style_image:

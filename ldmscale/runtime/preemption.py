@@ -87,3 +87,13 @@ def child_ignores_preemption(python: str, module: str, args: list[str]) -> list[
     """The command line of `python -m module args` in a child that SIGUSR1/USR2/TERM do not kill; start it inside
     `blocked()` so no signal lands before it ignores them."""
     return [python, "-c", CHILD_PRELUDE, module, *args]
+
+
+def start_compile_workers() -> None:
+    """Start inductor's compile workers (a sidecar process and its pool) now, with the preemption signals
+    blocked: they inherit the mask and never unblock it, so the notices Slurm sends every process of the step
+    cannot kill them mid-compile. Later compiles reuse this pool. A no-op when inductor compiles in-process."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    with blocked():
+        AsyncCompile.warm_pool()

@@ -29,6 +29,7 @@ from ldmscale.runtime.status import RunStatus
 from ldmscale.trainer.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.trainer.ema import EMA, warmup_decay
 from ldmscale.trainer.engine import build_engine
+from ldmscale.trainer.extensions import prepare_ops
 from ldmscale.trainer.monitor import Monitor, StepStats, StepTimer, peak_tflops, rank_keys_file
 from ldmscale.trainer.stages import build_stage
 
@@ -136,7 +137,10 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     ds_config = build_ds_config(cfg, info.world_size)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    for op in prepare_ops(ds_config):  # JIT-built ops, one process at a time; a killed build's lock is cleared
+        dist.print0(f"removed the stale build lock of DeepSpeed's {op} op (a build was killed mid-way)")
     engine = build_engine(stage.module, [p for _, p in trainable], ds_config)
+    stage.channels_last_weights()  # model.channels_last under ZeRO-0: the conv weights too
     # each rank averages its own share of the optimizer's fp32 masters: no communication per step
     ema = EMA(trainable, cfg.train.ema_decay, engine.optimizer) if cfg.train.ema_decay > 0 else None
 
@@ -179,7 +183,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     if flops:  # MFU counts the U-Net; encoding latents on the fly costs extra, shown apart
         dist.print0(f"FLOPs per image: U-Net fwd+bwd {flops / 1e9:.3f} G, VAE encode "
                     f"{stage.encode_flops_per_sample() / 1e9:.3f} G")
-    stage.compile()  # model.compile, last: FLOPs were counted on an eager twin
+    stage.compile(engine)  # model.compile, last: FLOPs were counted on an eager twin
     if dist.any_rank(preemption.requested()):  # a notice during start-up: nothing trained, nothing to save
         return stop_before_training(status, state.step, out, monitor)
 

@@ -12,6 +12,7 @@ import torch
 
 from ldmscale.config import Config, public_dict
 from ldmscale.data.loader import DROP_REASONS
+from ldmscale.trainer.engine import Engine
 
 TRAINER_STEP = "trainer/step"  # the x-axis of every W&B chart (define_metric)
 
@@ -122,7 +123,7 @@ class Monitor:
             self.jsonl.write(json.dumps({"event": text, "time": time.time()}) + "\n")
             self.jsonl.flush()
 
-    def log_step(self, step: int, stats: StepStats, *, stop_requested: bool, engine: Any, loader: Any,
+    def log_step(self, step: int, stats: StepStats, *, stop_requested: bool, engine: Engine, loader: Any,
                  timer: StepTimer, samples_seen: int, max_steps: int, log_every: int, world: int,
                  flops_per_sample: float, peak: float) -> bool:
         """Every rank calls it once per step: one all-reduce carries the step's loss, its parts and this rank's
