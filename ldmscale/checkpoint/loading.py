@@ -19,6 +19,7 @@ from ldmscale.config import Config, ModelConfig, config_from_yaml_text
 from ldmscale.models.encoders import FrozenEncoders
 from ldmscale.models.networks import build_unet, strip_prefix, vae_downsample_factor
 from ldmscale.models.objective import build_noise_scheduler
+from ldmscale.runtime.precision import torch_dtype
 from ldmscale.style.attention import add_style_path
 from ldmscale.style.encoder import StyleReference, build_style
 
@@ -48,22 +49,19 @@ def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def inference_dtype(choice: str, path: str | Path, device: str | torch.device) -> torch.dtype:
     """--dtype of ldmscale-sample and -eval. auto: on a GPU the precision the checkpoint was trained in (its
     deepspeed.precision; bf16 for an exported pipeline folder), half the memory and the tensor cores of fp32;
     on the CPU fp32."""
     if choice != "auto":
-        return DTYPES[choice]
+        return torch_dtype(choice)
     if torch.device(device).type != "cuda":
         return torch.float32
     path = Path(path)
     if (path / "model_index.json").exists():
         return torch.bfloat16
     cfg = config_from_yaml_text((find_tag_dir(path, verify=False) / "config.yaml").read_text())
-    return DTYPES[cfg.deepspeed.precision]
+    return torch_dtype(cfg.deepspeed.precision)
 
 
 @dataclass

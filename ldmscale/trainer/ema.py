@@ -22,7 +22,7 @@ import torch.distributed as tdist
 
 
 class SliceReader(Protocol):
-    """Parts of a saved average, read on demand (ldmscale.checkpoint.TensorSlices)."""
+    """Parts of a saved average, read on demand (ldmscale.checkpoint.slices.TensorSlices)."""
 
     def keys(self) -> set[str]: ...
 
@@ -179,7 +179,7 @@ class EMA:
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, torch.Tensor] | SliceReader) -> None:
         """Every rank takes its shares of the full average: from a dict (as `state_dict` wrote it), or from a
-        reader of the saved file (ldmscale.checkpoint.TensorSlices: `flat_slice(name, start, numel)`), which
+        reader of the saved file (ldmscale.checkpoint.slices.TensorSlices: `flat_slice(name, start, numel)`), which
         reads only this rank's share instead of the whole average on every rank."""
         missing = set(self.shapes) - set(state.keys())
         if missing:
