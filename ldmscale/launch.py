@@ -59,7 +59,7 @@ class TrainTask(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         env = submitit.JobEnvironment()
         # torchrun-style variables (first host, a port derived from the job id) that every rank agrees on;
-        # CUDA_VISIBLE_DEVICES stays as Slurm set it: dist.init_distributed picks the GPU by LOCAL_RANK
+        # CUDA_VISIBLE_DEVICES stays as Slurm set it: dist.init_distributed picks GPU LOCAL_RANK, or the one visible
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         if not os.environ.get("CUDA_VISIBLE_DEVICES"):
             os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share cores: one BLAS thread each
