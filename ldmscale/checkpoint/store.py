@@ -272,9 +272,11 @@ class CheckpointStore:
             if t not in survivors:
                 remove_checkpoint(universal_dir(self.root / t))
                 remove_checkpoint(self.root / t)
-        for leftover in self.root.glob(".step_*"):  # interrupted saves, replaced folders, unfinished conversions
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
+                shutil.rmtree(self.root / f".{t}_universal.converting", ignore_errors=True)
+        # interrupted saves and replaced folders (only this process saves; a conversion of a kept checkpoint that
+        # `ldmscale-universal` may be making right now is left alone)
+        for leftover in [*self.root.glob(".step_*.saving"), *self.root.glob(".step_*.replaced")]:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _weights_mismatch(tag_dir: Path, e: RuntimeError) -> Exception:

@@ -1,8 +1,10 @@
 """The training loop, readable top to bottom in labelled paragraphs (the command line is trainer/cli.py).
 
-data check -> setup (process group, stage, DeepSpeed engine, EMA, data, checkpointer/resume) -> loop of
-[micro-batches -> backward -> step -> EMA -> one reduction + log -> preemption -> sample grid / checkpoint]
--> final save and the stage's finish (sample grid or VAE export).
+preemption handler -> resume and data checks -> setup (process group, stage, DeepSpeed engine, EMA, data,
+checkpointer/resume) -> loop of [micro-batches -> backward -> step -> EMA -> one reduction + log -> preemption ->
+sample grid / checkpoint] -> final save and the stage's finish (sample grid or VAE export). A preemption notice
+before the first step exits for requeue without saving; rank 0 keeps the run's state for the job script
+(ldmscale/runtime/status.py).
 """
 
 from __future__ import annotations
@@ -115,8 +117,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         return stop_before_training(status, start_step, out)
     # rank 0 checks the checkpoint's files against its manifest (a damaged one under auto gives way to an older one)
     tag_dir, more, saved_world = dist.on_rank0(lambda: choose_checkpoint(tag_dir, resume == "auto", cfg))
-    for line in notes + more:
-        dist.print0(line)
+    resume_warnings = notes + more  # logged once the monitor exists
     status.resumed_from = tag_dir.name if tag_dir is not None else ""
     config_yaml = dump_config(cfg)
 
@@ -160,6 +161,8 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
                         keep_last=cfg.train.keep_last, every=cfg.train.ckpt_every, config_yaml=config_yaml,
                         world_size=info.world_size)
     monitor = Monitor(cfg, out, info.is_main)
+    for line in resume_warnings:
+        monitor.event(line)
     if tag_dir is not None:
         note = "; ".join(filter(None, [elastic_note, ckpt.restore(tag_dir, universal=universal)]))
         monitor.event(f"resumed from {tag_dir} at step {state.step}")

@@ -144,3 +144,17 @@ def test_pruning_removes_complete_first(engine: object, tmp_path: Path, monkeypa
         _save(ck, engine, 2)
     assert (tmp_path / "step_00000001").exists() and not is_complete(tmp_path / "step_00000001")
     assert latest_tag(tmp_path) == ("step_00000002", [])
+
+
+def test_pruning_clears_interrupted_saves_but_not_a_conversion_in_progress(engine: object, tmp_path: Path) -> None:
+    """A save killed mid-way leaves its staging folder: the next save removes it. `ldmscale-universal` may be
+    converting a kept checkpoint right now: its folder stays."""
+    ck = CheckpointStore(tmp_path, keep_last=2)
+    _step(engine)
+    _save(ck, engine, 1)
+    (tmp_path / ".step_00000009.saving").mkdir()
+    (tmp_path / ".step_00000001_universal.converting").mkdir()
+    _step(engine)
+    _save(ck, engine, 2)
+    assert not (tmp_path / ".step_00000009.saving").exists()
+    assert (tmp_path / ".step_00000001_universal.converting").exists()
