@@ -24,7 +24,7 @@ MODEL_KEYS = (
 )
 
 
-def latest_tag(root: Path) -> tuple[str | None, list[str]]:
+def resolve_latest(root: Path) -> tuple[str | None, list[str]]:
     """(the tag `latest` names, warnings), or (None, []) for a fresh run. A `latest` naming a folder that is not
     complete (removed, or never finished by hand-made edits) gives the newest complete checkpoint before it."""
     tag = read_latest(root)
@@ -39,13 +39,19 @@ def latest_tag(root: Path) -> tuple[str | None, list[str]]:
     return older[-1], [f"{root / 'latest'} names {tag}, which is not complete; resuming from {older[-1]} instead"]
 
 
+def latest_tag(root: Path) -> str | None:
+    """The tag of the checkpoint `--resume auto` takes under root (None: a fresh run); resolve_latest also says why
+    it is not the one `latest` names, when it is not."""
+    return resolve_latest(root)[0]
+
+
 def find_tag_dir(path: Path, verify: bool = True) -> Path:
     """A checkpoint root (with `latest`), a run dir (with checkpoints/), or a tag folder -> the tag folder.
     verify: check every file against the manifest (one stat per file; the trainer does that on rank 0 only)."""
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if (path / "latest").exists():
-        tag, _ = latest_tag(path)
+        tag = latest_tag(path)
         assert tag is not None
         path = path / tag
     if not path.is_dir():
@@ -70,7 +76,7 @@ def resolve_resume(root: Path, resume: str) -> tuple[Path | None, list[str]]:
     if resume == "never":
         return None, []
     if resume == "auto":
-        tag, notes = latest_tag(root)
+        tag, notes = resolve_latest(root)
         return (root / tag if tag else None), notes
     try:
         return find_tag_dir(Path(resume), verify=False), []

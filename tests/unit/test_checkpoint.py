@@ -52,7 +52,7 @@ def test_interrupted_save_leaves_previous_checkpoint_latest(engine: object, tmp_
     engine.save_checkpoint(str(tmp_path), tag=".step_00000003.saving", save_latest=False)  # type: ignore[attr-defined]
     # and a partial folder under the real name, as an older ldmscale left it
     engine.save_checkpoint(str(tmp_path), tag=tag_for(3), save_latest=False)  # type: ignore[attr-defined]
-    assert latest_tag(tmp_path) == ("step_00000002", [])
+    assert latest_tag(tmp_path) == "step_00000002"
     assert resolve_resume(tmp_path, "auto") == (tmp_path / "step_00000002", [])
     with pytest.raises(CheckpointError, match="interrupted"):
         resolve_resume(tmp_path, str(tmp_path / "step_00000003"))
@@ -62,7 +62,7 @@ def test_interrupted_save_leaves_previous_checkpoint_latest(engine: object, tmp_
     # the next complete save takes `latest` and removes the older partial folders
     _train_step(engine)
     ck.save(engine, 4, {"step": 4}, None, "cfg: 4\n")
-    assert latest_tag(tmp_path) == ("step_00000004", [])
+    assert latest_tag(tmp_path) == "step_00000004"
     assert not (tmp_path / "step_00000003").exists() and not (tmp_path / ".step_00000003.saving").exists()
     assert (tmp_path / "step_00000004" / "config.yaml").read_text() == "cfg: 4\n"
 

@@ -84,7 +84,7 @@ def test_a_resaved_step_replaces_the_old_folder_whole(engine: object, tmp_path: 
     new = _save(ck, engine, 2)
     assert sorted(p.name for p in (new / "ranks").iterdir()) == ["rank00000.json"]
     assert not (new / "zero_pp_rank_5_mp_rank_00_optim_states.pt").exists() and not universal_dir(new).exists()
-    assert damage(new) is None and latest_tag(tmp_path) == ("step_00000002", [])
+    assert damage(new) is None and latest_tag(tmp_path) == "step_00000002"
     assert is_complete(tmp_path / "step_00000003")  # the abandoned branch's later save: not pruned, not latest
     assert not list(tmp_path.glob(".step_*"))  # no staging or replaced folder left behind
 
@@ -119,7 +119,7 @@ def test_a_kill_during_a_resave_leaves_latest_complete(engine: object, tmp_path:
     monkeypatch.setattr(store_module, "atomic_write_text", killing_write)
     with pytest.raises(KeyboardInterrupt):
         _save(ck, engine, 2)
-    tag, _ = latest_tag(tmp_path)
+    tag = latest_tag(tmp_path)
     assert tag is not None and is_complete(tmp_path / tag) and damage(tmp_path / tag) is None
 
 
@@ -143,7 +143,7 @@ def test_pruning_removes_complete_first(engine: object, tmp_path: Path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         _save(ck, engine, 2)
     assert (tmp_path / "step_00000001").exists() and not is_complete(tmp_path / "step_00000001")
-    assert latest_tag(tmp_path) == ("step_00000002", [])
+    assert latest_tag(tmp_path) == "step_00000002"
 
 
 def test_pruning_clears_interrupted_saves_but_not_a_conversion_in_progress(engine: object, tmp_path: Path) -> None:
