@@ -28,5 +28,8 @@ def __getattr__(name: str) -> Any:  # `from ldmscale.train import main, TrainRes
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+__all__ = ["TrainResult", "cli", "main"]  # noqa: F822  (main, TrainResult: module __getattr__)
+
+
 if __name__ == "__main__":
     cli()

@@ -8,6 +8,7 @@ slices.py        a rank's share of ema.safetensors, read without the rest
 elastic.py       another world size: DeepSpeed's universal conversion, tied to the save it came from
 universal_cli.py `ldmscale-universal`: that conversion offline, for the largest jobs
 loading.py       inference and warm starts: EMA or raw weights, the whole trained model
+preflight.py     what a checkpoint argument names, checked from its small files before any weights load
 warm_start.py    style step 2 starts from step 1's U-Net
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 _EXPORTS = {
     "COMPLETE": "integrity", "is_complete": "integrity",
     "TrainedModel": "loading", "load_ema": "loading", "load_trained": "loading", "raw_state_dict": "loading",
+    "saved_config": "loading",
     "find_tag_dir": "resume", "latest_tag": "resume", "resolve_resume": "resume",
     "CheckpointError": "store", "CheckpointStore": "store", "read_rank_states": "store",
     "read_trainer_state": "store", "tag_for": "store", "universal_dir": "store",

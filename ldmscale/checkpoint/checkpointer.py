@@ -9,10 +9,11 @@ Each object is kept as what it is (ema and data may be None):
   train   state_dict() / load_state_dict(dict): the loop's counters -> trainer_state.json, written by rank 0
   ema     state_dict() is a collective giving the full fp32 average on rank 0 -> ema.safetensors;
           load_state_dict(TensorSlices): each rank reads only its own share of the file
-  data    state_dict() per rank -> ranks/rankNNNNN.json, written by that rank; load_state_dict(dict) takes this
-          rank's own position, load_state_dict(list) every saved rank's (another world size or worker count:
-          rank 0 reads the files and broadcasts them), needs_every_rank(own) says which of the two it needs
-Reads at resume are O(1) files per rank: its own rank file, its slices of the EMA; rank 0 reads the summary
+  data    state_dict() per rank -> ranks/rankNNNNN.json, written by that rank; saved_ranks_needed(saved_world)
+          names the saved ranks this rank's share of the epoch comes from (its own on the same world, 2-3 on
+          another world, worker count or micro-batch) and load_state_dict({saved rank: position}, saved_world)
+          takes them
+Reads at resume are O(1) files per rank: the rank files it needs, its slices of the EMA; rank 0 reads the summary
 (trainer_state.json) and broadcasts it.
 """
 
@@ -30,7 +31,6 @@ from ldmscale.checkpoint.store import (
     CheckpointError,
     CheckpointStore,
     read_rank_state,
-    read_rank_states,
     read_trainer_state,
 )
 from ldmscale.runtime import dist
@@ -89,15 +89,11 @@ class Checkpointer:
     def _restore_data(self, tag_dir: Path, saved_world: int) -> str:
         if self.data is None:
             return ""
-        own = None
-        if saved_world == self.world_size:
-            own = read_rank_state(tag_dir, dist.rank(), saved_world)["data"]
-        if dist.any_rank(own is None or self.data.needs_every_rank(own)):
-            # another world or worker count: the rest of the epoch is re-divided from every saved position;
-            # one process reads the files, not every rank every file
-            states = dist.broadcast_object(read_rank_states(tag_dir, saved_world) if dist.rank() == 0 else None)
-            return self.data.load_state_dict([s["data"] for s in states])
-        return self.data.load_state_dict(own)
+        # only the saved ranks this rank's share of the epoch comes from: its own on the same world, 2-3 when the
+        # world, the worker count or the micro-batch changed (the rest of the epoch is re-divided in samples)
+        ranks = self.data.saved_ranks_needed(saved_world)
+        positions = {r: read_rank_state(tag_dir, r, saved_world)["data"] for r in ranks}
+        return self.data.load_state_dict(positions, saved_world)
 
     def maybe_save(self, step: int, force: bool = False) -> Path | None:
         """Save at every `every`-th step, or now with force (preemption, the end); never the same step twice."""

@@ -21,7 +21,10 @@ from ldmscale.config import Config, config_from_yaml_text
 MODEL_KEYS = (
     ("train", "stage"), ("model", "unet"), ("model", "vae_preset"), ("style", "enabled"), ("style", "backbone"),
     ("style", "vision_model"), ("style", "conv_channels"), ("style", "num_tokens"), ("style", "colour_stats"),
+    ("style", "clip_head"), ("style", "global_path"), ("model", "size_conditioning"), ("model", "size_embed_dim"),
 )
+# keys whose None means a default that depends on another key: compared as what they resolve to
+RESOLVED = {("style", "colour_stats"): "uses_colour_stats", ("style", "global_path"): "uses_global_path"}
 
 
 def resolve_latest(root: Path) -> tuple[str | None, list[str]]:
@@ -34,7 +37,8 @@ def resolve_latest(root: Path) -> tuple[str | None, list[str]]:
     if not older:
         raise ResumeError(
             f"{root / 'latest'} names {tag}, which has no COMPLETE marker: the save did not finish, and no complete "
-            f"checkpoint precedes it; resume from a path with --resume {root}/<tag>, or start over with --resume never"
+            f"checkpoint precedes it; give a complete step_* folder of {root} (ls it), or start training over with "
+            f"--resume never"
         )
     return older[-1], [f"{root / 'latest'} names {tag}, which is not complete; resuming from {older[-1]} instead"]
 
@@ -115,10 +119,14 @@ def check_same_model(tag_dir: Path, cfg: Config) -> None:
                           f"version that wrote it") from None
     diffs = []
     for section, key in MODEL_KEYS:
-        old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
+        attr = RESOLVED.get((section, key), key)
+        old, new = getattr(getattr(saved, section), attr), getattr(getattr(cfg, section), attr)
         if section == "style" and key != "enabled" and not (saved.style.enabled or cfg.style.enabled):
             continue
         if section == "model" and key == "vae_preset" and cfg.train.stage != "autoencoder":
+            continue
+        if section == "model" and key == "size_embed_dim" and not (saved.model.size_conditioning
+                                                                   or cfg.model.size_conditioning):
             continue
         if old != new:
             diffs.append(f"{section}.{key}: {old!r} -> {new!r}")

@@ -17,17 +17,15 @@ from pathlib import Path
 from ldmscale.checkpoint.elastic import available_cpus, convert_to_universal, is_converted
 from ldmscale.checkpoint.resume import find_tag_dir
 from ldmscale.checkpoint.store import universal_dir
-from ldmscale.runtime.cli import run_cli
+from ldmscale.runtime.cli import ArgumentParser, at_least, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ldmscale-universal", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="ldmscale-universal", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a run dir, its checkpoints/ folder (latest) or a step_* folder")
-    p.add_argument("--workers", type=int, default=0, help="converter processes (default: the CPUs available)")
-    args = p.parse_args(argv)
-    if args.workers < 0:
-        p.error("--workers must be >= 0 (0: the CPUs available)")
-    return args
+    p.add_argument("--workers", type=at_least(0), default=0,
+                   help="converter processes (default 0: the CPUs available)")
+    return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import torch
 
 from ldmscale.config import Config, public_dict
 from ldmscale.data.loader import DROP_REASONS
+from ldmscale.models.size_conditioning import added_cond_kwargs, has_size_conditioning
 from ldmscale.trainer.engine import Engine
 
 TRAINER_STEP = "trainer/step"  # the x-axis of every W&B chart (define_metric)
@@ -44,8 +45,10 @@ def training_flops_per_sample(unet: torch.nn.Module, latent_shape: tuple[int, ..
 
     twin, meta = _meta_twin(unet), torch.device("meta")
     x, ctx = torch.zeros((1, *latent_shape), device=meta), torch.zeros((1, *context_shape), device=meta)
+    sized = {"added_cond_kwargs": added_cond_kwargs(torch.zeros(1, 6, device=meta))} if has_size_conditioning(twin) \
+        else {}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        twin(x, torch.zeros(1, dtype=torch.long, device=meta), encoder_hidden_states=ctx)
+        twin(x, torch.zeros(1, dtype=torch.long, device=meta), encoder_hidden_states=ctx, **sized)
     return 3.0 * counter.get_total_flops()
 
 
@@ -137,6 +140,7 @@ class Monitor:
             torch.distributed.all_reduce(vec)
         values = vec.tolist()  # the step's one host sync
         dropped = dict(zip(DROP_REASONS, values[len(values) - len(drops):]))
+        loader.check_failure_budget(dropped)  # the job's sums: every rank stops alike, at the same step
         values = values[: len(values) - len(drops)]
         stop = values[-1] > 0
         loss, *parts = (v / world for v in values[:-1])

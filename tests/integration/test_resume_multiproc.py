@@ -97,15 +97,18 @@ def _epoch_keys(assets: Path, world: int, extra: dict[str, object]) -> Counter[s
     return keys
 
 
-@pytest.mark.parametrize(("before", "after", "zero"), [(2, 1, 2), (1, 2, 3)], ids=["2to1-zero2", "1to2-zero3"])
+@pytest.mark.parametrize(("before", "after", "zero", "micro"), [(2, 1, 2, 8), (1, 2, 3, 4)],
+                         ids=["2to1-zero2-micro4to8", "1to2-zero3"])
 def test_elastic_resume_sees_the_rest_of_the_epoch_once(assets: Path, tmp_path: Path, before: int, after: int,
-                                                        zero: int) -> None:
-    """8 steps an epoch; 4 on `before` ranks, then `after` ranks resume to the epoch's end: every key of the
-    epoch of an uninterrupted `before`-rank run exactly once, a universal checkpoint made once, finite losses."""
+                                                        zero: int, micro: int) -> None:
+    """8 steps an epoch (global batch 8); 4 on `before` ranks x micro-batch 4, then `after` ranks x `micro` resume to
+    the epoch's end: every key of the epoch of an uninterrupted `before`-rank run exactly once, a universal checkpoint
+    made once, finite losses. Then (2to1) a resume over a shard list with one shard less is refused on every rank,
+    before any model is built."""
     extra: dict[str, object] = {"deepspeed.zero_stage": zero, "train.ckpt_every": 4, "train.max_steps": 4}
     out = tmp_path / "run"
     _finish(_launch(assets, out, before, extra), out)
-    text = _finish(_launch(assets, out, after, {**extra, "train.max_steps": 8}), out)
+    text = _finish(_launch(assets, out, after, {**extra, "train.max_steps": 8, "train.micro_batch_size": micro}), out)
     line = f"resuming a {before}-rank checkpoint on {after} ranks: converted in "
     assert line in text and "epoch 0 continues with 32 samples left" in text, text[-3000:]
     assert (out / "checkpoints" / "step_00000004_universal" / "COMPLETE").exists()
@@ -116,3 +119,17 @@ def test_elastic_resume_sees_the_rest_of_the_epoch_once(assets: Path, tmp_path: 
     assert seen == _epoch_keys(assets, before, extra) and set(seen.values()) == {1}
     losses = {r["step"]: r["loss"] for r in _steps(out)}
     assert sorted(losses) == list(range(1, 9)) and all(0 < v < 10 for v in losses.values())
+    if before != 2:
+        return
+    shards = sorted((assets / "digits/train").glob("*.tar"))
+    refused = out.parent / f"{out.name}.log"
+    mark = refused.stat().st_size
+    fewer = f"[{','.join(map(str, shards[1:]))}]"
+    proc = _launch(assets, out, 2, {**extra, "train.max_steps": 12, "data.shards": fewer})
+    assert proc.wait(timeout=400) != 0
+    text = refused.read_bytes()[mark:].decode()
+    lines = [ln for ln in text.splitlines() if "resume error: data.shards lists other shards than when the checkpoint "
+             "was saved (0 shard(s) added and 1 removed)" in ln]
+    assert len(lines) == 2 and "on_shard_list_change=new_epoch" in lines[0], text[-3000:]  # every rank, one line
+    # before the conversion and the engine; no traceback of ours (torchrun prints its own for the failed children)
+    assert "converting" not in text and "ldmscale: stage=" not in text and "ldmscale/" not in text, text[-3000:]

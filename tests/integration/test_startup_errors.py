@@ -35,7 +35,7 @@ def test_start_up_mistakes_exit_2_with_one_line(assets: Path, tmp_path: Path, ca
         (tmp_path / "photos").mkdir()
         (tmp_path / "photos" / "cat.txt").write_text("not a checkpoint")
         cmd = ["-m", "ldmscale.inference.sample", str(tmp_path / "photos"), "--prompt", "a cat"]
-        expected = "ldmscale-sample: " + f"{tmp_path / 'photos'} is not a checkpoint"
+        expected = "ldmscale-sample: checkpoint error: " + f"{tmp_path / 'photos'} is not a checkpoint"
     r = _run(cmd, env)
     assert r.returncode == 2, r.stderr[-3000:]
     lines = [ln for ln in r.stderr.splitlines() if expected in ln]
