@@ -140,8 +140,8 @@ def read_rank_state(tag_dir: Path, rank: int, world: int) -> dict[str, Any]:
 
 
 def read_rank_states(tag_dir: Path, world: int) -> list[dict[str, Any]]:
-    """Every saved rank's own state, in rank order: what a resume on another world size re-divides. One
-    process reads them (rank 0, then a broadcast): never every rank every file."""
+    """Every saved rank's own state, in rank order, for inspecting a checkpoint. A resume never reads them all:
+    each rank reads only the saved ranks its share comes from (Checkpointer.restore, loader.saved_ranks_needed)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(32, max(1, world))) as pool:  # latency-bound on shared filesystems
