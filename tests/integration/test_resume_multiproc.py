@@ -53,11 +53,13 @@ def _corrupt_every_fifth_jpeg(tar_path: Path) -> None:
 
 def test_faults_on_one_rank_resume_with_that_ranks_own_position(assets: Path, tmp_path: Path) -> None:
     """1 in 5 JPEGs corrupt in rank 1's shards only; kill -9 after step 8, resume to 16 (one epoch of 20 steps):
-    every rank's keys, and the losses, are those of the run that was never killed."""
+    every rank's keys, and the losses, are those of the run that was never killed. Before the resume rank 1's
+    optimizer shard of the latest checkpoint (step 8) is cut short: --resume auto falls back to step 4 with a
+    warning naming the file, and still ends exactly where the uninterrupted run ends."""
     data = tmp_path / "digits"
     shutil.copytree(assets / "digits/train", data)
     extra: dict[str, object] = {"data.shards": f"[{data}]", "data.samples_per_epoch": 160, "train.max_steps": 16,
-                                "train.ckpt_every": 4, "train.keep_last": 1}
+                                "train.ckpt_every": 4, "train.keep_last": 2}
     cfg = load_config(TINY, tiny_overrides(assets, tmp_path / "x", **extra))
     urls = expand_shard_urls(cfg.data.shards)
     for i in source_shards(len(urls), cfg.train.seed, 0, (1, 2, 0, max(1, cfg.data.num_workers))):
@@ -67,7 +69,12 @@ def test_faults_on_one_rank_resume_with_that_ranks_own_position(assets: Path, tm
     proc = _launch(assets, killed, 2, extra)  # the two runs share the two cores
     kill_after_step(proc, killed, 9)
     _finish(ref, reference)
+    shard = killed / "checkpoints" / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
     text = _finish(_launch(assets, killed, 2, extra), killed)
+    assert ("WARNING: checkpoint step_00000008 is damaged (zero_pp_rank_1_mp_rank_00_optim_states.pt is 1000 "
+            "bytes" in text), text[-3000:]
+    assert f"resumed from {killed / 'checkpoints' / 'step_00000004'} at step 4" in text
     assert "rank 1 data resume:" in text and "rank 0 data resume:" in text
     ref_log = {r["step"]: r for r in _steps(reference)}
     assert ref_log[16].get("data/dropped_decode_error", 0) > 0  # the faults were met, and summed over ranks
@@ -102,7 +109,7 @@ def test_elastic_resume_sees_the_rest_of_the_epoch_once(assets: Path, tmp_path: 
     out = tmp_path / "run"
     _finish(_launch(assets, out, before, extra), out)
     text = _finish(_launch(assets, out, after, {**extra, "train.max_steps": 8, "train.micro_batch_size": micro}), out)
-    line = f"resuming a {before}-rank checkpoint on {after} ranks: converting ("
+    line = f"resuming a {before}-rank checkpoint on {after} ranks: converted in "
     assert line in text and "epoch 0 continues with 32 samples left" in text, text[-3000:]
     assert (out / "checkpoints" / "step_00000004_universal" / "COMPLETE").exists()
     seen: Counter[str] = Counter()
