@@ -17,7 +17,7 @@ from ldmscale.data import decode_image, normalize_pixels, stack_uint8
 from ldmscale.data.latent_format import LATENT_EXT, decode_latent
 from ldmscale.data.shard_writer import iter_tar_samples
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
-from tests.test_multiproc import _command, _keys, _last_per_step, _steps, _wait, kill_after_step, kill_tree
+from tests.integration.test_multiproc import _command, _keys, _last_per_step, _steps, _wait, kill_after_step, kill_tree
 
 MAX_STEPS = 10
 

@@ -17,7 +17,7 @@ import pytest
 from ldmscale.config import load_config
 from ldmscale.data import ResumableLoader, expand_shard_urls, source_shards
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
-from tests.test_multiproc import _keys, _steps, kill_after_step
+from tests.integration.test_multiproc import _keys, _steps, kill_after_step
 
 TINY = REPO / "configs/tiny.yaml"
 

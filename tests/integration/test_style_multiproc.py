@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from ldmscale.style.encoder import COLOUR_STATS_DIM
 from tests.conftest import REPO, SAMPLE_CLI, free_port, tiny_overrides, train_env
-from tests.test_multiproc import _command, _last_per_step, _steps, kill_after_step
+from tests.integration.test_multiproc import _command, _last_per_step, _steps, kill_after_step
 
 MAX_STEPS = 8
 

@@ -14,10 +14,10 @@ from ldmscale.config import load_config
 from ldmscale.data import ResumableLoader
 from ldmscale.data.shard_writer import iter_tar_samples
 from tests.conftest import REPO, free_port, tiny_overrides
+from tests.integration.test_latents_multiproc import encode_command
+from tests.integration.test_multiproc import _command, _keys
 from tests.s3_fixtures import S3Server
-from tests.test_latents_multiproc import encode_command
-from tests.test_multiproc import _command, _keys
-from tests.test_s3_training import _s3_env
+from tests.system.test_s3_training import _s3_env
 
 pytestmark = pytest.mark.s3
 STEPS = 4
