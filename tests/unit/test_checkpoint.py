@@ -1,4 +1,5 @@
-"""Checkpoint atomicity with a real (single-process) DeepSpeed engine: `latest` never names a partial save."""
+"""Checkpoint atomicity with a real (single-process) DeepSpeed engine: `latest` never names a partial save.
+(The universal conversion runs ds_to_universal in a child process: tests/integration/test_universal_checkpoint.py.)"""
 
 from __future__ import annotations
 
@@ -12,14 +13,11 @@ import torch
 from ldmscale.checkpoint import (
     CheckpointError,
     CheckpointStore,
-    is_complete,
     latest_tag,
     read_rank_states,
     resolve_resume,
     tag_for,
-    universal_dir,
 )
-from ldmscale.checkpoint.elastic import prepare_universal
 
 
 @pytest.fixture(scope="module")
@@ -99,26 +97,6 @@ def test_each_rank_state_is_saved_by_its_rank_and_read_back(engine: object, tmp_
     assert read_rank_states(tag_dir, 1) == [{"data": {"epoch": 3}}]
     with pytest.raises(CheckpointError, match=r"lacks the per-rank state of rank\(s\) \[1\] of 2"):
         read_rank_states(tag_dir, 2)
-
-
-def test_universal_conversion_is_made_once_loads_and_is_pruned(engine: object, tmp_path: Path) -> None:
-    """ZeRO-2 -> ds_to_universal -> an engine configured with checkpoint.load_universal gets the same weights."""
-    ck = CheckpointStore(tmp_path, keep_last=1)
-    _train_step(engine)
-    tag_dir = ck.save(engine, 1, {"step": 1}, None, "")
-    saved = _weights(engine)
-    assert prepare_universal(tag_dir) > 0 and is_complete(universal_dir(tag_dir))
-    assert prepare_universal(tag_dir) == 0.0  # reused, not converted again
-    model = torch.nn.Linear(8, 8)
-    ds = {"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}},
-          "zero_optimization": {"stage": 2}, "checkpoint": {"load_universal": True}}
-    other, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
-    assert not torch.equal(_weights(other), saved)
-    assert ck.load(other, tag_dir, universal=True) == {"step": 1}
-    assert torch.equal(_weights(other), saved)
-    _train_step(engine)
-    ck.save(engine, 2, {"step": 2}, None, "")
-    assert not tag_dir.exists() and not universal_dir(tag_dir).exists()  # pruned with its checkpoint
 
 
 def test_a_folder_that_is_no_checkpoint_is_named_so(tmp_path: Path) -> None:
