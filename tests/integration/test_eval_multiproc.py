@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ldmscale.eval.fid import GaussianStats
-from tests.conftest import REPO, free_port, tiny_overrides, train_env
+from tests.conftest import REPO, free_port, train_env
 from tests.eval_assets import write_tiny_clip
 
 GUIDANCE = "1,3"
@@ -27,13 +27,10 @@ NUM_IMAGES = 8
 
 
 @pytest.fixture(scope="module")
-def setup(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(assets: Path, trained_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
-    subprocess.run([sys.executable, "-m", "ldmscale.train", "--config", str(REPO / "configs/tiny.yaml"),
-                    *tiny_overrides(assets, root / "run", **{"train.max_steps": 2, "train.sample_every": 0})],
-                   env=train_env(), cwd=REPO, check=True, capture_output=True)
     (root / "prompts.txt").write_text("".join(f"a handwritten digit {d}\n" for d in range(4)))
-    return {"root": root, "run": root / "run", "prompts": root / "prompts.txt", "heldout": assets / "digits/heldout",
+    return {"root": root, "run": trained_tiny, "prompts": root / "prompts.txt", "heldout": assets / "digits/heldout",
             "clip": write_tiny_clip(root / "clip", assets / "models/tokenizer")}
 
 
