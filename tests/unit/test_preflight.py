@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ldmscale.config import DataConfig, FilterConfig
-from ldmscale.data import StorageError, preflight
+from ldmscale.data import preflight
 from ldmscale.data.shard_writer import ShardSample, write_laion_shards
 
 
@@ -60,20 +57,3 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
         with pytest.raises(type(permanent)):
             preflight.with_retries(fails, "x", base_delay=0.01)
         assert len(calls) == 1
-
-
-def _rank(rank: int, port: int, cfg: DataConfig, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    if rank == 1:  # the other ranks must not touch the store at all
-        preflight.expand_shard_urls = None  # type: ignore[assignment]
-        preflight.count_samples = None  # type: ignore[assignment]
-    try:
-        plan = preflight.shared_plan(cfg)
-        result = {"urls": plan.urls, "epoch": plan.samples_per_epoch}
-    except StorageError as e:
-        result = {"error": str(e)}
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()
-
-
