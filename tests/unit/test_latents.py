@@ -188,6 +188,26 @@ def test_manifest_mismatches_are_config_errors(encoded: dict, assets: Path, tmp_
         check_encoders(read_manifest(urls, {}), "0" * 64, "")
 
 
+def test_train_cli_stops_on_a_mismatched_latent_set_with_exit_2(encoded: dict, assets: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from ldmscale.runtime import dist
+    from ldmscale.train import cli
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a process group was started before the latent set was checked")
+
+    monkeypatch.setattr(dist, "init_distributed", refuse)
+    args = ["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides(assets, tmp_path / "run", **{
+        "data.shards": f"[{encoded['out']}]", "data.format": "latents", "data.resolution": 64})]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "ldmscale-train: config error: latent shards were encoded at" in err, err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()  # before any process group or output
+
+
 def test_style_and_autoencoder_stage_refuse_latents() -> None:
     base = ["data.shards=[latents]", "data.format=latents"]
     with pytest.raises(ConfigError, match="train style step 2 from the image shards"):
