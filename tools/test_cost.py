@@ -130,7 +130,10 @@ def measure(path: str, pytest_args: list[str], use_perf: bool, top: int) -> Cost
         sys.stderr.write("".join(f"  {r['cpu_s']:8.1f} s  {r['test']}\n" for r in rows[:top]))
     per_test.unlink(missing_ok=True)
     steps = training_steps(basetemp)
-    shutil.rmtree(basetemp, ignore_errors=True)
+    if proc.returncode == 0:
+        shutil.rmtree(basetemp, ignore_errors=True)
+    else:
+        sys.stderr.write(f"{path}: failed; its files are kept in {basetemp}\n")
     return Cost(path, outcome(proc.stdout.strip()), cpu, programs, steps, wall)
 
 
