@@ -42,7 +42,7 @@ def _style_run(assets: Path, out: Path, step1: Path, case: str, resume: str = "a
         "train.log_sample_keys": "true", "style.enabled": "true", "style.num_tokens": 2,
         "style.conv_channels": "[8,16]", "style.beta_warmup_steps": 4, "style.dropout": 0.25,
         "style.init_from": str(step1), "data.caption_dropout": 0.2})
-    return start(launch_command("deepspeed", free_port(), args), out)
+    return start(launch_command("torchrun", free_port(), args), out)
 
 
 @pytest.fixture(scope="module")
