@@ -48,7 +48,7 @@ def start_training(assets: Path, out: Path, launcher: str = "torchrun", nproc: i
     return start(launch_command(launcher, free_port(), train_args(assets, out, **overrides), nproc), out)
 
 
-def finish(proc: subprocess.Popen, out: Path, timeout: float = 400) -> str:
+def finish(proc: subprocess.Popen, out: Path, timeout: float = 600) -> str:
     """Wait for a run started by start(); it must exit 0. Returns its console output."""
     try:
         rc = proc.wait(timeout=timeout)

@@ -74,7 +74,7 @@ def _preempted_ranks(assets: Path, out: Path, **overrides: object) -> list[subpr
     return procs
 
 
-def _wait_ranks(procs: list[subprocess.Popen], timeout: float = 400) -> list[int]:
+def _wait_ranks(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
     try:
         return [p.wait(timeout=timeout) for p in procs]
     except subprocess.TimeoutExpired:
