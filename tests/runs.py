@@ -1,5 +1,5 @@
-"""The trainer in child processes, as the integration and system tests start, kill and resume it, and readers of
-what its runs leave behind (log.jsonl, sample_keys/rank*.jsonl)."""
+"""The trainer in child processes, as the integration and system tests start, kill and resume it, readers of what
+its runs leave behind (log.jsonl, sample_keys/rank*.jsonl), and ldmscale-sample's entry function in this process."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+import torch
 
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
 
@@ -137,3 +140,19 @@ def sample_keys(out: Path, rank: int) -> dict[int, list[str]]:
     """The sample keys `rank` trained on, per step (train.log_sample_keys); later lines win."""
     lines = (out / "sample_keys" / f"rank{rank:05d}.jsonl").read_text().splitlines()
     return {r["step"]: r["keys"] for r in map(json.loads, lines)}
+
+
+def sample_in_process(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """ldmscale-sample's entry function in this process, one thread as the ranks run: (exit code, stderr). Saves the
+    child process's ~10 s of imports; `python -m ldmscale.inference.sample` itself runs in test_style_multiproc."""
+    from ldmscale.inference.sample import cli
+
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # OMP_NUM_THREADS=1 in the ranks and child processes: the same roundings
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return int(exit_info.value.code or 0), capsys.readouterr().err

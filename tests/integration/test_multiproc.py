@@ -31,13 +31,14 @@ from safetensors.torch import load_file
 
 from ldmscale.config import load_config
 from ldmscale.data import expand_shard_urls, source_shards
-from tests.conftest import REPO, SAMPLE_CLI, free_port, tiny_overrides, train_env
+from tests.conftest import REPO, free_port, tiny_overrides, train_env
 from tests.runs import (
     finish,
     kill_after_step,
     kill_tree,
     last_per_step,
     log_file,
+    sample_in_process,
     sample_keys,
     start_training,
     step_rows,
@@ -208,13 +209,15 @@ def test_validation_loss_per_bucket_and_the_same_after_resume(zero2: dict) -> No
     assert len({full[16][k] for k in ("val/mse_low", "val/mse_mid", "val/mse_high")}) == 3
 
 
-def test_grid_drawn_by_all_ranks_is_the_single_process_grid(zero2: dict, tmp_path: Path) -> None:
+def test_grid_drawn_by_all_ranks_is_the_single_process_grid(zero2: dict, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
     """tiny.yaml: 2 prompts x 2 images, 4 steps, DDIM, guidance 7.5; rank 0 drew images 0 and 2, rank 1 1 and 3."""
     grid_dir = zero2["reference"] / "samples" / "step_00000016"
     ref = tmp_path / "single"
-    subprocess.run([*SAMPLE_CLI, str(zero2["reference"]), "--prompt", "a handwritten digit 3",
-                    "--prompt", "a handwritten digit 7", "--num-images", "2", "--steps", "4", "--out", str(ref)],
-                   env=train_env(), cwd=REPO, check=True, capture_output=True)
+    code, err = sample_in_process([str(zero2["reference"]), "--prompt", "a handwritten digit 3", "--prompt",
+                                    "a handwritten digit 7", "--num-images", "2", "--steps", "4", "--out", str(ref)],
+                                   capsys)
+    assert code == 0, err[-3000:]
     got, want = (json.loads((d / "samples.json").read_text()) for d in (grid_dir, ref))
     assert [e["prompt"] for e in got] == [e["prompt"] for e in want]
     for g, w in zip(got, want):
@@ -260,16 +263,16 @@ def test_preempted_run_with_spawned_workers_continues_exactly(zero2: dict) -> No
         assert sample_keys(res, rank) == sample_keys(ref, rank)
 
 
-def test_sample_cli_writes_pngs_and_grid(zero2: dict, tmp_path: Path) -> None:
+def test_sample_cli_writes_pngs_and_grid(zero2: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "samples"
-    cmd = [*SAMPLE_CLI, str(zero2["reference"]), "--prompt", "a handwritten digit 3",
-           "--prompt", "a handwritten digit 7 " + "very " * 40 + "long", "--num-images", "2", "--steps", "3",
-           "--sampler", "dpmsolver++", "--out", str(out)]
-    r = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
+    argv = [str(zero2["reference"]), "--prompt", "a handwritten digit 3",
+            "--prompt", "a handwritten digit 7 " + "very " * 40 + "long", "--num-images", "2", "--steps", "3",
+            "--sampler", "dpmsolver++", "--out", str(out)]
+    with pytest.warns(UserWarning, match="prompt truncated to 16 tokens"):
+        code, err = sample_in_process(argv, capsys)
+    assert code == 0, err[-3000:]
     records = json.loads((out / "samples.json").read_text())
     assert len(records) == 4 and all((out / rec["file"]).exists() for rec in records)
-    assert "prompt truncated to 16 tokens" in r.stderr
     grid = Image.open(out / "grid.png")
     assert grid.height >= 2 * 96  # two rows, upscaled cells
 
@@ -283,13 +286,12 @@ def test_raw_weights_differ_from_ema(world: dict) -> None:
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
 
 
-def test_partial_checkpoint_is_refused(zero2: dict, tmp_path: Path) -> None:
+def test_partial_checkpoint_is_refused(zero2: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     partial = tmp_path / "step_00000016"
     shutil.copytree(zero2["reference"] / "checkpoints" / "step_00000016", partial)
     (partial / "COMPLETE").unlink()
-    r = subprocess.run([*SAMPLE_CLI, str(partial), "--prompt", "x"], env=train_env(),
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert r.returncode != 0 and "partial checkpoint" in r.stderr
+    code, err = sample_in_process([str(partial), "--prompt", "x"], capsys)
+    assert code != 0 and "partial checkpoint" in err
 
 
 def test_export_loads_in_stable_diffusion_pipeline(world: dict, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from tests.runs import (
     finish,
     last_per_step,
     launch_command,
+    sample_in_process,
     sample_keys,
     start,
     step_rows,
@@ -51,18 +52,30 @@ def step1(trained_tiny: Path) -> Path:
     return trained_tiny
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def style_runs(request: pytest.FixtureRequest, assets: Path, step1: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> dict:
-    case = request.param
-    root = tmp_path_factory.mktemp(case)
+def _style_world(case: str, assets: Path, step1: Path, root: Path) -> dict:
+    """The case's uninterrupted reference, and a copy resumed from its step-3 checkpoint beside it."""
     reference, resumed = root / "reference", root / "resumed"
     ref = _style_run(assets, reference, step1, case)
-    checkpoint = wait_for_checkpoint(ref, reference, RESUME_AT)  # the resumed run goes on beside the reference
+    checkpoint = wait_for_checkpoint(ref, reference, RESUME_AT)
     res = _style_run(assets, resumed, step1, case, resume=str(checkpoint))
     finish(ref, reference)
     finish(res, resumed)
     return {"case": case, "step1": step1, "reference": reference, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def zero3_metadata(assets: Path, step1: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _style_world("zero3-metadata", assets, step1, tmp_path_factory.mktemp("zero3-metadata"))
+
+
+@pytest.fixture(scope="module")
+def zero2_augment(assets: Path, step1: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _style_world("zero2-augment", assets, step1, tmp_path_factory.mktemp("zero2-augment"))
+
+
+@pytest.fixture(params=sorted(CASES))
+def style_runs(request: pytest.FixtureRequest) -> dict:
+    return request.getfixturevalue(request.param.replace("-", "_"))
 
 
 def test_style_run_starts_from_step1_and_logs_both_loss_parts(style_runs: dict) -> None:
@@ -93,12 +106,12 @@ def test_style_resume_is_bitwise(style_runs: dict) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sample_cli_with_style_image(style_runs: dict, tmp_path: Path, assets: Path) -> None:
-    if style_runs["case"] != "zero3-metadata":
-        pytest.skip("sampling is the same for both reference modes: checked once, on the ZeRO-3 shards")
+def test_sample_cli_with_style_image(zero3_metadata: dict, tmp_path: Path, assets: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    """Sampling is the same for both reference modes: checked once, on the ZeRO-3 shards."""
     from ldmscale.inference.export import load_trained
 
-    m = load_trained(style_runs["reference"], "raw")  # ZeRO-3 shards consolidated, style path rebuilt
+    m = load_trained(zero3_metadata["reference"], "raw")  # ZeRO-3 shards consolidated, style path rebuilt
     assert m.style is not None and any(".to_v_style." in k for k in m.unet.state_dict())
     from ldmscale.data.shard_writer import iter_tar_samples
 
@@ -106,16 +119,13 @@ def test_sample_cli_with_style_image(style_runs: dict, tmp_path: Path, assets: P
     ref = tmp_path / "ref.jpg"
     ref.write_bytes(sample["jpg"])
     out = tmp_path / "samples"
-    cmd = [*SAMPLE_CLI, str(style_runs["reference"]), "--prompt", "a handwritten digit 3",
-           "--prompt", "", "--style-image", str(ref), "--style-scale", "2", "--num-images", "2", "--steps", "3",
-           "--out", str(out)]
-    r = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    args = [str(zero3_metadata["reference"]), "--prompt", "a handwritten digit 3", "--prompt", "", "--style-image",
+            str(ref), "--style-scale", "2", "--num-images", "2", "--steps", "3", "--out", str(out)]
+    r = subprocess.run([*SAMPLE_CLI, *args], env=train_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     records = json.loads((out / "samples.json").read_text())
     assert len(records) == 4 and all(rec["style_scale"] == 2 for rec in records)
-    r = subprocess.run(cmd[:6] + ["--out", str(tmp_path / "s1"), "--steps", "2"], env=train_env(),
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]  # text-only sampling of a style checkpoint
-    step1 = subprocess.run([*cmd[:3], str(style_runs["step1"]), *cmd[4:]], env=train_env(), capture_output=True,
-                           text=True, timeout=300, cwd=REPO)
-    assert step1.returncode != 0 and "not a style-conditioned checkpoint" in step1.stderr
+    code, err = sample_in_process([*args[:3], "--out", str(tmp_path / "s1"), "--steps", "2"], capsys)
+    assert code == 0, err[-3000:]  # text-only sampling of a style checkpoint
+    code, err = sample_in_process([str(zero3_metadata["step1"]), *args[1:]], capsys)
+    assert code != 0 and "not a style-conditioned checkpoint" in err
