@@ -16,5 +16,5 @@ def trained_tiny(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     that the evaluation tests score and that style step 2 starts from."""
     out = tmp_path_factory.mktemp("trained_tiny") / "run"
     args = train_args(assets, out, **{"train.max_steps": 2, "train.global_batch_size": 4, "deepspeed.zero_stage": 0})
-    finish(start([sys.executable, "-m", "ldmscale.train", *args], out))
+    finish(start([sys.executable, "-m", "ldmscale.train", *args], out), out)
     return out
