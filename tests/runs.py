@@ -46,9 +46,9 @@ def start(cmd: list[str], out: Path, env: dict[str, str] | None = None) -> subpr
                                 start_new_session=True, cwd=REPO)
 
 
-def start_training(assets: Path, out: Path, launcher: str = "torchrun", nproc: int = 2,
+def start_training(assets: Path, out: Path, launcher: str = "torchrun", nproc: int = 2, resume: str = "auto",
                    **overrides: object) -> subprocess.Popen:
-    return start(launch_command(launcher, free_port(), train_args(assets, out, **overrides), nproc), out)
+    return start(launch_command(launcher, free_port(), train_args(assets, out, resume, **overrides), nproc), out)
 
 
 def finish(proc: subprocess.Popen, out: Path, timeout: float = 600) -> str:
