@@ -103,7 +103,7 @@ def measure(path: str, pytest_args: list[str], use_perf: bool, top: int) -> Cost
     stats = basetemp.parent / f"{basetemp.name}.perf"
     per_test = basetemp.parent / f"{basetemp.name}.tests"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "test_cost",
-           f"--basetemp={basetemp}", path, *pytest_args]
+           f"--basetemp={basetemp}", *path.split(), *pytest_args]
     env = {**os.environ, "TEST_COST_PER_TEST": str(per_test),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tools"), os.environ.get("PYTHONPATH")]))}
     if use_perf:
@@ -141,7 +141,7 @@ def main() -> None:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", help="test folders or files, one pytest run each")
+    parser.add_argument("paths", nargs="+", help="test folders or files, one pytest run each ('A B': one run of both)")
     parser.add_argument("--top", type=int, default=0, help="list the N tests of each path that used the most CPU")
     args = parser.parse_args(argv[:split])
     use_perf = perf_usable()
