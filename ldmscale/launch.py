@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,9 @@ from typing import Any
 
 import submitit
 
-from ldmscale.runtime.cli import run_cli
+from ldmscale.config import Config
+from ldmscale.runtime.cli import ArgumentParser, UsageError, at_least, one_line, output_dir_problem, run_cli
+from ldmscale.runtime.errors import InputError
 
 # Slurm job states after which the job will not run again by itself (a requeued job is PENDING).
 TERMINAL_STATES = {
@@ -221,39 +224,77 @@ def _split_extra(item: str) -> tuple[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ldmscale-launch", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="ldmscale-launch", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="trainer YAML")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (options may come anywhere)")
     p.add_argument("--local", action="store_true", help="run here with submitit's local executor")
     for name in ("--partition", "--account", "--constraint"):
         p.add_argument(name)
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="0 = CPU, no GPU request")
-    p.add_argument("--tasks-per-node", type=int, default=0, help="default: gpus-per-node, or 1 on CPU")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--time", type=int, default=60, help="minutes per job run")
-    p.add_argument("--signal-delay", type=int, default=120, help="USR2 this many seconds before the limit")
+    p.add_argument("--nodes", type=at_least(1), default=1)
+    p.add_argument("--gpus-per-node", type=at_least(0), default=0, help="0 = CPU, no GPU request")
+    p.add_argument("--tasks-per-node", type=at_least(0), default=0, help="default: gpus-per-node, or 1 on CPU")
+    p.add_argument("--cpus-per-task", type=at_least(1))
+    p.add_argument("--time", type=at_least(1), default=60, help="minutes per job run")
+    p.add_argument("--signal-delay", type=at_least(0), default=120,
+                   help="USR2 this many seconds before the limit (less than --time)")
     p.add_argument("--job-name", default="ldmscale")
     p.add_argument(
         "--slurm-extra", action="append", default=[], metavar="KEY=VALUE", help="more sbatch options"
     )
     p.add_argument("--log-dir", default="", help="submitit logs (default: <out_dir>/slurm)")
     p.add_argument(
-        "--max-submissions", type=int, default=3, help="resubmit a failed job up to this many times"
+        "--max-submissions", type=at_least(1), default=3, help="submit a failed job up to this many times in all"
     )
-    p.add_argument("--max-timeouts", type=int, default=20, help="requeues on time limit within one job")
+    p.add_argument("--max-timeouts", type=at_least(0), default=20, help="requeues on time limit within one job")
     p.add_argument("--no-wait", action="store_true", help="submit and print the job id, then exit")
-    return p.parse_intermixed_args(argv)  # overrides may come after options
+    return p.parse_args(argv)  # overrides may come after options
+
+
+def world_size(args: argparse.Namespace) -> int:
+    """Ranks of the job: nodes x tasks per node (one task per GPU, or 1 on CPU)."""
+    return args.nodes * (args.tasks_per_node or max(args.gpus_per_node, 1))
+
+
+def check_launch(args: argparse.Namespace) -> Config:
+    """Everything the job would otherwise find out in the queue, minutes or hours later: the command line, Slurm's
+    presence, and the config against this job's world size (batch split, shards per rank, the resume folder)."""
+    from ldmscale.checkpoint import resolve_resume
+    from ldmscale.config import load_config, validate
+
+    if args.local and args.nodes > 1:
+        raise UsageError(f"--local runs on this machine: --nodes {args.nodes} needs Slurm (drop --local)")
+    if args.signal_delay >= args.time * 60:
+        raise UsageError(f"--signal-delay {args.signal_delay} s is not shorter than --time {args.time} min: the job "
+                         f"would be told to checkpoint as it starts; give a delay < {args.time * 60} s")
+    for item in args.slurm_extra:
+        key = item.partition("=")[0].strip().lstrip("-")
+        if not key or not all(c.isalnum() or c in "-_" for c in key):
+            raise UsageError(f"--slurm-extra {item!r}: give KEY=VALUE (an sbatch option without its dashes, e.g. "
+                             f"qos=high) or a bare flag such as exclusive")
+    world = world_size(args)
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, world_size=world, device_type="cuda" if args.gpus_per_node else "cpu")
+    from ldmscale.trainer.loop import check_data_early  # not at the top: it imports DeepSpeed
+
+    check_data_early(cfg, world)
+    resolve_resume(Path(cfg.train.out_dir) / "checkpoints", "auto")  # the job resumes with resume="auto"
+    log_dir = Path(args.log_dir or Path(cfg.train.out_dir) / "slurm")
+    problem = output_dir_problem(log_dir)
+    if problem:
+        raise UsageError(f"--log-dir {log_dir}: {problem}; give a folder for submitit's logs")
+    if not args.local and shutil.which("sbatch") is None:
+        raise UsageError("sbatch is not on PATH: this machine has no Slurm client; run ldmscale-launch on the "
+                         "cluster's login node, or pass --local to run here")
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate, submit, wait and resubmit until finished. Returns the process exit code."""
-    from ldmscale.config import ConfigError, load_config
-
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"nothing submitted: {exc}") from None
+        cfg = check_launch(args)
+    except InputError as exc:  # say plainly that nothing reached the queue: "nothing submitted: config error: ..."
+        exc.kind = "nothing submitted" + (f": {exc.kind}" if exc.kind else "")
+        raise
     out_dir = Path(cfg.train.out_dir)
     args.log_dir = args.log_dir or str(out_dir / "slurm")
     executor = build_executor(args)
@@ -261,8 +302,8 @@ def run(args: argparse.Namespace) -> int:
     for attempt in range(1, args.max_submissions + 1):
         try:
             job = executor.submit(task)
-        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
-            print(f"ldmscale-launch: Slurm rejected the job:\n{slurm_error_text(exc)}", file=sys.stderr)
+        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
+            print(f"ldmscale-launch: Slurm rejected the job: {one_line(slurm_error_text(exc))}", file=sys.stderr)
             return 3
         print(
             f"submitted job {job.job_id} (submission {attempt}/{args.max_submissions}); "

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ldmscale.checkpoint.loading import load_ema
-from ldmscale.checkpoint.store import CheckpointStore, read_rank_states
+from ldmscale.checkpoint.store import CheckpointStore, read_rank_state
 
 
 @dataclass
@@ -46,7 +46,10 @@ class Checkpointer:
         if self.ema is not None:
             self.ema.load_state_dict(load_ema(tag_dir))  # every rank takes its share
         saved_world = int(state.get("world_size", self.world_size))
-        note = self.loader.load_state_dict([r["data"] for r in read_rank_states(tag_dir, saved_world)])
+        # only the saved ranks this rank's share of the epoch comes from: its own on the same world, 2-3 otherwise
+        positions = {r: read_rank_state(tag_dir, r, saved_world)["data"]
+                     for r in self.loader.saved_ranks_needed(saved_world)}
+        note = self.loader.load_state_dict(positions, saved_world)
         self.saved_step = self.train_state.step  # that step is on disk already
         return note
 

@@ -17,8 +17,9 @@ from ldmscale.config import Config, ModelConfig, config_from_yaml_text
 from ldmscale.models.encoders import FrozenEncoders
 from ldmscale.models.networks import build_unet, strip_prefix, vae_downsample_factor
 from ldmscale.models.objective import build_noise_scheduler
-from ldmscale.style.attention import add_style_path
+from ldmscale.models.size_conditioning import apply_size_config
 from ldmscale.style.encoder import StyleReference, build_style
+from ldmscale.style.install import install_style_path
 
 
 def load_ema(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -37,6 +38,11 @@ def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     # ZeRO stage 0 without a ZeRO optimizer: the whole module sits in the model-states file
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
+
+
+def saved_config(path: str | Path) -> Config:
+    """The config a checkpoint was trained with (a run dir, its checkpoints/ or a step_* folder)."""
+    return config_from_yaml_text((find_tag_dir(Path(path)) / "config.yaml").read_text())
 
 
 @dataclass
@@ -60,7 +66,7 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
         sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler").config
         return TrainedModel(None, unet.to(device, dtype).eval(), enc, dict(sched))
     tag_dir = find_tag_dir(path)
-    cfg = config_from_yaml_text((tag_dir / "config.yaml").read_text())
+    cfg = saved_config(tag_dir)
     if cfg.train.stage != "diffusion":
         raise CheckpointError(
             f"{tag_dir} is an autoencoder-stage checkpoint; its VAE is exported as {cfg.train.out_dir}/vae"
@@ -68,10 +74,11 @@ def load_trained(path: str | Path, weights: str = "ema", device: str | torch.dev
     enc = FrozenEncoders.load(cfg.model, device, dtype)
     f = vae_downsample_factor(enc.vae.config)
     unet = build_unet(cfg.model.unet, enc.latent_channels, enc.text_dim, cfg.data.resolution // f)
+    unet = apply_size_config(unet, cfg.model.size_conditioning, cfg.model.size_embed_dim)
     state = load_ema(tag_dir) if weights == "ema" else raw_state_dict(tag_dir)
     style = None
     if cfg.style.enabled:  # the style path and encoder as trained: "unet.*processor.to_*_style.*", "style.*"
-        add_style_path(unet, enc.text_dim, sdpa=cfg.model.attention == "sdpa")
+        install_style_path(unet, cfg.style, enc.text_dim, sdpa=cfg.model.attention == "sdpa")
         encoder, frozen = build_style(cfg.style, enc.text_dim, device, dtype)
         encoder.load_state_dict(strip_prefix(state, "style."), strict=True)
         style = StyleReference(encoder.to(device, dtype), frozen)

@@ -59,8 +59,8 @@ def latest_tag(root: Path) -> str | None:
     tag = f.read_text().strip()
     if not is_complete(root / tag):
         raise CheckpointError(
-            f"{f} names {tag}, which has no {COMPLETE} marker: the save did not finish. Point `latest` at an "
-            f"earlier tag in {root} (ls it), or resume from a path with --resume {root}/<tag>"
+            f"{f} names {tag}, which has no {COMPLETE} marker: the save did not finish. Give an earlier complete "
+            f"step_* folder of {root} instead (ls it), or point `latest` at one"
         )
     return tag
 
@@ -108,6 +108,15 @@ def write_rank_state(tag_dir: Path, rank: int, state: dict[str, Any]) -> None:
     path = rank_state_file(tag_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(state))
+
+
+def read_rank_state(tag_dir: Path, rank: int, world: int) -> dict[str, Any]:
+    """One saved rank's own state; a missing one is an error (a partial or foreign save)."""
+    path = rank_state_file(tag_dir, rank)
+    if not path.exists():
+        raise CheckpointError(f"{tag_dir} lacks the per-rank state of rank {rank} of {world}: it was not written "
+                              f"by every rank; resume from an earlier step")
+    return json.loads(path.read_text())
 
 
 def read_rank_states(tag_dir: Path, world: int) -> list[dict[str, Any]]:

@@ -141,15 +141,35 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     return cfg
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist; configs/ has the shipped ones")
-    data = yaml.safe_load(path.read_text()) or {}
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config file with its `include:` files (paths relative to it) merged under it."""
+    where = f" (included by {seen[-1]})" if seen else ""
+    if path.resolve() in {p.resolve() for p in seen}:
+        raise ConfigError(f"{path} includes itself{where}: remove the `include:` that closes the circle")
+    if not path.is_file():
+        what = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}{where}; configs/ has the shipped ones")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where} is not valid YAML{at}: {problem}; fix that line (indentation, a missing "
+                          f"space after ':', an unclosed quote or bracket)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}{where} cannot be read ({type(e).__name__}: {e})") from None
+    data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):  # `include: base.yaml`: one file, not a list of its letters
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise ConfigError(f"{path}: include: must name a YAML file or a list of them, got {includes!r}")
     merged: dict[str, Any] = {}
-    for inc in data.pop("include", []) or []:
-        deep_merge(merged, _read_yaml((path.parent / inc).resolve()))
+    for inc in includes:
+        deep_merge(merged, _read_yaml((path.parent / inc).resolve(), (*seen, path)))
     return deep_merge(merged, data)
 
 
@@ -180,7 +200,10 @@ def dump_config(cfg: Config) -> str:
 # Fields added with a default that changes what a saved run meant: a config saved before the field existed gets
 # the value its run actually used, not today's default (else its checkpoint no longer loads).
 ADDED_FIELDS_OLD_VALUES: dict[tuple[str, str], Any] = {
-    ("style", "colour_stats"): False,  # the style encoder's colour-statistics input (new default: on)
+    ("style", "colour_stats"): False,  # the style encoder's colour-statistics input (new default: on for conv)
+    ("style", "clip_head"): "pooled",  # backbone=clip: CLIPVisionModel's pooled output (new: ip_adapter)
+    ("style", "global_path"): False,  # the style tokens added to the time embedding (new default: on for conv)
+    ("style", "lr_scale"): 1.0,
 }
 
 

@@ -51,6 +51,29 @@ class FilterConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (ldmscale/data/buckets.py): every image is resized to cover the canvas nearest its
+    aspect ratio and cropped to it (at the centre, or at a random offset fixed per sample with
+    data.center_crop=false), instead of to the data.resolution square."""
+
+    enabled: bool = False
+    # canvas sides are multiples of this many pixels: a multiple of the VAE's downsampling factor x the U-Net's
+    # (8 x 8 = 64 for Stable Diffusion; checked against the models)
+    step: int = 64
+    max_aspect: float = 2.0  # widest canvas width / height (and tallest height / width); >= 1
+
+    def check(self, resolution: int) -> None:
+        if not self.enabled:
+            return
+        _positive("data.buckets.step", self.step)
+        if self.step > resolution:
+            raise ConfigError(f"data.buckets.step={self.step} is larger than data.resolution={resolution}; canvases "
+                              f"are multiples of the step around the resolution: give a step of at most {resolution}")
+        if self.max_aspect < 1.0:
+            raise ConfigError(f"data.buckets.max_aspect={self.max_aspect} must be >= 1 (2.0 allows 2:1 and 1:2)")
+
+
+@dataclass
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # URLs, brace patterns, globs, dirs, prefixes ending "/"
     val_shards: list[str] = field(default_factory=list)  # held-out shards for train.eval_every (same forms as shards)
@@ -60,26 +83,35 @@ class DataConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, key, ...)
     resolution: int = 256  # square training size in pixels; a multiple of 8
     center_crop: bool = True  # else the top-left square
-    random_flip: bool = False  # horizontal flips of training images; not applied by the loader yet
+    random_flip: bool = False  # mirror half the images of each epoch left-right (which: seed, epoch, sample key)
     num_workers: int = 2  # DataLoader workers per rank (0 = decode in the training process)
     shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
     samples_per_epoch: int = 0  # 0 = the shards' *_stats.json `successes` x the filters' measured pass rate
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     # loader worker processes: auto = spawn on CUDA (fork after CUDA init is unsafe), fork on CPU (faster start)
     start_method: Literal["auto", "fork", "spawn"] = "auto"
-    # share of a worker's shards that may fail twice in an epoch (retried once, later) before the run stops
-    max_failed_shards: float = 0.1
+    # shards that may be missing or fail twice (retried once, later) in an epoch, over the whole job, before the
+    # run stops: below 1 a share of data.shards, from 1 on a count (checked on the per-step sum over all ranks)
+    max_failed_shards: float = 0.01
+    # a resume over another shard list than the checkpoint's: refuse (exit 2, naming what changed) | new_epoch
+    # (skip the rest of the saved epoch and start the next one over the new list, with a warning)
+    on_shard_list_change: Literal["refuse", "new_epoch"] = "refuse"
     max_member_bytes: int = 64 * 2**20  # tar members above this are skipped unread (`too_large`); 0 = no cap
     filters: FilterConfig = field(default_factory=FilterConfig)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
 
     def check(self) -> None:
         _positive("data.resolution", self.resolution)
         if self.resolution % 8:
             raise ConfigError(f"data.resolution={self.resolution} must be a multiple of 8")
+        self.buckets.check(self.resolution)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _probability("data.caption_dropout", self.caption_dropout)
-        _probability("data.max_failed_shards", self.max_failed_shards)
+        _positive("data.max_failed_shards", self.max_failed_shards, allow_zero=True)
+        if self.max_failed_shards >= 1 and self.max_failed_shards != int(self.max_failed_shards):
+            raise ConfigError(f"data.max_failed_shards={self.max_failed_shards} must be a share below 1 or a whole "
+                              f"number of shards")
         _positive("data.max_member_bytes", self.max_member_bytes, allow_zero=True)
         if not self.shards:
             raise ConfigError(
@@ -108,11 +140,20 @@ class ModelConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile's mode
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile's backend
     channels_last: bool = False  # NHWC activations into the U-Net: faster convolutions on tensor cores
+    # SDXL's micro-conditioning: (original height, width, crop top, left, target height, width) through sinusoidal
+    # embeddings of size_embed_dim each into the U-Net's time embedding (diffusers' addition_embed_type
+    # "text_time", zero-initialised). Not dropped with the caption (as SDXL). Sampling: --original-size, --crop,
+    # --target-size (default: original = target, crop 0,0)
+    size_conditioning: bool = False
+    size_embed_dim: int = 256  # per number; SDXL's addition_time_embed_dim
 
     def check(self) -> None:
         _positive("model.num_train_timesteps", self.num_train_timesteps)
         _positive("model.snr_gamma", self.snr_gamma, allow_zero=True)
         _positive("model.noise_offset", self.noise_offset, allow_zero=True)
+        if self.size_conditioning and (self.size_embed_dim <= 0 or self.size_embed_dim % 2):
+            raise ConfigError(f"model.size_embed_dim={self.size_embed_dim} must be a positive even number "
+                              f"(sine and cosine halves), e.g. 256")
 
 
 @dataclass
@@ -137,10 +178,19 @@ class StyleConfig:
     backbone: Literal["conv", "clip"] = "conv"  # conv: small net trained from scratch; clip: frozen CLIP + head
     vision_model: str = ""  # backbone=clip: a CLIPVisionModel folder or hub id (from_pretrained)
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # backbone=conv: stride-2 stages
-    num_tokens: int = 4  # K style tokens in the U-Net's cross-attention space
+    num_tokens: int = 4  # K style tokens in the U-Net's cross-attention space (an IP-Adapter export needs 4)
     # the encoder's head also sees the reference's per-channel colour mean, std and quantiles
-    # (ldmscale/style/encoder.py; measured in docs/results/style.md)
-    colour_stats: bool = True
+    # (ldmscale/style/encoder.py; measured in docs/results/style.md). None: on for the conv backbone, off for clip
+    # (diffusers' IP-Adapter format, what a clip model exports to, cannot carry them)
+    colour_stats: bool | None = None
+    # backbone=clip: ip_adapter = CLIPVisionModelWithProjection's image_embeds -> Linear -> LayerNorm per token
+    # (diffusers' ImageProjection, exported by ldmscale-export); pooled = CLIPVisionModel's pooled output
+    # (+ colour statistics) -> LayerNorm -> Linear (style runs before the export existed)
+    clip_head: Literal["ip_adapter", "pooled"] = "ip_adapter"
+    # the style tokens, projected, also added to the U-Net's time embedding (every ResNet block; style/global_path.py).
+    # None: on for the conv backbone, off for clip (the IP-Adapter format cannot carry it)
+    global_path: bool | None = None
+    lr_scale: float = 1.0  # learning rate of what step 2 adds (style encoder, style attention, global path) x this
     # weight of KL(q(s|ref) || N(0, I)), KL in nats per sample while the denoising loss is a per-element mean; too
     # large collapses the posterior and the style is ignored (docs/results/style.md)
     beta: float = 1e-5
@@ -156,10 +206,22 @@ class StyleConfig:
     init_weights: Literal["ema", "raw"] = "ema"  # which step-1 weights
     guidance_scale: float = 3.0  # in-training sample grids and the CLI default
 
+    @property
+    def uses_colour_stats(self) -> bool:
+        return self.backbone == "conv" if self.colour_stats is None else self.colour_stats
+
+    @property
+    def uses_global_path(self) -> bool:
+        return self.backbone == "conv" if self.global_path is None else self.global_path
+
     def check(self) -> None:
         if not self.enabled:
             return
+        if self.backbone == "clip" and self.clip_head == "ip_adapter" and self.uses_colour_stats:
+            raise ConfigError("style.colour_stats=true: the clip backbone's ip_adapter head takes CLIP's image_embeds "
+                              "only; set style.clip_head=pooled for colour statistics, or style.colour_stats=false")
         _positive("style.num_tokens", self.num_tokens)
+        _positive("style.lr_scale", self.lr_scale)
         _positive("style.beta", self.beta, allow_zero=True)
         _positive("style.beta_warmup_steps", self.beta_warmup_steps, allow_zero=True)
         _positive("style.pair_window", self.pair_window)
@@ -219,7 +281,10 @@ class TrainConfig:
     seed: int = 0  # initial weights, the data order and every per-sample draw derive from it
     max_steps: int = 1000  # optimizer steps of the run (the LR schedule's length)
     global_batch_size: int = 256  # samples per optimizer step, over all ranks
-    micro_batch_size: int = 32  # per rank; accumulation = global / (ranks * micro)
+    # per rank; accumulation = global / (ranks * micro). 0 = derived from the world: the largest divisor of
+    # global / ranks up to max_micro_batch_size (one config for 8, 128 or 1,024 ranks)
+    micro_batch_size: int = 32
+    max_micro_batch_size: int = 32  # micro_batch_size=0: the largest micro-batch a GPU takes
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_start_step: int = 0  # the EMA starts updating after this step
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) after n updates, so random init fades fast
@@ -234,8 +299,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes
 
     def check(self) -> None:
-        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_last", "ckpt_every"):
+        for key in ("max_steps", "global_batch_size", "max_micro_batch_size", "log_every", "keep_last", "ckpt_every"):
             _positive(f"train.{key}", getattr(self, key))
+        _positive("train.micro_batch_size", self.micro_batch_size, allow_zero=True)
         _positive("train.sample_every", self.sample_every, allow_zero=True)
         _positive("train.eval_every", self.eval_every, allow_zero=True)
         _positive("train.eval_samples", self.eval_samples)
@@ -290,6 +356,13 @@ class Config:
         if self.data.format == "latents" and self.train.eval_every:
             raise ConfigError("train.eval_every encodes data.val_shards (images) with the VAE encoder, which "
                               "data.format=latents does not load: set train.eval_every=0 or train from images")
+        if self.data.format == "latents" and self.data.random_flip:
+            raise ConfigError("data.random_flip=true with data.format=latents: the latents were encoded from the "
+                              "images as they are, and a mirrored latent is not the latent of the mirrored image; set "
+                              "data.random_flip=false (or train from the image shards)")
+        if self.model.size_conditioning and self.train.stage != "diffusion":
+            raise ConfigError("model.size_conditioning conditions the diffusion U-Net; the autoencoder stage has "
+                              "none: set it to false for train.stage=autoencoder")
         if self.data.format == "latents" and self.style.enabled:
             raise ConfigError("style.enabled=true needs each sample's reference image, which latent shards do not "
                               "carry: train style step 2 from the image shards (data.format=images, data.shards=...)")

@@ -1,13 +1,16 @@
 """The data plan of a run, made once per job: rank 0 expands the shard list, checks the store answers, reads
 the epoch size and estimates the filters' pass rate (with retries), and broadcasts the result (or the error)
 to every rank, so the start-up requests do not grow with the number of ranks (every rank listing, HEADing and
-reading stats with one attempt is a storm that one throttling reply ends; docs/results/resume-scale.md)."""
+reading stats with one attempt is a storm that one throttling reply ends; docs/results/resume-scale.md).
+`rank0_shared` is that pattern for any start-up read (the latent manifest, the validation samples): rank 0 reads
+with retries, every rank gets the result or the same error and exits alike."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import logging
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from ldmscale.data import storage
 from ldmscale.data.shardlist import check_shards_reachable, expand_shard_urls
 from ldmscale.data.storage import StorageError, is_throttling, storage_options_for
 from ldmscale.data.stream import sample_reason, tar_members
+from ldmscale.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +44,7 @@ class DataPlan:
     samples_per_epoch: int  # what an epoch is sized by: samples that pass the filters
     sampled: int  # raw samples the pass rate was measured on
     given: bool = False  # the epoch size came from data.samples_per_epoch
+    note: Any = None  # what plan_data's on_urls check returned (a resume's shard-list note)
 
     def summary(self) -> str:
         rate = f"~{self.pass_rate:.1%} pass data.filters (of {self.sampled:,} sampled)"
@@ -67,7 +72,9 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
     raise AssertionError("unreachable")
 
 
-def _successes(url: str, cfg: DataConfig) -> int:
+def _successes(url: str, cfg: DataConfig) -> int | None:
+    """img2dataset's `successes` of one shard, or None when its stats file does not exist (a shard missing from
+    a brace pattern: the others size the epoch)."""
     stats_url = url[: -len(".tar")] + "_stats.json"
 
     def read() -> int:
@@ -76,10 +83,12 @@ def _successes(url: str, cfg: DataConfig) -> int:
 
     try:
         return with_retries(read, stats_url)
+    except FileNotFoundError:
+        log.warning("sizing the epoch: %s does not exist; sizing by the other sampled shards", storage.scrub(stats_url))
+        return None
     except (OSError, KeyError, ValueError) as exc:
         raise ValueError(
-            f"cannot count samples: {storage.scrub(stats_url)} is missing or unreadable ({exc}); "
-            f"set data.samples_per_epoch"
+            f"cannot count samples: {storage.scrub(stats_url)} is unreadable ({exc}); set data.samples_per_epoch"
         ) from None
 
 
@@ -119,39 +128,85 @@ def count_samples(cfg: DataConfig, urls: list[str] | None = None) -> int:
     if cfg.samples_per_epoch:
         return cfg.samples_per_epoch
     urls = urls if urls is not None else expand_shard_urls(cfg.shards, cfg.storage_options)
-    picked = _spaced(urls, STATS_SAMPLED)
-    return sum(_successes(u, cfg) for u in picked) * len(urls) // len(picked)
+    counts = [n for n in (_successes(u, cfg) for u in _spaced(urls, STATS_SAMPLED)) if n is not None]
+    if not counts:
+        raise ValueError(f"cannot count samples: none of the sampled shards' _stats.json files exist (first: "
+                         f"{storage.scrub(urls[0])}); check data.shards or set data.samples_per_epoch")
+    return sum(counts) * len(urls) // len(counts)
 
 
-def plan_data(cfg: DataConfig, check_val: bool = False) -> DataPlan:
+def check_reachable(urls: list[str], storage_options: dict | None) -> None:
+    """The store answers for the first shard, with retries. A first shard that does not exist is not fatal when
+    others do (one number missing from a LAION brace pattern: the loader skips and counts it), checked on the
+    middle and last shard."""
+    try:
+        with_retries(lambda: check_shards_reachable(urls, storage_options), storage.scrub(urls[0]))
+    except StorageError as first:
+        if not first.missing or len(urls) < 3:
+            raise
+        for url in (urls[len(urls) // 2], urls[-1]):
+            try:
+                with_retries(lambda u=url: check_shards_reachable([u], storage_options), storage.scrub(url))
+            except StorageError:
+                raise first from None
+        log.warning("%s does not exist; the loader will skip it (data.max_failed_shards counts it)",
+                    storage.scrub(urls[0]))
+
+
+def plan_data(cfg: DataConfig, on_urls: Callable[[list[str]], Any] | None = None) -> DataPlan:
     """The whole data plan, with retries. Raises StorageError naming what failed and how to fix it.
-    check_val: data.val_shards must answer too (train.eval_every reads them at start-up)."""
+    on_urls: a check of the listed URLs made before anything else is read (a resume's saved shard list)."""
     try:
         urls = with_retries(lambda: expand_shard_urls(cfg.shards, cfg.storage_options), "listing data.shards")
-        with_retries(lambda: check_shards_reachable(urls, cfg.storage_options), storage.scrub(urls[0]))
-        if check_val:
-            val = with_retries(lambda: expand_shard_urls(cfg.val_shards, cfg.storage_options), "data.val_shards")
-            with_retries(lambda: check_shards_reachable(val, cfg.storage_options), storage.scrub(val[0]))
+        note = on_urls(urls) if on_urls is not None else None
+        check_reachable(urls, cfg.storage_options)
         rate, sampled = estimate_pass_rate(cfg, urls)
         in_shards = count_samples(cfg, urls)
+    except InputError:
+        raise
     except ValueError as e:
         raise StorageError(str(e)) from None
     if cfg.samples_per_epoch:  # given by the user: already the epoch's size
-        return DataPlan(urls, in_shards, rate, in_shards, sampled, given=True)
-    return DataPlan(urls, in_shards, rate, max(1, round(in_shards * rate)), sampled)
+        return DataPlan(urls, in_shards, rate, in_shards, sampled, given=True, note=note)
+    return DataPlan(urls, in_shards, rate, max(1, round(in_shards * rate)), sampled, note=note)
 
 
-def shared_plan(cfg: DataConfig, check_val: bool = False) -> DataPlan:
-    """Collective when a process group is up: rank 0 plans, every rank gets the plan (or its error)."""
+class RankZeroError(StorageError):
+    """What rank 0 met while making a start-up read for every rank (the message names it; the traceback is
+    in rank 0's log)."""
+
+
+def _portable(exc: Exception, what: str) -> Exception:
+    """exc as every rank can raise it: an InputError as it is (when it pickles), anything else as one line."""
+    if isinstance(exc, InputError):
+        try:
+            return pickle.loads(pickle.dumps(exc.with_traceback(None)))
+        except Exception:
+            pass
+    detail = storage.scrub(f"{type(exc).__name__}: {exc}")[:300]
+    return RankZeroError(f"{what} failed on rank 0 ({detail}); rank 0's log holds the traceback")
+
+
+def rank0_shared(fn: Callable[[], T], what: str) -> T:
+    """Collective when a process group is up: rank 0 runs fn, every rank gets its result or its error, so every
+    rank exits alike (2, one line) instead of waiting in the broadcast until the timeout. `what` names the read."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return plan_data(cfg, check_val)
+        return fn()
     box: list[Any] = [None]
     if torch.distributed.get_rank() == 0:
         try:
-            box[0] = plan_data(cfg, check_val)
-        except StorageError as e:
-            box[0] = str(e)
+            box[0] = (True, fn())
+        except Exception as exc:
+            if not isinstance(exc, InputError):
+                log.exception("%s failed", what)
+            box[0] = (False, _portable(exc, what))
     torch.distributed.broadcast_object_list(box, src=0)
-    if isinstance(box[0], str):
-        raise StorageError(box[0])
-    return box[0]
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def shared_plan(cfg: DataConfig, on_urls: Callable[[list[str]], Any] | None = None) -> DataPlan:
+    """Collective when a process group is up: rank 0 plans, every rank gets the plan (or its error)."""
+    return rank0_shared(lambda: plan_data(cfg, on_urls), "the data plan")

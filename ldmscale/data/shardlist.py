@@ -56,6 +56,18 @@ def _expand_one(spec: str, storage_options: dict | None) -> tuple[list[str], str
         if glob.has_magic(path):
             return sorted(glob.glob(path)), f"files matching {path}"
         return ([path] if os.path.exists(path) else []), f"file {path}"
+    try:
+        return _expand_remote(spec, storage_options)
+    except Exception as e:  # a wrong endpoint, credentials or bucket: one line with the fix, not botocore's traceback
+        opts = storage_options_for(spec, storage_options)
+        endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+        detail = scrub(f"{type(e).__name__}: {e}", storage_options)[:300]
+        err = StorageError(f"{scrub(spec)}: cannot list the shards: {_fix_hint(spec, e, endpoint)} ({detail})")
+        err.transient = is_throttling(e)
+        raise err from None
+
+
+def _expand_remote(spec: str, storage_options: dict | None) -> tuple[list[str], str]:
     fs, path = fsspec.core.url_to_fs(spec, **storage_options_for(spec, storage_options))
     if spec.endswith("/"):
         # Listings are cached per filesystem instance; shards may have been written since.
@@ -137,7 +149,9 @@ def check_shards_reachable(urls: list[str], storage_options: dict | None) -> Non
     if is_local(url):
         path = strip_file(url)
         if not os.path.isfile(path):
-            raise StorageError(f"{path}: no such shard file — check data.shards")
+            err = StorageError(f"{path}: no such shard file — check data.shards")
+            err.missing = True
+            raise err
         return
     opts = storage_options_for(url, storage_options)
     if protocol_of(url) in S3_PROTOCOLS:
@@ -153,6 +167,7 @@ def check_shards_reachable(urls: list[str], storage_options: dict | None) -> Non
         hint = _fix_hint(url, e, endpoint)
         err = StorageError(f"{scrub(url)}: {hint} ({detail})")
         err.transient = is_throttling(e)  # the preflight retries these (a busy store), not a wrong setting
+        err.missing = isinstance(e, FileNotFoundError)
         raise err from None
     if info.get("type") == "directory":
         raise StorageError(f"{scrub(url)}: is a prefix, not a shard — end it with '/' to list its .tar files")

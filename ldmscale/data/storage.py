@@ -69,6 +69,7 @@ class StorageError(InputError, RuntimeError):
     kind = "data error"
 
     transient: bool = False  # worth retrying (throttling, a reset connection), as opposed to a wrong setting
+    missing: bool = False  # the object does not exist (a shard absent from its brace pattern, a wrong name)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """scikit-learn's 1797 handwritten 8x8 digits as LAION-layout shards: train/ and heldout/ from one seeded,
 stratified split. The held-out digits are what the digit-accuracy benchmark trains its classifier on, so a
-diffusion model trained on train/ never sees them."""
+diffusion model trained on train/ never sees them.
+
+With `aspects` each digit is drawn on a wide (2:1), square or tall (1:2) white canvas in turn: mixed-aspect data
+for aspect buckets (data.buckets)."""
 
 from __future__ import annotations
 
@@ -20,22 +23,40 @@ def render_digit(pixels: np.ndarray, size: int = IMAGE_SIZE) -> Image.Image:
     return Image.fromarray(gray, mode="L").resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
 
 
-def digit_samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> list[ShardSample]:
+CANVASES = {  # (width, height)
+    "wide": (2 * IMAGE_SIZE, IMAGE_SIZE),
+    "square": (IMAGE_SIZE, IMAGE_SIZE),
+    "tall": (IMAGE_SIZE, 2 * IMAGE_SIZE),
+}
+
+
+def on_canvas(digit: Image.Image, canvas: str) -> Image.Image:
+    """The digit in the middle of a white (width, height) canvas of CANVASES[canvas]."""
+    out = Image.new("RGB", CANVASES[canvas], "white")
+    out.paste(digit, ((out.width - digit.width) // 2, (out.height - digit.height) // 2))
+    return out
+
+
+def digit_samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
+                  aspects: bool = False) -> list[ShardSample]:
+    names = list(CANVASES)
     return [
         ShardSample(
-            image=render_digit(images[i]),
+            image=on_canvas(render_digit(images[i]), names[n % 3]) if aspects else render_digit(images[i]),
             caption=f"a handwritten digit {int(labels[i])}",
             url=f"sklearn://load_digits/{int(i)}",
             extra={"label": int(labels[i])},
         )
-        for i in indices
+        for n, i in enumerate(indices)
     ]
 
 
 def write_digit_shards(
-    out_dir: str | Path, seed: int = 0, samples_per_shard: int = 400, heldout_fraction: float = 0.15
+    out_dir: str | Path, seed: int = 0, samples_per_shard: int = 400, heldout_fraction: float = 0.15,
+    aspects: bool = False,
 ) -> dict[str, list[Path]]:
-    """Split load_digits (stratified, seeded) and write train/ and heldout/ shards; returns tar paths."""
+    """Split load_digits (stratified, seeded) and write train/ and heldout/ shards; returns tar paths. `aspects`:
+    wide, square and tall canvases in turn (the module docstring)."""
     from sklearn.datasets import load_digits  # the dev extra: only the demo and the tests need it
     from sklearn.model_selection import train_test_split
 
@@ -48,7 +69,7 @@ def write_digit_shards(
     out = Path(out_dir)
     written = {}
     for split, idx in (("train", train_idx), ("heldout", heldout_idx)):
-        samples = digit_samples(digits.images, digits.target, idx)
+        samples = digit_samples(digits.images, digits.target, idx, aspects)
         written[split] = write_laion_shards(samples, out / split, samples_per_shard=samples_per_shard)
     return written
 

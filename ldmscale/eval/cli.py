@@ -8,16 +8,27 @@ Every input is checked before the process group starts: a bad one is a one-line 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ldmscale.checkpoint import find_tag_dir, load_trained, read_trainer_state
-from ldmscale.config import config_from_yaml_text
+from ldmscale.checkpoint import load_trained
+from ldmscale.checkpoint.preflight import CheckpointInfo, check_checkpoint
+from ldmscale.config import SAMPLERS
+from ldmscale.data.buckets import SizeCond
 from ldmscale.eval.clip_score import build_clip_score, check_clip_model
-from ldmscale.eval.fid import FeatureError, GaussianStats, build_fid, load_stats, parse_features, stats_of
+from ldmscale.eval.fid import (
+    GaussianStats,
+    build_fid,
+    check_stats_file,
+    feature_size,
+    load_stats,
+    parse_features,
+    stats_of,
+)
 from ldmscale.eval.generate import (
     GenerationSettings,
     check_settings,
@@ -27,11 +38,12 @@ from ldmscale.eval.generate import (
     write_index,
     write_settings,
 )
-from ldmscale.eval.reference import rank_batches, reference_kind
+from ldmscale.eval.reference import Reference, find_reference, rank_batches
 from ldmscale.eval.report import log_wandb, plot_sweep, write_json
 from ldmscale.inference.prompts import PromptError, prompt_for, rank_indices, read_prompts
+from ldmscale.inference.sizes import CanvasError, add_size_args, canvas_from_args, drawable
 from ldmscale.runtime import dist
-from ldmscale.runtime.cli import run_cli
+from ldmscale.runtime.cli import ArgumentParser, at_least, output_dir_problem, run_cli
 from ldmscale.runtime.errors import InputError
 
 # the scales of the Stable Diffusion model cards' and NeMo's FID-vs-CLIP curves (30k COCO-2014 val captions)
@@ -48,6 +60,7 @@ class Plan:
     settings: GenerationSettings | None  # None: only reference statistics are wanted
     wandb_project: str
     wandb_mode: str
+    reference: Reference | None = None
 
 
 def parse_guidance(text: str) -> list[float]:
@@ -55,60 +68,96 @@ def parse_guidance(text: str) -> list[float]:
         scales = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"--guidance {text!r}: give comma-separated numbers, e.g. {DEFAULT_GUIDANCE}") from None
-    if not scales or any(g < 1 for g in scales):
+    if not scales or any(not math.isfinite(g) or g < 1 for g in scales):
         raise InputError(f"--guidance {text!r}: give scales >= 1 (1 = no classifier-free guidance)")
     return scales
+
+
+def check_reference(a: argparse.Namespace) -> Reference:
+    """--reference, --num-reference and --save-reference-stats against each other and against --features."""
+    ref = find_reference(a.reference)
+    if ref.kind == "stats":
+        check_stats_file(a.reference, a.features)
+        if a.save_reference_stats:
+            raise InputError("--save-reference-stats needs reference images (shards or a folder), not an .npz")
+        if a.num_reference is not None:
+            raise InputError(f"--num-reference counts reference images; {a.reference} holds statistics already "
+                             f"computed: drop --num-reference")
+        return ref
+    if a.num_reference is not None and ref.count is not None and a.num_reference > ref.count:
+        raise InputError(f"--num-reference {a.num_reference}: {a.reference} holds only {ref.count} images; give "
+                         f"at most {ref.count}, or drop --num-reference to use them all")
+    if a.num_reference is None and ref.count is not None and ref.count < 2:
+        raise InputError(f"--reference {a.reference} holds {ref.count} image(s): FID needs at least 2")
+    if a.save_reference_stats:
+        out = Path(a.save_reference_stats)
+        if out.suffix != ".npz" or out.is_dir():
+            raise InputError(f"--save-reference-stats {out}: give a file name ending in .npz (--reference reads it "
+                             f"back by that suffix)")
+        problem = output_dir_problem(out.parent)
+        if problem:
+            raise InputError(f"--save-reference-stats {out}: {problem}")
+    return ref
+
+
+def check_canvas(a: argparse.Namespace, info: CheckpointInfo) -> tuple[int, int, SizeCond | None]:
+    """The canvas to draw on: --resolution (a square), --width / --height, or the checkpoint's training size; each
+    side a multiple of what the model draws (--resolution 30 with a VAE factor of 4 would draw 28 px)."""
+    model = drawable(info.tag_dir or info.path)
+    if a.resolution:  # the square default (--width / --height override a side)
+        if a.resolution % model.multiple:
+            near = max(model.multiple, round(a.resolution / model.multiple) * model.multiple)
+            raise CanvasError(f"--resolution {a.resolution}: {a.checkpoint} draws sides that are multiples of "
+                              f"{model.multiple} px ({model.why}); try --resolution {near}")
+        model = replace(model, side=a.resolution)
+    return canvas_from_args(a, model, a.checkpoint)
 
 
 def plan(a: argparse.Namespace, world: int) -> Plan:
     """All input checks; raises InputError with a message naming the problem and the fix."""
     parse_features(a.features)
-    ref_kind = reference_kind(a.reference)
-    if ref_kind == "stats":
-        stored = GaussianStats.load(a.reference).features
-        if stored and stored != a.features:
-            raise FeatureError(f"--reference {a.reference} was computed with --features {stored}, not {a.features}")
-        if a.save_reference_stats:
-            raise InputError("--save-reference-stats needs reference images (shards or a folder), not an .npz")
+    problem = output_dir_problem(a.out)
+    if problem:
+        raise InputError(f"--out {a.out}: {problem}; give a folder for the images and eval.json")
+    ref = check_reference(a)
     if a.checkpoint is None:
         if not a.save_reference_stats:
             raise InputError("give a CHECKPOINT to evaluate, or --save-reference-stats FILE to only write statistics")
-        if a.resolution is None:
-            raise InputError("--save-reference-stats without a CHECKPOINT needs --resolution (the generation size)")
-        return Plan(a, [], [], None, None, "", "disabled")
+        if None in reference_canvas(a):
+            raise InputError("--save-reference-stats without a CHECKPOINT needs --resolution (the generation size) "
+                             "or --width and --height")
+        feature_size(a.features)  # a CLIP folder that is not one fails here, not after the process group
+        return Plan(a, [], [], None, None, "", "disabled", ref)
     if a.clip_model:
         check_clip_model(a.clip_model)
+    feature_size(a.features)
     prompts = read_prompts(a.prompts, a.caption_column) if a.prompts else []
     if not prompts:
         raise PromptError("give --prompts FILE (.txt, or .json/.jsonl/.parquet with a caption column)")
     guidance = parse_guidance(a.guidance)
-    num = a.num_images or len(prompts)
+    num = a.num_images if a.num_images is not None else len(prompts)
     if num < max(2, world):
         raise InputError(f"--num-images {num}: FID needs at least 2 images and every one of the {world} ranks one")
-    path = Path(a.checkpoint)
-    step, tag_dir, project, mode, res = None, None, "ldmscale", "disabled", a.resolution
-    if not (path / "model_index.json").exists():
-        tag_dir = find_tag_dir(path)
-        step = int(read_trainer_state(tag_dir)["step"])
-        cfg = config_from_yaml_text((tag_dir / "config.yaml").read_text())
-        project, mode, res = cfg.wandb.project, cfg.wandb.mode, a.resolution or cfg.data.resolution
-    settings = GenerationSettings(str(tag_dir or path.resolve()), step, a.weights, a.seed, a.steps, a.sampler, res)
+    info = check_checkpoint(a.checkpoint, a.weights)
+    project, mode = ("ldmscale", "disabled") if info.cfg is None else (info.cfg.wandb.project, info.cfg.wandb.mode)
+    height, width, size_cond = check_canvas(a, info)
+    settings = GenerationSettings(str(info.tag_dir or info.path.resolve()), info.step, info.weights, a.seed, a.steps,
+                                  a.sampler, height, width, size_cond.as_list() if size_cond else None)
     check_settings(Path(a.out), settings)
     a.num_images = num
-    return Plan(a, prompts, guidance, tag_dir, settings, project, a.wandb_mode or mode)
+    return Plan(a, prompts, guidance, info.tag_dir, settings, project, a.wandb_mode or mode, ref)
 
 
 def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
     """The distributed part: reference features, then per guidance scale draw the missing images, score."""
     a, out = p.args, Path(p.args.out)
     fid = build_fid(a.features, device)
-    res = p.settings.resolution if p.settings else a.resolution
-    if reference_kind(a.reference) == "stats":
+    canvas = (p.settings.height, p.settings.width) if p.settings else reference_canvas(a)
+    assert p.reference is not None and None not in canvas  # plan() checked both
+    if p.reference.kind == "stats":
         load_stats(fid, GaussianStats.load(a.reference), real=True, owner=rank == 0)
     else:
-        if res is None:
-            raise ValueError("the checkpoint does not say its resolution: pass --resolution")
-        for batch in rank_batches(a.reference, res, rank, world, a.batch_size, a.num_reference):
+        for batch in rank_batches(p.reference, canvas, rank, world, a.batch_size, a.num_reference):
             fid.update(batch.to(device), real=True)
     if a.save_reference_stats:
         ref = stats_of(fid, real=True)  # collective
@@ -118,7 +167,7 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
             print(f"ldmscale-eval: wrote {a.save_reference_stats} ({ref.n} reference images, {a.features})", flush=True)
     if p.settings is None:
         return None
-    model = load_trained(a.checkpoint, a.weights, device)
+    model = load_trained(p.tag_dir or a.checkpoint, p.settings.weights, device)
     clip = build_clip_score(a.clip_model, device) if a.clip_model else None
     if rank == 0:
         write_settings(out, p.settings)
@@ -147,26 +196,36 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
             "settings": {**vars(a), "num_images": a.num_images, "num_prompts": len(p.prompts), "world_size": world}}
 
 
+def reference_canvas(a: argparse.Namespace) -> tuple[int | None, int | None]:
+    """(height, width) the reference images are decoded at when no checkpoint says it."""
+    return a.height or a.resolution, a.width or a.resolution
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="ldmscale-eval", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="ldmscale-eval", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", help="run dir, checkpoints/, step_* folder or exported diffusers folder")
     ap.add_argument("--prompts", help="captions: .txt (one per line), .json/.jsonl/.parquet with a caption column")
     ap.add_argument("--caption-column", default="caption")
-    ap.add_argument("--reference", required=True, help="reference images (shards folder/glob, image folder) or .npz")
+    ap.add_argument("--reference", required=True,
+                    help="reference images (shards: folder, glob, s3://bucket/prefix/ or brace pattern; an image "
+                         "folder) or an .npz of --save-reference-stats")
     ap.add_argument("--save-reference-stats", help="write the reference's feature statistics to this .npz")
-    ap.add_argument("--num-reference", type=int, help="use only the first N reference images")
-    ap.add_argument("--num-images", type=int, help="images per guidance scale; prompt i %% len(prompts) "
+    ap.add_argument("--num-reference", type=at_least(2), help="use only the first N reference images")
+    ap.add_argument("--num-images", type=at_least(1), help="images per guidance scale; prompt i %% len(prompts) "
                                                     "(default: one per prompt)")
     ap.add_argument("--guidance", default=DEFAULT_GUIDANCE, help="comma-separated classifier-free guidance scales")
     ap.add_argument("--features", default="inception:pt_inception-2015-12-05-6726825d.pth",
                     help="FID features: inception:WEIGHTS.pth | clip:FOLDER | pixels:N")
     ap.add_argument("--clip-model", help="CLIP folder or hub id for the CLIP score (omit to skip it)")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--sampler", default="ddim", choices=["ddim", "dpmsolver++", "euler", "ddpm"])
+    ap.add_argument("--steps", type=at_least(1), default=50, help="denoising steps")
+    ap.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weights", default="ema", choices=["ema", "raw"])
-    ap.add_argument("--resolution", type=int, help="generation size (default: the checkpoint's data.resolution)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--weights", choices=["ema", "raw"], help="EMA (the default) or raw weights")
+    ap.add_argument("--resolution", type=at_least(1),
+                    help="generation size, a multiple of what the model draws (default: the checkpoint's "
+                         "data.resolution)")
+    add_size_args(ap)  # --width / --height (a non-square canvas) and size conditioning
+    ap.add_argument("--batch-size", type=at_least(1), default=16, help="images per forward pass")
     ap.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
                     help="default: the checkpoint's wandb.mode")
     ap.add_argument("--out", default="eval_out", help="images, eval.json and the plot go here")

@@ -7,6 +7,7 @@ torchmetrics' CLIPScore accepts only a few hub names as a string; it also accept
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ def check_clip_model(name_or_path: str) -> None:
     elif name_or_path.count("/") != 1 or name_or_path.startswith(("/", ".")):
         raise ClipError(f"--clip-model {name_or_path}: no such folder, and not a hub id such as "
                         f"openai/clip-vit-large-patch14")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":  # else from_pretrained fails after the process group started
+        raise ClipError(f"--clip-model {name_or_path} is not a local folder and HF_HUB_OFFLINE=1 forbids the hub: "
+                        f"give a folder written with CLIPModel/CLIPProcessor.save_pretrained")
 
 
 def embedding(out: Any) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
-from transformers import CLIPImageProcessor, CLIPModel
+from transformers import CLIPModel
 
 from ldmscale.eval.clip_score import embedding
 from ldmscale.runtime.errors import InputError
@@ -53,6 +53,45 @@ def parse_features(spec: str) -> tuple[str, str]:
     return kind, arg
 
 
+def feature_size(spec: str) -> int:
+    """How many features the extractor `spec` gives, read from configs only (no weights)."""
+    kind, arg = parse_features(spec)
+    if kind == "pixels":
+        return int(arg) ** 2
+    if kind == "inception":
+        return 2048
+    from transformers import CLIPConfig
+
+    try:
+        return int(CLIPConfig.from_pretrained(arg).projection_dim)
+    except Exception as e:
+        raise FeatureError(f"--features {spec!r}: {arg} is not a CLIP folder ({type(e).__name__}); save one with "
+                           f"CLIPModel.save_pretrained") from None
+
+
+def check_stats_file(path: str | Path, features: str) -> GaussianStats:
+    """Reference statistics that this --features can be scored against, or a FeatureError saying why not."""
+    fix = f"write them with ldmscale-eval --save-reference-stats FILE.npz --features {features}"
+    try:
+        stats = GaussianStats.load(path)
+    except Exception as e:  # not an .npz, or one without mu/sigma
+        raise FeatureError(f"--reference {path} is not a statistics file of ldmscale-eval ({type(e).__name__}: "
+                           f"{str(e)[:120]}); {fix}") from None
+    if stats.features and stats.features != features:
+        raise FeatureError(f"--reference {path} was computed with --features {stats.features}, not {features}: pass "
+                           f"--features {stats.features}, or {fix}")
+    d = feature_size(features)
+    if stats.mu.shape != (d,) or stats.sigma.shape != (d, d):
+        raise FeatureError(f"--reference {path} holds statistics of {stats.mu.shape[-1] if stats.mu.ndim else 0} "
+                           f"features; --features {features} gives {d}: {fix}")
+    if stats.n < 2:
+        raise FeatureError(f"--reference {path} records {'no' if stats.n == 0 else 'only ' + str(stats.n)} reference "
+                           f"sample count (n; FID needs >= 2): {fix}")
+    if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+        raise FeatureError(f"--reference {path} holds non-finite statistics: {fix}")
+    return stats
+
+
 class PixelFeatures(nn.Module):
     """Ink (255 - grey) averaged over an NxN grid, scaled to 0..16: load_digits' own feature layout."""
 
@@ -72,6 +111,8 @@ class CLIPImageFeatures(nn.Module):
 
     def __init__(self, name_or_path: str) -> None:
         super().__init__()
+        from transformers import CLIPImageProcessor  # not at the top: importing it warns when torchvision is absent
+
         # the whole CLIPModel: a vision-only class would not read the top-level projection_dim of a CLIP folder
         self.model = CLIPModel.from_pretrained(name_or_path).eval().requires_grad_(False)
         proc = CLIPImageProcessor.from_pretrained(name_or_path)

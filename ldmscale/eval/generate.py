@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ldmscale.data import stack_uint8
+from ldmscale.data.buckets import SizeCond
 from ldmscale.inference.generate import generate, to_pil
 from ldmscale.inference.prompts import prompt_for
 from ldmscale.runtime.errors import InputError
@@ -31,7 +32,9 @@ class GenerationSettings:
     seed: int
     steps: int
     sampler: str
-    resolution: int | None
+    height: int
+    width: int
+    size_cond: list[int] | None = None  # size-conditioned models: original h, w, crop top, left, target h, w
 
 
 class SettingsMismatch(InputError, ValueError):
@@ -47,6 +50,9 @@ def check_settings(out: Path, settings: GenerationSettings) -> None:
     f = out / "generation.json"
     if f.exists():
         old = json.loads(f.read_text())
+        if "resolution" in old:  # written before canvases had two sides: a square
+            side = old.pop("resolution")
+            old.update(height=side, width=side, size_cond=None)
         if old != asdict(settings):
             diff = {k: (old.get(k), v) for k, v in asdict(settings).items() if old.get(k) != v}
             raise SettingsMismatch(f"{out} holds images drawn with other settings {diff} (old, new); "
@@ -74,7 +80,8 @@ def draw_missing(model: object, prompts: list[str], indices: list[int], out: Pat
         images = generate(
             model.unet, model.encoders, model.scheduler_config,  # type: ignore[attr-defined]
             [prompt_for(prompts, i) for i in chunk], seed=settings.seed, steps=settings.steps,
-            guidance_scale=guidance, sampler=settings.sampler, resolution=settings.resolution,
+            guidance_scale=guidance, sampler=settings.sampler, height=settings.height, width=settings.width,
+            size_cond=SizeCond.from_list(settings.size_cond) if settings.size_cond else None,
             batch_size=batch_size, indices=chunk,
         )
         for i, img in zip(chunk, to_pil(images)):

@@ -37,16 +37,17 @@ def broadcast_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor],
 
 
 def draw_shared(unet: torch.nn.Module, encoders: Any, scheduler_config: dict, prompts: list[str], *, seed: int,
-                steps: int, guidance_scale: float, sampler: str) -> tuple[list[np.ndarray], list[int]] | None:
-    """Every rank draws prompts[i] for its indices; rank 0 gets all images (uint8 HWC, prompt order) and how
-    many each rank drew, the others None."""
+                steps: int, guidance_scale: float, sampler: str, height: int | None = None,
+                width: int | None = None) -> tuple[list[np.ndarray], list[int]] | None:
+    """Every rank draws prompts[i] for its indices (on a height x width canvas; default the U-Net's square);
+    rank 0 gets all images (uint8 HWC, prompt order) and how many each rank drew, the others None."""
     world = tdist.get_world_size() if tdist.is_initialized() else 1
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     mine = rank_indices(len(prompts), rank, world)
     share: list[tuple[int, np.ndarray]] = []
     if mine:
         images = generate(unet, encoders, scheduler_config, [prompts[i] for i in mine], seed=seed, steps=steps,
-                          guidance_scale=guidance_scale, sampler=sampler, indices=mine)
+                          guidance_scale=guidance_scale, sampler=sampler, indices=mine, height=height, width=width)
         share = list(zip(mine, to_uint8(images)))
     if not tdist.is_initialized():
         return [a for _, a in share], [len(share)]

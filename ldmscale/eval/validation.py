@@ -1,12 +1,14 @@
 """Validation loss on held-out shards: fixed samples, noise and timesteps, so the number depends only on the
 weights: the same on every evaluation of the same weights, whatever the world size, and after a resume.
 
-The first `train.eval_samples` samples of `data.val_shards` (in shard order) are read once at start-up, each
-rank keeping its share (j % world == rank). Sample j is scored at one timestep in each third of the schedule
-(low / mid / high t), so every bucket averages the same samples. Its posterior sample, noise and timesteps come
-from noise.py keyed by ids above any training id, so they never repeat a training draw. Captions are never
-dropped. One all-reduce per evaluation; every rank runs the same number of forward passes (under ZeRO-3 a
-forward gathers parameters collectively), padding its share with zero-weight batches.
+Rank 0 reads the first `train.eval_samples` samples of `data.val_shards` (in shard order) once at start-up, with
+retries, and shares their encoded bytes with every rank (one read of the store per job, not one per rank; 256
+LAION samples are ~10 MB); each rank decodes its share (j % world == rank). Sample j is scored at one timestep in
+each third of the schedule (low / mid / high t), so every bucket averages the same samples. Its posterior
+sample, noise and timesteps come from noise.py keyed by ids above any training id, so they never repeat a
+training draw. Captions are never dropped. One all-reduce per evaluation; every rank runs the same number of
+forward passes (under ZeRO-3 a forward gathers parameters collectively), padding its share with zero-weight
+batches (of sample 0, so a world larger than the set works too).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from ldmscale.data import IMAGE_EXTS, decode_image, expand_shard_urls, normalize_pixels, stack_uint8
+from ldmscale.data import IMAGE_EXTS, StorageError, decode_image, expand_shard_urls, normalize_pixels, stack_uint8
+from ldmscale.data.preflight import rank0_shared, with_retries
 from ldmscale.eval.reference import shard_samples
 from ldmscale.models import noise
 from ldmscale.models.encoders import tokenize
+from ldmscale.models.size_conditioning import has_size_conditioning
 
 VAL_ID_BASE = 1 << 60  # training ids are step * global_batch + slot: far below this
 BUCKETS = ("low", "mid", "high")
@@ -33,25 +37,43 @@ class ValidationSet:
     input_ids: torch.Tensor  # [n, L]
     ids: list[int]  # the samples' positions j in the validation set
     total: int  # samples over all ranks
+    pad_pixels: torch.Tensor  # sample 0, for the zero-weight batches of a rank whose share ran out
+    pad_input_ids: torch.Tensor
 
 
-def load_validation_set(shards: list[str], storage_options: dict, tokenizer: Any, resolution: int, center_crop: bool,
-                        limit: int, rank: int, world: int) -> ValidationSet:
-    images, captions, ids, total = [], [], [], 0
+def read_validation_samples(shards: list[str], storage_options: dict, limit: int) -> list[tuple[bytes, str]]:
+    """The first `limit` samples of the shards that hold an image: (encoded image, caption)."""
+    out: list[tuple[bytes, str]] = []
     for sample in shard_samples(expand_shard_urls(shards, storage_options), storage_options):
-        if total >= limit:
+        if len(out) >= limit:
             break
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            continue
-        if total % world == rank:
-            images.append(decode_image(sample[ext], resolution, center_crop))
-            captions.append(sample.get("txt", b"").decode("utf-8"))
-            ids.append(total)
-        total += 1
-    if total < world:
-        raise ValueError(f"data.val_shards {shards}: {total} samples, fewer than the {world} ranks")
-    return ValidationSet(stack_uint8(images), tokenize(tokenizer, captions), ids, total)
+        if ext is not None:
+            out.append((sample[ext], sample.get("txt", b"").decode("utf-8")))
+    if not out:
+        raise StorageError(f"data.val_shards {shards} holds no image sample; point it at held-out LAION-layout shards")
+    return out
+
+
+def shared_validation_samples(cfg: Any) -> list[tuple[bytes, str]]:
+    """Collective: rank 0 reads the validation samples with retries, every rank gets them (or the error)."""
+    d = cfg.data
+    return rank0_shared(lambda: with_retries(lambda: read_validation_samples(d.val_shards, d.storage_options,
+                                                                             cfg.train.eval_samples),
+                                             "reading data.val_shards"), "reading data.val_shards")
+
+
+def load_validation_set(samples: list[tuple[bytes, str]], tokenizer: Any, resolution: int, center_crop: bool,
+                        rank: int, world: int) -> ValidationSet:
+    """This rank's share of the validation samples, decoded (any world size: a rank may get none)."""
+    ids = list(range(rank, len(samples), world))
+    pad_pixels = stack_uint8([decode_image(samples[0][0], resolution, center_crop)])
+    pad_ids = tokenize(tokenizer, [samples[0][1]])
+    if not ids:  # more ranks than samples: this rank only pads
+        return ValidationSet(pad_pixels[:0], pad_ids[:0], ids, len(samples), pad_pixels, pad_ids)
+    pixels = stack_uint8([decode_image(samples[j][0], resolution, center_crop) for j in ids])
+    return ValidationSet(pixels, tokenize(tokenizer, [samples[j][1] for j in ids]), ids, len(samples), pad_pixels,
+                         pad_ids)
 
 
 class Validator:
@@ -62,6 +84,9 @@ class Validator:
         self.vset, self.encoders, self.latent_shape = vset, encoders, latent_shape
         self.num_timesteps, self.seed, self.batch, self.device = num_timesteps, seed, batch_size, device
         self.batches = math.ceil(math.ceil(vset.total / world) / batch_size)  # the same on every rank
+        # a size-conditioned U-Net is scored under SDXL's default for the (square) validation images
+        h, w = vset.pixels.shape[-2:]
+        self.size_row = torch.tensor([[h, w, 0, 0, h, w]]).to(device)
 
     def _draws(self, ids: list[int], bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps uniform in the bucket's third of the schedule, and the noise, for (sample, bucket)."""
@@ -78,16 +103,18 @@ class Validator:
         for b in range(self.batches):
             sl = slice(b * self.batch, (b + 1) * self.batch)
             ids, n = v.ids[sl], len(v.ids[sl])
+            pixels, input_ids = v.pixels[sl], v.input_ids[sl]
             if n == 0:  # this rank's share ran out: a zero-weight batch keeps the forward passes in step
-                sl, ids = slice(0, 1), v.ids[:1]
-            pixels = normalize_pixels(v.pixels[sl].to(self.device))
+                ids, pixels, input_ids = [0], v.pad_pixels, v.pad_input_ids
+            pixels = normalize_pixels(pixels.to(self.device))
             post = noise.randn(self.seed, [VAL_ID_BASE + 3 * j for j in ids], self.latent_shape, noise.Stream.POSTERIOR,
                                self.device)
             latents = self.encoders.encode_images(pixels, post)
-            context = self.encoders.encode_text(v.input_ids[sl].to(self.device))
+            context = self.encoders.encode_text(input_ids.to(self.device))
+            sized = {"size_cond": self.size_row.expand(len(ids), -1)} if has_size_conditioning(module.unet) else {}
             for k in range(len(BUCKETS)):
                 t, eps = self._draws(ids, k)
-                loss, parts = module(latents, context, eps, t)
+                loss, parts = module(latents, context, eps, t, **sized)
                 sums[k] += parts["mse"].double() * n
                 sums[len(BUCKETS) + k] += loss.detach().double() * n
             sums[-1] += n
@@ -108,10 +135,11 @@ def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def build_validator(cfg: Any, stage: Any, rank: int, world: int, device: torch.device) -> Validator:
-    """The Validator of a diffusion run (ldmscale.config: data.val_shards, train.eval_samples)."""
+def build_validator(cfg: Any, stage: Any, rank: int, world: int, device: torch.device,
+                    samples: list[tuple[bytes, str]]) -> Validator:
+    """The Validator of a diffusion run (ldmscale.config: data.val_shards, train.eval_samples), from the samples
+    shared_validation_samples gave."""
     d = cfg.data
-    vset = load_validation_set(d.val_shards, d.storage_options, stage.tokenizer, d.resolution, d.center_crop,
-                               cfg.train.eval_samples, rank, world)
+    vset = load_validation_set(samples, stage.tokenizer, d.resolution, d.center_crop, rank, world)
     return Validator(vset, stage.encoders, stage.latent_shape, cfg.model.num_train_timesteps, cfg.train.seed,
                      cfg.train.micro_batch_size, world, device)

@@ -10,8 +10,10 @@ from PIL import Image, ImageDraw
 
 
 def labelled_grid(images: list[Image.Image], labels: list[str], cols: int, min_cell: int = 96) -> Image.Image:
-    """Rows of `cols` images; each row's label (the prompt) on its left. Small images are upscaled."""
-    w, h = images[0].size
+    """Rows of `cols` images; each row's label (the prompt) on its left. Images of mixed sizes (aspect buckets)
+    share one cell size, the largest width by the largest height, each centred in its cell at one common integer
+    scale, so their relative sizes stay true. Small images are upscaled."""
+    w, h = max(img.width for img in images), max(img.height for img in images)
     scale = max(1, -(-min_cell // max(w, h)))
     cw, ch = w * scale, h * scale
     rows = -(-len(images) // cols)
@@ -20,7 +22,9 @@ def labelled_grid(images: list[Image.Image], labels: list[str], cols: int, min_c
     draw = ImageDraw.Draw(grid)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        grid.paste(img.resize((cw, ch), Image.Resampling.NEAREST), (label_w + c * (cw + 2), r * (ch + 2)))
+        iw, ih = img.width * scale, img.height * scale
+        grid.paste(img.resize((iw, ih), Image.Resampling.NEAREST),
+                   (label_w + c * (cw + 2) + (cw - iw) // 2, r * (ch + 2) + (ch - ih) // 2))
         if c == 0:
             draw.text((4, r * (ch + 2) + ch // 2 - 6), labels[i], fill="black")
     return grid

@@ -21,25 +21,39 @@ class PromptError(InputError, ValueError):
 def read_prompts(path: str | Path, column: str = "caption") -> list[str]:
     """Prompts from a .txt (one per line), .json (a list of strings or of records), .jsonl or .parquet file."""
     path = Path(path)
-    if path.is_dir() and sorted(path.glob("*.parquet")):  # a shard folder's img2dataset parquets, in order
-        prompts = [p for f in sorted(path.glob("*.parquet")) for p in _parquet_captions(f, column)]
-    elif not path.is_file():
+    try:
+        prompts = _read(path, column)
+    except PromptError:
+        raise
+    except Exception as e:  # malformed JSON, a binary file, a broken parquet: the file's fault, said in one line
+        raise PromptError(f"{path} cannot be read as prompts ({type(e).__name__}: {str(e)[:160]}); give a .txt "
+                          f"(one prompt per line), .json/.jsonl or .parquet file") from None
+    if not prompts:
+        raise PromptError(f"{path} holds no prompts: write one prompt per line (or give --prompt TEXT)")
+    return prompts
+
+
+def _read(path: Path, column: str) -> list[str]:
+    if path.is_dir():
+        if not sorted(path.glob("*.parquet")):
+            raise PromptError(f"{path} is a folder without img2dataset .parquet files; give a prompts file")
+        return [p for f in sorted(path.glob("*.parquet")) for p in _parquet_captions(f, column)]
+    if not path.is_file():
         raise PromptError(f"{path}: no such prompts file (give a .txt, .json, .jsonl or .parquet file, or a folder "
                           f"of img2dataset .parquet files)")
-    elif path.suffix.lower() == ".parquet":
-        prompts = _parquet_captions(path, column)
-    elif path.suffix.lower() in (".json", ".jsonl"):
+    if path.suffix.lower() == ".parquet":
+        return _parquet_captions(path, column)
+    if path.suffix.lower() in (".json", ".jsonl"):
         text = path.read_text()
         jsonl = path.suffix.lower() == ".jsonl"
-        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()] if jsonl else json.loads(text)
+        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()] if jsonl else json.loads(text or "[]")
         if isinstance(rows, dict):  # {"annotations": [...]} as in COCO captions files
             rows = rows.get("annotations", rows.get("prompts", []))
-        prompts = [_caption(r, column, path) for r in rows]
-    else:
-        prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    if not prompts:
-        raise PromptError(f"{path} holds no prompts")
-    return prompts
+        if not isinstance(rows, list):
+            raise PromptError(f"{path}: expected a list of prompts (strings or records with {column!r}), got "
+                              f"{type(rows).__name__}")
+        return [_caption(r, column, path) for r in rows]
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def _parquet_captions(path: Path, column: str) -> list[str]:

@@ -2,7 +2,9 @@
 
 Reads the image shards of `data.shards` as training does (the same shard list, filters, JPEG decode, resolution and
 crop), runs the frozen VAE encoder (and, with --text-embeddings, the text encoder) and writes one latent shard per
-image shard to `--out` (any fsspec URL): per kept sample the posterior moments, token ids, txt, json and key.
+image shard to `--out` (any fsspec URL): per kept sample the posterior moments, token ids, txt, json and key. With
+aspect buckets (data.buckets.enabled) each image is cut into its bucket as training cuts it (the random crop drawn
+from train.seed and the key) and its size conditioning (original size, crop, bucket) is stored with its moments.
 
 Every rank (torchrun, Slurm, ldmscale-launch) takes its share of the shards by the trainer's per-rank split and
 needs no process group: an output shard is written atomically and skipped when complete, so a killed or requeued
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +26,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from webdataset.tariterators import tarfile_samples
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys
 
 from ldmscale.config import Config, ConfigError, load_config
 from ldmscale.data import (
@@ -30,20 +35,26 @@ from ldmscale.data import (
     decode_image,
     expand_shard_urls,
     normalize_pixels,
-    reject_reason,
     shards_for,
     stack_uint8,
     storage,
 )
+from ldmscale.data.buckets import bucket_set
+from ldmscale.data.decode import decode_sample_to_bucket
 from ldmscale.data.latent_format import LATENT_EXT, LatentDtype, encode_latent
-from ldmscale.data.shardlist import check_shards_reachable
-from ldmscale.data.storage import scrub
-from ldmscale.latents.manifest import vae_entry, write_manifest_if_complete
+from ldmscale.data.shardlist import check_shards_reachable, is_local, strip_file
+from ldmscale.data.storage import StorageError, scrub
+from ldmscale.data.stream import check_shard_length, sample_reason, tar_members
+from ldmscale.latents.existing import check_same_set, existing_header, planned_header, record_header
+from ldmscale.latents.manifest import buckets_entry, check_shard_format, vae_entry, write_manifest_if_complete
 from ldmscale.latents.writer import LatentShardWriter, is_complete, join, shard_name
 from ldmscale.runtime import dist
-from ldmscale.runtime.cli import run_cli
+from ldmscale.runtime.cli import ArgumentParser, at_least, output_dir_problem, run_cli
 from ldmscale.runtime.errors import InputError
 from ldmscale.runtime.precision import torch_dtype
+
+TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+Row = tuple[str, bytes, bytes | None, list[int] | None]  # key, txt, json, size conditioning (buckets)
 
 
 @dataclass
@@ -63,6 +74,23 @@ class SourceShards(torch.utils.data.IterableDataset):
     def __init__(self, cfg: Config, todo: list[tuple[str, str]], chunk: int) -> None:
         super().__init__()
         self.cfg, self.todo, self.chunk = cfg, todo, chunk
+        b = cfg.data.buckets
+        self.buckets = bucket_set(cfg.data.resolution, b.step, b.max_aspect) if b.enabled else None
+
+    def _decode(self, sample: dict[str, Any], ext: str) -> tuple[Any, list[int] | None]:
+        """uint8 HWC as training decodes it, and the size conditioning with buckets (else None)."""
+        d = self.cfg.data
+        if self.buckets is None:
+            return decode_image(sample[ext], d.resolution, d.center_crop), None
+        image, cond = decode_sample_to_bucket(sample, ext, self.buckets, d.center_crop, self.cfg.train.seed)
+        return image, cond.as_list()
+
+    @staticmethod
+    def _pixels(images: list[Any]) -> torch.Tensor | list[torch.Tensor]:
+        """One uint8 batch for square images; with buckets, one [3, H, W] tensor per image (shapes differ)."""
+        if len({im.shape for im in images}) == 1:
+            return stack_uint8(images)
+        return [stack_uint8([im])[0] for im in images]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         storage.register_gopen_schemes(self.cfg.data.storage_options)  # spawned workers start without them
@@ -75,36 +103,51 @@ class SourceShards(torch.utils.data.IterableDataset):
         d = self.cfg.data
         counts: Counter[str] = Counter()
         errors: list[BaseException] = []
-
-        def on_error(exc: BaseException) -> bool:  # ends this shard's stream; recorded, decided by the caller
-            errors.append(exc)
-            return True
-
-        rows: list[tuple[str, bytes, bytes | None]] = []
+        rows: list[Row] = []
         images: list[Any] = []
-        for sample in tarfile_samples(iter([{"url": url}]), handler=on_error):
-            reason = reject_reason(sample, d.filters)
+        for sample in self._samples(url, errors):
+            reason = sample_reason(sample, d)  # the training stream's filter wrapper: malformed json is bad_json
             if reason:
                 counts[reason] += 1
                 continue
-            ext = next(e for e in IMAGE_EXTS if e in sample)
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if ext is None:  # a latent member but no image: not a source this encoder reads
+                counts["no_image"] += 1
+                continue
             try:
-                image = decode_image(sample[ext], d.resolution, d.center_crop)
+                image, cond = self._decode(sample, ext)
             except Exception:  # a corrupt image is data, not a bug: counted as in training
                 counts["decode_error"] += 1
                 continue
-            rows.append((sample["__key__"], sample["txt"], sample.get("json")))
+            rows.append((sample["__key__"], sample["txt"], sample.get("json"), cond))
             images.append(image)
             if len(rows) == self.chunk:
-                yield {"name": name, "rows": rows, "pixels": stack_uint8(images), "last": False}
+                yield {"name": name, "rows": rows, "pixels": self._pixels(images), "last": False}
                 rows, images = [], []
         err = errors[0] if errors else None
         if err is not None:
             counts["shard_error"] += 1
-        yield {"name": name, "url": url, "rows": rows, "pixels": stack_uint8(images) if images else None,
+        yield {"name": name, "url": url, "rows": rows, "pixels": self._pixels(images) if images else None,
                "last": True, "counts": dict(counts),
                "error": scrub(repr(err))[:300] if err is not None else "",
                "transient": err is not None and storage.is_transient(err)}
+
+    def _samples(self, url: str, errors: list[BaseException]) -> Iterator[dict[str, Any]]:
+        """The shard's samples as the training stream reads them (members above data.max_member_bytes unread);
+        a read error, or a shard shorter than its _stats.json lists, ends the shard and is recorded."""
+        stream = None
+        try:
+            stream = gopen(url)
+            seen = 0
+            for sample in group_by_keys(tar_members(stream, url, self.cfg.data.max_member_bytes)):
+                seen += 1
+                yield sample
+            check_shard_length(url, seen, self.cfg.data.storage_options)
+        except Exception as exc:  # recorded; the caller decides (transient: retry later, else a shard error)
+            errors.append(exc)
+        finally:
+            if stream is not None:
+                stream.close()
 
 
 class Encoder:
@@ -138,21 +181,38 @@ class Encoder:
             self.text_encoder = te.requires_grad_(False).eval().to(device, self.compute)
 
     @torch.no_grad()
-    def members(self, rows: list[tuple[str, bytes, bytes | None]], pixels_uint8: torch.Tensor
+    def moments(self, pixels_uint8: torch.Tensor | list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, logvar) per image: one VAE forward per batch, or per bucket's images when their shapes differ
+        (the images keep their order)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(pixels_uint8):
+            groups.setdefault(tuple(im.shape), []).append(i)
+        out: list[Any] = [None] * len(pixels_uint8)
+        for members in groups.values():
+            if isinstance(pixels_uint8, torch.Tensor):  # one shape: the chunk's batch as it came
+                batch = pixels_uint8
+            else:
+                batch = torch.stack([pixels_uint8[i] for i in members])
+            pixels = normalize_pixels(batch.to(self.device))
+            post = self.vae.encode(pixels.to(self.compute)).latent_dist
+            for j, i in enumerate(members):
+                out[i] = (post.mean[j], post.logvar[j])
+        return out
+
+    @torch.no_grad()
+    def members(self, rows: list[Row], pixels_uint8: torch.Tensor | list[torch.Tensor]
                 ) -> list[tuple[str, dict[str, bytes]]]:
         from ldmscale.models.encoders import tokenize
 
-        pixels = normalize_pixels(pixels_uint8.to(self.device))
-        post = self.vae.encode(pixels.to(self.compute)).latent_dist
+        moments = self.moments(pixels_uint8)
         captions = [r[1].decode("utf-8", "replace").strip() for r in rows]  # as the training stream reads them
         ids = tokenize(self.tokenizer, captions)
         emb = None
         if self.text_encoder is not None:
             emb = self.text_encoder(ids.to(self.device)).last_hidden_state
         out = []
-        for i, (key, txt, meta) in enumerate(rows):
-            data = encode_latent(post.mean[i], post.logvar[i], ids[i], emb[i] if emb is not None else None,
-                                 self.dtype)
+        for i, (key, txt, meta, cond) in enumerate(rows):
+            data = encode_latent(*moments[i], ids[i], emb[i] if emb is not None else None, self.dtype, cond)
             members = {LATENT_EXT: data, "txt": txt}
             if meta is not None:
                 members["json"] = meta
@@ -162,7 +222,8 @@ class Encoder:
 
 def manifest_header(cfg: Config, enc: Encoder) -> dict[str, Any]:
     return {
-        "resolution": cfg.data.resolution, "center_crop": cfg.data.center_crop, "dtype": enc.dtype,
+        "resolution": cfg.data.resolution, "center_crop": cfg.data.center_crop, "buckets": buckets_entry(cfg),
+        "dtype": enc.dtype,
         "vae": enc.vae_info, "text_embeddings": enc.text_encoder is not None, "text_encoder": enc.text_info,
         "tokenizer_max_length": int(enc.tokenizer.model_max_length),
         "filters": json.loads(json.dumps(cfg.data.filters.__dict__)),
@@ -177,7 +238,7 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
         torch.cuda.set_device(local)
     so = cfg.data.storage_options
     storage.register_gopen_schemes(so)
-    sources = expand_shard_urls(cfg.data.shards, so)
+    sources = source_urls(cfg)
     names = [shard_name(i, len(sources)) for i in range(len(sources))]
     by_name = dict(zip(names, sources))
     mine = shards_for(names, cfg.train.seed, 0, rank, world, 0, 1)  # the trainer's per-rank split
@@ -186,7 +247,10 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
     for name in mine:
         (res.skipped if is_complete(out, name, so) else todo).append(name)
     enc = Encoder(cfg, device, text_embeddings, dtype)
-    header = manifest_header(cfg, enc)
+    # what a rerun must agree with (the weights' hashes are known only now: before any shard is written)
+    record = {**planned_header(cfg, dtype, text_embeddings, sources), **manifest_header(cfg, enc)}
+    check_same_set(out, existing_header(out, so), record)
+    record_header(out, record, so)
     workers = min(cfg.data.num_workers, len(todo))
     ds = SourceShards(cfg, [(n, by_name[n]) for n in todo], batch_size)
     chunks = iter(ds) if workers == 0 else iter(torch.utils.data.DataLoader(
@@ -225,7 +289,7 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
     print(f"ldmscale-encode: rank {rank}/{world}: wrote {len(res.written)} shards ({res.samples} samples, "
           f"{res.samples / max(elapsed, 1e-9):.1f} samples/s), skipped {len(res.skipped)} complete, "
           f"failed {len(res.failed)}, dropped {dict(res.dropped) or 'none'} in {elapsed:.1f}s", flush=True)
-    res.manifest = write_manifest_if_complete(out, sources, header, so)
+    res.manifest = write_manifest_if_complete(out, sources, record, so)
     if res.manifest is not None:
         c = res.manifest["counts"]
         print(f"ldmscale-encode: latent set complete: {c['shards']} shards, {c['samples']} samples, dropped "
@@ -234,40 +298,87 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ldmscale-encode", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="ldmscale-encode", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the training config whose data and VAE to use")
-    p.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix) for the latent shards")
+    p.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix) for the latent shards: "
+                                                "new, or a set this config started")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="storage dtype of the moments")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="images per VAE forward")
     p.add_argument("--text-embeddings", action="store_true", help="also store the text encoder's hidden states")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.shards=[s3://b/{00000..00099}.tar]")
     return p.parse_args(argv)
 
 
-def preflight(cfg: Config, out: str) -> None:
+def source_urls(cfg: Config) -> list[str]:
+    """The image shards, local ones as absolute paths: the set's record must not depend on the working folder."""
+    urls = expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
+    return [os.path.abspath(strip_file(u)) if is_local(u) else u for u in urls]
+
+
+def check_sources(cfg: Config, urls: list[str]) -> None:
+    """The shards must be tar files of images that answer (the first is opened)."""
+    not_tar = [u for u in urls if not u.endswith(TAR_SUFFIXES)]
+    if not_tar:
+        raise ConfigError(f"data.shards names {scrub(not_tar[0])}, which is not a .tar shard ({len(not_tar)} such): "
+                          f"give the .tar files only (a glob like DIR/* also matches the .parquet and _stats.json)")
+    check_shards_reachable(urls, cfg.data.storage_options)
+    if is_local(urls[0]) and not tarfile.is_tarfile(urls[0]):
+        raise ConfigError(f"data.shards: {urls[0]} is named like a shard but is not a tar file: give img2dataset-"
+                          f"layout .tar shards")
+    check_shard_format(cfg, urls)  # latent shards (an ldmscale manifest beside them) are not image shards
+
+
+def check_out(cfg: Config, out: str, urls: list[str]) -> None:
+    """--out must be a folder of its own: not a source folder or inside one listed recursively, not a run."""
+    if not is_local(out):
+        return
+    path = os.path.abspath(strip_file(out))
+    problem = output_dir_problem(path)
+    if problem:
+        raise ConfigError(f"--out {out}: {problem}; give a folder for the latent shards")
+    if path in {os.path.dirname(u) for u in urls if is_local(u)}:
+        raise ConfigError(f"--out {out} is where the image shards are: give the latent shards their own folder")
+    for spec in cfg.data.shards:
+        folder = os.path.abspath(strip_file(spec))
+        if is_local(spec) and os.path.isdir(folder) and path.startswith(folder.rstrip("/") + "/"):
+            raise ConfigError(f"--out {out} is inside {spec}, whose .tar files data.shards lists recursively: the "
+                              f"latents would be read as image shards; give a folder outside it")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ConfigError(f"--out {out} is a training run (it holds checkpoints/): give the latents their own folder")
+
+
+def preflight(cfg: Config, out: str, dtype: str = "fp16", text_embeddings: bool = False) -> None:
     """Bad input ends here with one line and exit code 2, before any model is loaded."""
     if cfg.data.format != "images":
         raise ConfigError("data.format must be images for ldmscale-encode: it reads image shards (data.shards) "
                           "and writes latent shards to --out")
-    urls = expand_shard_urls(cfg.data.shards, cfg.data.storage_options)
-    check_shards_reachable(urls, cfg.data.storage_options)
-    src_dirs = {u.rsplit("/", 1)[0] for u in urls}
-    if out.rstrip("/") in src_dirs:
-        raise ConfigError(f"--out {out} is where the image shards are: give the latent shards their own folder")
+    urls = source_urls(cfg)
+    check_sources(cfg, urls)
+    check_out(cfg, out, urls)
+    so = cfg.data.storage_options
+    try:
+        existing = existing_header(out, so)
+    except InputError:
+        raise
+    except Exception as e:  # the store behind --out refused (endpoint, credentials, bucket)
+        raise StorageError(f"--out {scrub(out)}: cannot read it ({scrub(f'{type(e).__name__}: {e}', so)[:200]}) — "
+                           f"check the URL, data.storage_options and the AWS credentials") from None
+    check_same_set(out, existing, planned_header(cfg, dtype, text_embeddings, urls))
 
 
 def encode(args: argparse.Namespace) -> int:
-    if args.batch_size <= 0:
-        raise InputError(f"--batch-size {args.batch_size}: give a number of images per VAE forward > 0")
     cfg = load_config(args.config, args.overrides)
-    preflight(cfg, args.out)
+    preflight(cfg, args.out, args.dtype, args.text_embeddings)
     res = main(cfg, args.out, dtype=args.dtype, batch_size=args.batch_size, text_embeddings=args.text_embeddings,
                progress=not args.no_progress)
     if res.failed:
         print(f"ldmscale-encode: {len(res.failed)} shards failed to read after retries "
               f"({', '.join(res.failed[:5])}); run the same command again to encode them", file=sys.stderr)
         return 1
+    if res.written and res.samples == 0:
+        raise InputError(f"no sample of the {len(res.written)} shards passed (dropped: {dict(res.dropped)}): check "
+                         f"that data.shards names img2dataset-layout .tar shards and that data.filters keeps some")
     return 0
 
 

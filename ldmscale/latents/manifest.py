@@ -17,6 +17,7 @@ from typing import Any
 import fsspec
 
 from ldmscale.config import Config, ConfigError, ModelConfig
+from ldmscale.data.preflight import rank0_shared, with_retries
 from ldmscale.data.storage import StorageError, scrub, storage_options_for
 from ldmscale.latents.writer import join, read_json, shard_name, write_bytes_atomic
 
@@ -50,6 +51,15 @@ def vae_entry(model: ModelConfig, vae_config: dict[str, Any], encoder_hash: str)
         "shift_factor": float(vae_config.get("shift_factor") or 0.0),
         "latent_channels": int(vae_config["latent_channels"]),
     }
+
+
+def buckets_entry(cfg: Config) -> dict[str, Any] | None:
+    """What the manifest records of data.buckets: the canvases' rule and, with random crops, the seed they are
+    drawn from (train.seed); None without buckets (and in manifests written before buckets existed)."""
+    b, d = cfg.data.buckets, cfg.data
+    if not b.enabled:
+        return None
+    return {"step": b.step, "max_aspect": b.max_aspect, "crop_seed": None if d.center_crop else cfg.train.seed}
 
 
 def shards_dir(url: str) -> str:
@@ -121,6 +131,10 @@ def check_manifest(cfg: Config, manifest: dict[str, Any], urls: list[str]) -> No
             f"latent shards were encoded at data.resolution={manifest['resolution']} "
             f"center_crop={manifest['center_crop']}, the config says {d.resolution} / {d.center_crop}: {fix}"
         )
+    if manifest.get("buckets") != buckets_entry(cfg):
+        raise ConfigError(f"latent shards were encoded with aspect buckets {manifest.get('buckets')}, the config asks "
+                          f"for {buckets_entry(cfg)} (data.buckets step, max_aspect; train.seed draws random crops): "
+                          f"{fix}")
     vae_config = load_vae_config(cfg.model)
     mine = vae_entry(cfg.model, vae_config, "")
     for key in ("scaling_factor", "shift_factor"):
@@ -149,29 +163,43 @@ def check_encoders(manifest: dict[str, Any], vae_encoder_hash: str, text_encoder
                           f"one differs: re-encode (without --text-embeddings to keep it flexible) or use that one")
 
 
-def manifest_for(cfg: Config) -> dict[str, Any]:
-    from ldmscale.data.shardlist import expand_shard_urls
+def shard_manifest(cfg: Config, urls: list[str]) -> dict[str, Any] | None:
+    """The manifest.json beside the shards, or None where there is none; read with retries. A store that refuses
+    is a StorageError for latent shards, and None for image shards (the data plan reports it with its fix)."""
+    where = join(shards_dir(urls[0]), MANIFEST)
+    try:
+        return with_retries(lambda: read_json(where, cfg.data.storage_options), scrub(where))
+    except Exception as e:
+        if cfg.data.format != "latents":
+            return None
+        detail = scrub(f"{type(e).__name__}: {e}")[:200]
+        raise StorageError(f"{scrub(where)}: cannot read the latent manifest ({detail}) — check data.shards, "
+                           f"data.storage_options and the AWS credentials") from None
 
-    return read_manifest(expand_shard_urls(cfg.data.shards, cfg.data.storage_options), cfg.data.storage_options)
+
+def shared_manifest(cfg: Config, urls: list[str]) -> dict[str, Any] | None:
+    """Collective: rank 0 reads the manifest (shard_manifest), every rank gets it or its error."""
+    return rank0_shared(lambda: shard_manifest(cfg, urls), "reading the shards' manifest.json")
 
 
-def check_shard_format(cfg: Config, urls: list[str]) -> None:
-    """The pre-flight for data.format: latent shards need a matching manifest; image shards must not be latents."""
+_READ_IT = object()
+
+
+def check_shard_format(cfg: Config, urls: list[str], manifest: Any = _READ_IT) -> None:
+    """The pre-flight for data.format: latent shards need a matching manifest; image shards must not be latents.
+    `manifest`: as shard_manifest gave it (rank 0 reads it once for the job); read here when not given."""
+    if manifest is _READ_IT:
+        manifest = shard_manifest(cfg, urls)
+    where = f"{scrub(shards_dir(urls[0]))}/{MANIFEST}"
     if cfg.data.format == "latents":
-        try:
-            manifest = read_manifest(urls, cfg.data.storage_options)
-        except (ConfigError, StorageError):
-            raise
-        except Exception as e:  # the store refused (credentials, endpoint): say so in one line, exit 2
-            raise StorageError(f"{scrub(shards_dir(urls[0]))}/{MANIFEST}: cannot read the latent manifest "
-                               f"({scrub(f'{type(e).__name__}: {e}')[:200]}) — check data.shards, "
-                               f"data.storage_options and the AWS credentials") from None
+        if manifest is None or manifest.get("format") != FORMAT:
+            raise ConfigError(
+                f"data.format=latents but {where} is missing or not an ldmscale latent manifest: write the latent "
+                f"shards with `ldmscale-encode --config C --out DIR` and let it finish (the manifest is written last), "
+                f"or set data.format=images"
+            )
         check_manifest(cfg, manifest, urls)
         return
-    try:
-        found = read_json(join(shards_dir(urls[0]), MANIFEST), cfg.data.storage_options)
-    except Exception:  # image shards: a store that refuses is reported, with its fix, by the data preflight
-        return
-    if found is not None and found.get("format") == FORMAT:
-        raise ConfigError(f"data.shards names latent shards (written by ldmscale-encode; {scrub(shards_dir(urls[0]))}"
-                          f"/{MANIFEST}) but data.format=images: set data.format=latents")
+    if manifest is not None and manifest.get("format") == FORMAT:
+        raise ConfigError(f"data.shards names latent shards (written by ldmscale-encode; {where}) but "
+                          f"data.format=images: set data.format=latents")

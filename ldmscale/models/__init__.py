@@ -6,4 +6,5 @@ objective.py    the denoising objective (eps or v, min-SNR) around the U-Net; th
 noise.py        per-sample draws as pure functions of (seed, global sample index, stream)
 autoencoder.py  the autoencoder stage's objective (reconstruction + KL) and its latent scaling factor
 offline.py      tokenizer, text encoder and VAE folders written with save_pretrained (tests, the demo)
+size_conditioning.py  SDXL's size and crop conditioning on the U-Net (diffusers' text_time path), and its baking
 """

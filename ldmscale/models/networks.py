@@ -16,6 +16,11 @@ def vae_downsample_factor(vae_config: Any) -> int:
     return 2 ** (len(vae_config.block_out_channels) - 1)
 
 
+def unet_downsample_factor(unet_config: Any) -> int:
+    """Every down block but the last halves the latent."""
+    return 2 ** (len(unet_config.block_out_channels) - 1)
+
+
 def build_unet(ref: str, in_channels: int, cross_attention_dim: int, sample_size: int) -> UNet2DConditionModel:
     """A preset built from config (random init), or a pretrained U-Net folder/hub id to fine-tune."""
     if ref in UNET_PRESETS:
@@ -27,6 +32,8 @@ def build_unet(ref: str, in_channels: int, cross_attention_dim: int, sample_size
             **UNET_PRESETS[ref],
         )
     unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet" if _has_subfolder(ref, "unet") else None)
+    if unet.config.sample_size != sample_size:  # fine-tuned at another resolution: grids and exports follow this one
+        unet.register_to_config(sample_size=sample_size)
     if unet.config.cross_attention_dim != cross_attention_dim or unet.config.in_channels != in_channels:
         raise ValueError(
             f"U-Net {ref} expects cross_attention_dim={unet.config.cross_attention_dim}, "

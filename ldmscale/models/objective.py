@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 
 from ldmscale.config import ModelConfig
+from ldmscale.models.size_conditioning import added_cond_kwargs
 from ldmscale.style.encoder import kl_to_standard_normal
 
 
@@ -64,14 +65,19 @@ class LatentDiffusion(torch.nn.Module):
         style_noise: torch.Tensor | None = None,
         style_keep: torch.Tensor | None = None,
         beta: float = 0.0,
+        size_cond: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """latents [B,C,h,w] (scaled), context [B,L,D] cross-attention tokens, noise like latents,
         timesteps [B] int64 -> (loss, parts). With a style encoder: style_input (reference pixels or frozen
         backbone features), style_noise [B,K,D] for the reparameterisation, style_keep [B] (0 = style dropped:
-        all-zero tokens) and the KL weight beta."""
+        all-zero tokens) and the KL weight beta. With size conditioning: size_cond [B, 6] (original h, w, crop
+        top, left, target h, w; models/size_conditioning.py)."""
         dtype = next(self.unet.parameters()).dtype
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        kwargs, parts = {}, {}
+        kwargs: dict = {}
+        parts: dict[str, torch.Tensor] = {}
+        if size_cond is not None:
+            kwargs["added_cond_kwargs"] = added_cond_kwargs(size_cond)
         kl = None
         if style_input is not None:
             mu, logvar = self.style(style_input.to(dtype))

@@ -40,6 +40,7 @@ class StyleAttnProcessor(torch.nn.Module):
         super().__init__()
         inner = attn.to_k.out_features
         self.sdpa = sdpa
+        self.scale = 1.0  # sampling only: the style output's weight in this block (set_style_scales); not a weight
         self.to_k_style = torch.nn.Linear(style_dim, inner, bias=False)
         self.to_v_style = torch.nn.Linear(style_dim, inner, bias=False)
         with torch.no_grad():
@@ -67,9 +68,10 @@ class StyleAttnProcessor(torch.nn.Module):
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         out = _attend(attn, query, attn.to_k(context), attn.to_v(context), self.sdpa)
-        if style_tokens is not None:
+        if style_tokens is not None and self.scale != 0.0:
             s = style_tokens.to(query.dtype)
-            out = out + _attend(attn, query, self.to_k_style(s), self.to_v_style(s), self.sdpa)
+            styled = _attend(attn, query, self.to_k_style(s), self.to_v_style(s), self.sdpa)
+            out = out + (styled if self.scale == 1.0 else self.scale * styled)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
@@ -112,6 +114,36 @@ def add_style_path(unet: UNet2DConditionModel, style_dim: int, sdpa: bool = True
             processors[name] = SelfAttnIgnoringStyle() if sdpa else SelfAttnIgnoringStyleMath()
     unet.set_attn_processor(processors)
     return n
+
+
+BLOCK_PREFIXES = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+
+
+def set_style_scales(unet: UNet2DConditionModel, scales: dict[str, float] | None) -> None:
+    """Per-block weights of the style attention at sampling, by block group ("down", "mid", "up") as diffusers'
+    set_ip_adapter_scale names them; groups not named (and `None`) get 1.0. Zero tokens stay exactly zero at any
+    scale, so the dropped-style branches of guidance do not change."""
+    unknown = set(scales or {}) - set(BLOCK_PREFIXES)
+    if unknown:
+        raise ValueError(f"style block scales: unknown block group {sorted(unknown)[0]!r}; use down, mid, up")
+    for name, proc in unet.attn_processors.items():
+        if isinstance(proc, StyleAttnProcessor):
+            group = next(g for g, prefix in BLOCK_PREFIXES.items() if name.startswith(prefix))
+            proc.scale = float((scales or {}).get(group, 1.0))
+
+
+def parse_block_scales(text: str) -> dict[str, float]:
+    """`down=0,mid=1,up=0.5` -> {"down": 0.0, "mid": 1.0, "up": 0.5} (ldmscale-sample --style-scale-blocks)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        group, _, value = item.partition("=")
+        try:
+            if group.strip() not in BLOCK_PREFIXES:
+                raise ValueError
+            out[group.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: give GROUP=SCALE, GROUP one of down, mid, up, SCALE a number") from None
+    return out
 
 
 def is_style_key(name: str) -> bool:

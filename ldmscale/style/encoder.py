@@ -5,9 +5,13 @@ drawn per sample id (noise.Stream.STYLE, so resume stays bitwise), sampling uses
 keeps the style space smooth and small enough that the encoder cannot smuggle the reference's content.
 
 Backbones: `conv` is a small net trained from scratch and lives inside the DeepSpeed engine with its head;
-`clip` is a frozen CLIPVisionModel that runs outside the engine under no_grad (like the VAE and text
-encoder: ZeRO would only add traffic for weights that never change) and feeds its pooled feature to a
-trainable head inside the engine.
+`clip` is a frozen CLIP vision model that runs outside the engine under no_grad (like the VAE and text
+encoder: ZeRO would only add traffic for weights that never change) and feeds a trainable head inside the engine.
+The clip head (`style.clip_head`) is by default diffusers' IP-Adapter image projection: the projected
+`image_embeds` of a CLIPVisionModelWithProjection -> Linear -> LayerNorm per token, which is what
+`pipe.load_ip_adapter` rebuilds from an exported model (ldmscale/inference/ip_adapter.py). Its Linear and
+LayerNorm have no bias, so an all-zero image embedding (diffusers' unconditional image branch) gives all-zero
+tokens: exactly the dropped style of training and of ldmscale's guidance.
 """
 
 from __future__ import annotations
@@ -56,19 +60,42 @@ def colour_statistics(pixels: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.mean(dim=2), x.std(dim=2), q.flatten(1)], dim=1).to(pixels.dtype)
 
 
+class ImageProjection(torch.nn.Module):
+    """diffusers' IP-Adapter ImageProjection without biases: [B, E] -> Linear -> [B, K, D] -> LayerNorm(D)."""
+
+    def __init__(self, embed_dim: int, num_tokens: int, token_dim: int) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.proj = torch.nn.Linear(embed_dim, num_tokens * token_dim, bias=False)
+        self.norm = torch.nn.LayerNorm(token_dim, bias=False)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(image_embeds).reshape(len(image_embeds), self.num_tokens, -1))
+
+
 class StyleEncoder(torch.nn.Module):
     """The trainable part: (conv backbone +) a head to mean and log-variance of K tokens of width D.
 
-    With cfg.colour_stats the head also sees colour_statistics(reference) next to the normalised features
-    (for backbone=clip, FrozenVisionBackbone appends them to its features)."""
+    conv backbone, or clip with clip_head=pooled: features -> LayerNorm (+ colour_statistics(reference) when
+    cfg.uses_colour_stats; for clip FrozenVisionBackbone appends them) -> one Linear to (mu, logvar).
+    clip with clip_head=ip_adapter: mu = ImageProjection(image_embeds), logvar = its own Linear (training only)."""
 
     def __init__(self, cfg: StyleConfig, token_dim: int, feature_dim: int | None = None) -> None:
         super().__init__()
         self.num_tokens, self.token_dim = cfg.num_tokens, token_dim
         self.backbone = ConvBackbone(cfg.conv_channels) if cfg.backbone == "conv" else None
-        self.stats_dim = COLOUR_STATS_DIM if cfg.colour_stats else 0
+        self.stats_dim = COLOUR_STATS_DIM if cfg.uses_colour_stats else 0
         if self.backbone is None and feature_dim is None:
             raise ValueError("a clip-backbone StyleEncoder needs the vision model's feature_dim")
+        self.ip_adapter = cfg.backbone == "clip" and cfg.clip_head == "ip_adapter"
+        if self.ip_adapter:
+            assert feature_dim is not None and not self.stats_dim
+            self.image_proj = ImageProjection(feature_dim, cfg.num_tokens, token_dim)
+            self.logvar = torch.nn.Linear(feature_dim, cfg.num_tokens * token_dim)
+            with torch.no_grad():  # a small posterior variance at first: early tokens carry the mean's signal
+                self.logvar.weight.zero_()
+                self.logvar.bias.fill_(-4.0)
+            return
         in_dim = self.backbone.out_dim if self.backbone is not None else feature_dim - self.stats_dim
         self.norm = torch.nn.LayerNorm(in_dim)
         self.head = torch.nn.Linear(in_dim + self.stats_dim, 2 * cfg.num_tokens * token_dim)
@@ -77,6 +104,9 @@ class StyleEncoder(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels [B,3,H,W] in [-1, 1] (conv) or backbone features [B,F(+stats)] (clip) -> (mu, logvar) [B,K,D]."""
+        if self.ip_adapter:
+            logvar = self.logvar(x).view(-1, self.num_tokens, self.token_dim)
+            return self.image_proj(x), logvar.clamp(-20.0, 10.0)
         if self.backbone is not None:
             h = self.norm(self.backbone(x))
             if self.stats_dim:
@@ -101,36 +131,52 @@ def beta_at(cfg: StyleConfig, step: int) -> float:
 
 
 class FrozenVisionBackbone:
-    """A frozen CLIPVisionModel (from_pretrained) outside the engine: reference pixels -> pooled features."""
+    """A frozen CLIP vision model (from_pretrained) outside the engine: reference pixels -> features.
 
-    def __init__(self, ref: str, device: torch.device, dtype: torch.dtype, colour_stats: bool = False) -> None:
-        from transformers import CLIPVisionModel
+    projected=True (clip_head=ip_adapter): a CLIPVisionModelWithProjection and its projected `image_embeds`, as
+    diffusers' IP-Adapter pipelines feed them; else a CLIPVisionModel's pooled output (+ colour statistics)."""
 
-        self.model = CLIPVisionModel.from_pretrained(ref).requires_grad_(False).eval().to(device=device, dtype=dtype)
+    def __init__(self, ref: str, device: torch.device, dtype: torch.dtype, colour_stats: bool = False,
+                 projected: bool = False) -> None:
+        from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+
+        cls = CLIPVisionModelWithProjection if projected else CLIPVisionModel
+        self.model = cls.from_pretrained(ref).requires_grad_(False).eval().to(device=device, dtype=dtype)
+        self.projected = projected
         self.size = int(self.model.config.image_size)
         self.dtype = dtype
         self.colour_stats = colour_stats  # append colour_statistics(pixels) to the pooled features
 
     @property
     def feature_dim(self) -> int:
-        return int(self.model.config.hidden_size) + (COLOUR_STATS_DIM if self.colour_stats else 0)
+        c = self.model.config
+        width = int(c.projection_dim) if self.projected else int(c.hidden_size)
+        return width + (COLOUR_STATS_DIM if self.colour_stats else 0)
 
-    @torch.no_grad()
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        stats = colour_statistics(pixels.float()) if self.colour_stats else None
-        x = (pixels.float() + 1) / 2  # [-1, 1] -> [0, 1], then CLIP's own normalisation at its input size
+    def pixel_values(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] -> [0, 1], bicubic to the model's input size, CLIP's normalisation (its image processor's)."""
+        x = (pixels.float() + 1) / 2
         x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
         mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-        x = ((x - mean) / std).to(self.model.device, self.dtype)
-        pooled = self.model(pixel_values=x).pooler_output.float()
-        return pooled if stats is None else torch.cat([pooled, stats], dim=1)
+        return ((x - mean) / std).to(self.model.device, self.dtype)
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=self.pixel_values(pixels))
+        if self.projected:
+            return out.image_embeds.float()
+        pooled = out.pooler_output.float()
+        return torch.cat([pooled, colour_statistics(pixels.float())], dim=1) if self.colour_stats else pooled
 
 
 def build_style(cfg: StyleConfig, token_dim: int, device: torch.device,
                 dtype: torch.dtype) -> tuple[StyleEncoder, FrozenVisionBackbone | None]:
     """The trainable encoder (for the engine) and the frozen backbone (outside it; None for conv)."""
-    frozen = FrozenVisionBackbone(cfg.vision_model, device, dtype, cfg.colour_stats) if cfg.backbone == "clip" else None
+    frozen = None
+    if cfg.backbone == "clip":
+        frozen = FrozenVisionBackbone(cfg.vision_model, device, dtype, cfg.uses_colour_stats,
+                                      projected=cfg.clip_head == "ip_adapter")
     enc = StyleEncoder(cfg, token_dim, frozen.feature_dim if frozen is not None else None)
     return enc, frozen
 

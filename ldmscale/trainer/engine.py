@@ -8,9 +8,26 @@ from typing import Any
 import deepspeed
 import torch
 
+from ldmscale.config import Config
+from ldmscale.style.install import is_new_in_step2
 
-def build_engine(module: torch.nn.Module, params: list[torch.nn.Parameter], ds_config: dict[str, Any]) -> Any:
-    """`deepspeed.initialize`, minus two costs of DeepSpeed's ZeRO-0 fp32 path that buy nothing here.
+
+def optimizer_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: Config) -> list[Any]:
+    """The parameters DeepSpeed's optimizer steps: one group, or with `style.lr_scale` != 1 a second group of what
+    step 2 adds (style encoder, style attention, global path) at lr x lr_scale. The new path starts at zero and
+    must learn within a short step 2, while the U-Net it joins is already trained (docs/results/style.md).
+    DeepSpeed's LR schedule scales each group's own LR, so the ratio holds through warm-up and decay."""
+    scale = cfg.style.lr_scale if cfg.style.enabled else 1.0
+    if scale == 1.0:
+        return [p for _, p in named]
+    new = [p for n, p in named if is_new_in_step2(n)]
+    rest = [p for n, p in named if not is_new_in_step2(n)]
+    return [{"params": rest}, {"params": new, "lr": cfg.optim.lr * scale}]
+
+
+def build_engine(module: torch.nn.Module, params: list[Any], ds_config: dict[str, Any]) -> Any:
+    """`deepspeed.initialize` (params: tensors or optimizer groups), minus two costs of DeepSpeed's ZeRO-0 fp32
+    path that buy nothing here.
 
     - On one data-parallel rank the ZeRO-0 engine still flattens every gradient into buckets, all-reduces them
       with itself and copies them back at each accumulation boundary. The all-reduce of one rank is the identity

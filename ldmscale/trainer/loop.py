@@ -8,6 +8,7 @@ data check -> setup (process group, stage, DeepSpeed engine, EMA, data, checkpoi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -17,16 +18,17 @@ import torch
 from ldmscale.checkpoint import CheckpointError, resolve_resume
 from ldmscale.checkpoint.checkpointer import Checkpointer, TrainState
 from ldmscale.checkpoint.elastic import prepare_elastic
-from ldmscale.checkpoint.store import ResumeError
+from ldmscale.checkpoint.store import ResumeError, read_rank_state, read_trainer_state
 from ldmscale.config import Config, dump_config, validate, world_size_from_env
 from ldmscale.data import ResumableLoader, shared_plan
-from ldmscale.data.shardlist import check_split, expand_without_listing
-from ldmscale.eval.validation import build_validator
-from ldmscale.latents.manifest import check_shard_format
+from ldmscale.data.position import check_saved_shards
+from ldmscale.data.shardlist import check_split, expand_without_listing, is_local
+from ldmscale.eval.validation import build_validator, shared_validation_samples
+from ldmscale.latents.manifest import check_shard_format, shared_manifest
 from ldmscale.runtime import dist, preemption
 from ldmscale.trainer.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.trainer.ema import EMA, warmup_decay
-from ldmscale.trainer.engine import build_engine
+from ldmscale.trainer.engine import build_engine, optimizer_groups
 from ldmscale.trainer.monitor import Monitor, StepStats, StepTimer, peak_tflops, rank_keys_file
 from ldmscale.trainer.stages import build_stage
 
@@ -53,15 +55,30 @@ def absolutize_model_paths(cfg: Config) -> None:
             setattr(cfg.style, key, str(Path(ref).resolve()))
 
 
-def check_data_early(cfg: Config, world: int) -> list[str] | None:
-    """Before any process group and without listing the store: too few shards for ranks x workers, and latent
-    shards made for another config (when the shard list is local or a brace pattern; a listed prefix is checked
-    once the plan is shared). Returns the URLs when known."""
+def check_data_early(cfg: Config, world: int) -> bool:
+    """Before any process group and without asking the store: too few shards for ranks x workers (when the shard
+    list is local or a brace pattern), and, for local shards, latent shards made for another config. Returns
+    whether the shards' format was checked (else rank 0 reads their manifest once the group is up)."""
     urls = expand_without_listing(cfg.data.shards)
-    if urls is not None:
-        check_split(len(urls), world, cfg.data.num_workers)
-        check_shard_format(cfg, urls)  # latent shards: their manifest must match this config (a ConfigError)
-    return urls
+    if urls is None:
+        return False
+    check_split(len(urls), world, cfg.data.num_workers)
+    if not all(is_local(u) for u in urls):  # an object store: one read by rank 0, not one per rank
+        return False
+    check_shard_format(cfg, urls)  # latent shards: their manifest must match this config (a ConfigError)
+    return True
+
+
+def saved_shard_check(cfg: Config, tag_dir: Path | None) -> Callable[[list[str]], str | None] | None:
+    """For the data plan (rank 0): the shard list now against the one the checkpoint's data position indexes."""
+    if tag_dir is None:
+        return None
+
+    def check(urls: list[str]) -> str | None:
+        saved = read_rank_state(tag_dir, 0, int(read_trainer_state(tag_dir).get("world_size", 1)))
+        return check_saved_shards(saved["data"], urls, cfg.data.on_shard_list_change)
+
+    return check
 
 
 def main(cfg: Config, resume: str = "auto") -> TrainResult:
@@ -71,7 +88,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         tag_dir = resolve_resume(out / "checkpoints", resume)
     except CheckpointError as e:
         raise ResumeError(str(e)) from None
-    early_urls = check_data_early(cfg, world_size_from_env())
+    format_checked = check_data_early(cfg, world_size_from_env())
 
     # Setup: process group, the checks that need the world size and device, the run folder
     info = dist.init_distributed()
@@ -82,24 +99,31 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
 
-    # Plan the data once: rank 0 lists, checks and sizes it (with retries), every rank gets the plan or its error
-    plan = shared_plan(cfg.data, check_val=cfg.train.eval_every > 0)
+    # Plan the data once: rank 0 lists, checks and sizes it (with retries), every rank gets the plan or its error.
+    # A resume over another shard list than the checkpoint's is refused here, before any model is built. The latent
+    # manifest and the validation samples are read the same way: by rank 0, shared.
+    plan = shared_plan(cfg.data, on_urls=saved_shard_check(cfg, tag_dir))
     check_split(len(plan.urls), info.world_size, cfg.data.num_workers)
-    if early_urls is None:  # a listed prefix: the latent manifest could only be checked now
-        check_shard_format(cfg, plan.urls)
+    manifest = None
+    if cfg.data.format == "latents" or not format_checked:
+        manifest = shared_manifest(cfg, plan.urls)
+        check_shard_format(cfg, plan.urls, manifest)
+    val_samples = shared_validation_samples(cfg) if cfg.train.eval_every else []
     dist.print0(plan.summary())
+    if plan.note:
+        dist.print0(plan.note)
 
     # Create the stage (frozen encoders outside the engine, the module DeepSpeed trains), the engine and the EMA
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark  # fixed shapes: the fastest kernels, found once
-    stage = build_stage(cfg, info.device, precision_dtype(cfg), fresh=tag_dir is None)
+    stage = build_stage(cfg, info.device, precision_dtype(cfg), fresh=tag_dir is None, manifest=manifest)
     trainable = [(n, p) for n, p in stage.module.named_parameters() if p.requires_grad]
     # another world size: DeepSpeed's universal checkpoint, converted once by rank 0 beside the original
     universal, elastic_note = prepare_elastic(tag_dir, info.world_size, cfg.deepspeed.zero_stage)
     ds_config = build_ds_config(cfg, info.world_size)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    engine = build_engine(stage.module, [p for _, p in trainable], ds_config)
+    engine = build_engine(stage.module, optimizer_groups(trainable, cfg), ds_config)
     # each rank averages its own share of the optimizer's fp32 masters: no communication per step
     ema = EMA(trainable, cfg.train.ema_decay, engine.optimizer) if cfg.train.ema_decay > 0 else None
 
@@ -111,7 +135,8 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     )
 
     # Setup validation (train.eval_every): fixed held-out samples read once, each rank its share
-    validator = build_validator(cfg, stage, info.rank, info.world_size, info.device) if cfg.train.eval_every else None
+    validator = (build_validator(cfg, stage, info.rank, info.world_size, info.device, val_samples)
+                 if cfg.train.eval_every else None)
 
     # Resume: the checkpointer holds everything a checkpoint restores (engine, EMA, data position, counters)
     state = TrainState()

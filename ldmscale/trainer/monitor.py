@@ -12,6 +12,7 @@ import torch
 
 from ldmscale.config import Config, public_dict
 from ldmscale.data.loader import DROP_REASONS
+from ldmscale.models.size_conditioning import added_cond_kwargs, has_size_conditioning
 
 # dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, SXM parts)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -41,8 +42,10 @@ def training_flops_per_sample(unet: torch.nn.Module, latent_shape: tuple[int, ..
 
     twin, meta = _meta_twin(unet), torch.device("meta")
     x, ctx = torch.zeros((1, *latent_shape), device=meta), torch.zeros((1, *context_shape), device=meta)
+    sized = {"added_cond_kwargs": added_cond_kwargs(torch.zeros(1, 6, device=meta))} if has_size_conditioning(twin) \
+        else {}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        twin(x, torch.zeros(1, dtype=torch.long, device=meta), encoder_hidden_states=ctx)
+        twin(x, torch.zeros(1, dtype=torch.long, device=meta), encoder_hidden_states=ctx, **sized)
     return 3.0 * counter.get_total_flops()
 
 
@@ -115,6 +118,7 @@ class Monitor:
             torch.distributed.all_reduce(vec)
         values = vec.tolist()  # the step's one host sync
         dropped = dict(zip(DROP_REASONS, values[len(values) - len(drops):]))
+        loader.check_failure_budget(dropped)  # the job's sums: every rank stops alike, at the same step
         values = values[: len(values) - len(drops)]
         stop = values[-1] > 0
         loss, *parts = (v / world for v in values[:-1])

@@ -19,18 +19,26 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 
 from ldmscale.checkpoint.warm_start import init_from_step1
-from ldmscale.config import Config
+from ldmscale.config import Config, ConfigError
 from ldmscale.data import ResumableLoader, normalize_pixels
+from ldmscale.data.buckets import bucket_set, grid_buckets
 from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
-from ldmscale.latents.manifest import check_encoders, manifest_for
+from ldmscale.latents.manifest import check_encoders
 from ldmscale.models import noise
 from ldmscale.models.autoencoder import AutoencoderObjective, measure_scaling_factor, save_vae
 from ldmscale.models.encoders import FrozenEncoders, load_vae, tokenize
-from ldmscale.models.networks import build_unet, build_vae, strip_prefix, vae_downsample_factor
+from ldmscale.models.networks import (
+    build_unet,
+    build_vae,
+    strip_prefix,
+    unet_downsample_factor,
+    vae_downsample_factor,
+)
 from ldmscale.models.objective import LatentDiffusion, build_noise_scheduler
+from ldmscale.models.size_conditioning import apply_size_config
 from ldmscale.runtime import dist
-from ldmscale.style.attention import add_style_path
 from ldmscale.style.encoder import beta_at, build_style, style_input
+from ldmscale.style.install import install_style_path
 from ldmscale.trainer.ema import EMA, gathered
 from ldmscale.trainer.monitor import Monitor, encode_flops_per_sample, training_flops_per_sample
 
@@ -93,16 +101,22 @@ class Stage:
 class DiffusionStage(Stage):
     prefix = "unet."
 
-    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True) -> None:
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True,
+                 manifest: dict | None = None) -> None:
         super().__init__(cfg, device, dtype)
-        # latent shards carry the posterior moments: no VAE encoder then, and the set's manifest must name these
+        # latent shards carry the posterior moments: no VAE encoder then, and the set's manifest (read once by rank
+        # 0 with the data plan) must name these
         self.encoders = FrozenEncoders.load(cfg.model, device, dtype, vae_encoder=cfg.data.format == "images")
         if cfg.data.format == "latents":
-            check_encoders(manifest_for(cfg), self.encoders.vae_encoder_hash, self.encoders.text_encoder_hash)
+            assert manifest is not None, "data.format=latents: pass the shards' manifest (latents.shared_manifest)"
+            check_encoders(manifest, self.encoders.vae_encoder_hash, self.encoders.text_encoder_hash)
         self.tokenizer = self.encoders.tokenizer
-        size = cfg.data.resolution // vae_downsample_factor(self.encoders.vae.config)
-        self.latent_shape = (self.encoders.latent_channels, size, size)
+        self.vae_factor = vae_downsample_factor(self.encoders.vae.config)
+        size = cfg.data.resolution // self.vae_factor
+        self.latent_shape = (self.encoders.latent_channels, size, size)  # the square's; a bucket batch has its own
         unet = build_unet(cfg.model.unet, self.encoders.latent_channels, self.encoders.text_dim, size)
+        unet = apply_size_config(unet, cfg.model.size_conditioning, cfg.model.size_embed_dim)
+        check_canvas_step(cfg, self.vae_factor, unet_downsample_factor(unet.config))
         style_encoder, self.style_frozen = None, None
         if cfg.style.enabled:
             if cfg.style.init_from and fresh:  # a resume takes every weight from its own checkpoint
@@ -114,9 +128,10 @@ class DiffusionStage(Stage):
         _prepare(unet, cfg)
         if cfg.style.enabled:
             # last: after step 1's weights are in (to_k_style copies to_k) and the attention kind is chosen
-            add_style_path(unet, self.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
+            install_style_path(unet, cfg.style, self.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
         self.empty_ids = tokenize(self.tokenizer, [""]).to(device)
         self._empty = None
+        self._default_size_cond: dict[tuple[int, int], torch.Tensor] = {}
 
     def _empty_context(self) -> torch.Tensor:
         """The text encoder's output for "" (the frozen encoder gives it once), [1, tokens, dim]."""
@@ -124,6 +139,17 @@ class DiffusionStage(Stage):
             with torch.no_grad():
                 self._empty = self.encoders.encode_text(self.empty_ids)
         return self._empty
+
+    def _size_cond(self, batch: dict[str, Any], height: int, width: int) -> torch.Tensor:
+        """[B, 6] size conditioning: the batch's "size_cond" rows (bucketed data), else SDXL's default for an
+        uncropped image at the batch's size (original = target, crop 0,0), made on the device once per size."""
+        if "size_cond" in batch:
+            return batch["size_cond"].to(self.device, non_blocking=True)
+        row = self._default_size_cond.get((height, width))
+        if row is None:
+            row = torch.tensor([[height, width, 0, 0, height, width]]).to(self.device, non_blocking=True)
+            self._default_size_cond[(height, width)] = row
+        return row.expand(len(batch["keys"]), -1)
 
     def flops_per_sample(self) -> float:
         ctx = (self.tokenizer.model_max_length, self.encoders.text_dim)
@@ -139,7 +165,12 @@ class DiffusionStage(Stage):
         # No host sync in a micro-batch: every draw is made on the device, every copy from the (pinned) batch is
         # non-blocking, and the caption dropout is a select on the device. A blocking copy would make the CPU wait
         # for the GPU's queue to drain before it could launch the next kernels.
-        post = noise.randn(seed, ids, self.latent_shape, noise.Stream.POSTERIOR, self.device)
+        # The latent's shape is the batch's own (every micro-batch holds one bucket; a square run, the square).
+        if "moments" in batch:
+            shape = (self.latent_shape[0], *batch["moments"].shape[-2:])
+        else:
+            shape = (self.latent_shape[0], *(s // self.vae_factor for s in batch["pixels"].shape[-2:]))
+        post = noise.randn(seed, ids, shape, noise.Stream.POSTERIOR, self.device)
         if "moments" in batch:  # data.format=latents: the same posterior draw, from the stored moments
             latents = self.encoders.latents_from_moments(batch["moments"].to(self.device, non_blocking=True), post)
         else:
@@ -154,13 +185,16 @@ class DiffusionStage(Stage):
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
             context = self.encoders.encode_text(torch.where(drop[:, None], self.empty_ids, input_ids))
         timesteps = noise.randint(seed, ids, m.num_train_timesteps, noise.Stream.TIMESTEP, self.device)
-        eps = noise.randn(seed, ids, self.latent_shape, noise.Stream.NOISE, self.device)
+        eps = noise.randn(seed, ids, shape, noise.Stream.NOISE, self.device)
         if m.noise_offset:
-            offset = noise.randn(seed, ids, (self.latent_shape[0], 1, 1), noise.Stream.NOISE_OFFSET, self.device)
+            offset = noise.randn(seed, ids, (shape[0], 1, 1), noise.Stream.NOISE_OFFSET, self.device)
             eps = eps + m.noise_offset * offset
         args = [latents, context, eps, timesteps]
         if self.cfg.style.enabled:
             args += self._style_args(batch, ids, step)
+        if m.size_conditioning:  # not dropped with the caption (SDXL's choice; docs/buckets.md)
+            return engine(*args, size_cond=self._size_cond(batch, shape[1] * self.vae_factor,
+                                                           shape[2] * self.vae_factor))
         return engine(*args)
 
     def _style_args(self, batch: dict[str, Any], ids: Sequence[int], step: int) -> list[Any]:
@@ -188,19 +222,40 @@ class DiffusionStage(Stage):
         t0 = time.perf_counter()
         unet = UNet2DConditionModel.from_config(self.trained.config).to(self.device)
         if self.cfg.style.enabled:  # grids during style training are text-only: the style path adds nothing
-            add_style_path(unet, self.encoders.text_dim, sdpa=self.cfg.model.attention == "sdpa")
+            install_style_path(unet, self.cfg.style, self.encoders.text_dim,
+                               sdpa=self.cfg.model.attention == "sdpa")
         broadcast_weights(unet, self.trained_weights(engine, ema), self.device)
         unet.eval()
-        s = self.cfg.sample
+        s, d = self.cfg.sample, self.cfg.data
         prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]
-        drawn = draw_shared(unet, self.encoders, dict(self.module.scheduler.config), prompts, seed=self.cfg.train.seed,
-                            steps=s.num_steps, guidance_scale=s.guidance_scale, sampler=s.sampler)
-        if drawn is not None:  # rank 0
-            images, per_rank = drawn
-            grid = write_grid(images, prompts, out / "samples" / f"step_{step:08d}", s.images_per_prompt, step)
+        # with buckets, every prompt on the tallest, the squarest and the widest canvas: the same fixed list at
+        # every step, resume and world size (data/buckets.py grid_buckets)
+        canvases = [(b.height, b.width) for b in grid_buckets(bucket_set(d.resolution, d.buckets.step,
+                                                                         d.buckets.max_aspect))] \
+            if d.buckets.enabled else [(d.resolution, d.resolution)]
+        images, labels, shares = [], [], []
+        for h, w in canvases:
+            drawn = draw_shared(unet, self.encoders, dict(self.module.scheduler.config), prompts,
+                                seed=self.cfg.train.seed, steps=s.num_steps, guidance_scale=s.guidance_scale,
+                                sampler=s.sampler, height=h, width=w)
+            if drawn is not None:  # rank 0
+                images += drawn[0]
+                labels += [f"{p} [{w}x{h}]" if len(canvases) > 1 else p for p in prompts]
+                shares.append("+".join(map(str, drawn[1])))
+        if images:
+            grid = write_grid(images, labels, out / "samples" / f"step_{step:08d}", s.images_per_prompt, step)
             monitor.log_image("samples", grid, step, caption=f"step {step}")
-            shares = "+".join(map(str, per_rank))
-            monitor.event(f"sample grid {grid} ({time.perf_counter() - t0:.1f}s; images per rank {shares})")
+            monitor.event(f"sample grid {grid} ({time.perf_counter() - t0:.1f}s; images per rank "
+                          f"{', '.join(shares)})")
+
+
+def check_canvas_step(cfg: Config, vae_factor: int, unet_factor: int) -> None:
+    """data.buckets.step against the loaded models (config/checks.py checks it earlier when their configs are on
+    disk; a hub id is known only now)."""
+    step, need = cfg.data.buckets.step, vae_factor * unet_factor
+    if cfg.data.buckets.enabled and step % need:
+        raise ConfigError(f"data.buckets.step={step} is not a multiple of {need} (VAE factor {vae_factor} x U-Net "
+                          f"downsampling {unet_factor}): every canvas side must be")
 
 
 class AutoencoderStage(Stage):
@@ -246,7 +301,10 @@ STAGES: dict[str, type[DiffusionStage] | type[AutoencoderStage]] = {
 }
 
 
-def build_stage(cfg: Config, device: torch.device, dtype: torch.dtype,
-                fresh: bool = True) -> DiffusionStage | AutoencoderStage:
-    """The stage `train.stage` names. `fresh`: not resuming (a style run then loads its step-1 weights)."""
+def build_stage(cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True,
+                manifest: dict | None = None) -> DiffusionStage | AutoencoderStage:
+    """The stage `train.stage` names. `fresh`: not resuming (a style run then loads its step-1 weights);
+    `manifest`: the latent shards' manifest (data.format=latents)."""
+    if cfg.train.stage == "diffusion":
+        return DiffusionStage(cfg, device, dtype, fresh=fresh, manifest=manifest)
     return STAGES[cfg.train.stage](cfg, device, dtype, fresh=fresh)

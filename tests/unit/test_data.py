@@ -74,8 +74,12 @@ def test_epochs_reshuffle(uneven_shards: Path) -> None:
 
 
 def test_an_old_format_position_is_refused_with_a_way_out(uneven_shards: Path) -> None:
-    with pytest.raises(ValueError, match="older format.*--resume never"):
-        _loader(uneven_shards).load_state_dict({"epoch": 0, "batches": 3, "consumed": [5, 6]})
+    old = {"format": 2, "epoch": 4, "batches": 3, "epoch_batches": 10, "world": 1, "workers": 2, "roles": []}
+    with pytest.raises(ValueError, match="format 2, written by an older ldmscale.*on_shard_list_change=new_epoch"):
+        _loader(uneven_shards).load_state_dict(old)
+    loader = _loader(uneven_shards)
+    loader.cfg.on_shard_list_change = "new_epoch"
+    assert "epoch 5 starts" in loader.load_state_dict(old) and loader.position.epoch == 5
 
 
 def _sample(meta: dict | None, caption: str = "a cat") -> dict:

@@ -202,7 +202,8 @@ def test_clip_backbone_is_loaded_with_from_pretrained_frozen_outside_with_a_trai
     torch.manual_seed(0)
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                      image_size=32, patch_size=8)).save_pretrained(tmp_path / "vision")
-    cfg = StyleConfig(enabled=True, backbone="clip", vision_model=str(tmp_path / "vision"), num_tokens=3)
+    cfg = StyleConfig(enabled=True, backbone="clip", vision_model=str(tmp_path / "vision"), num_tokens=3,
+                      clip_head="pooled")
     enc, frozen = build_style(cfg, TEXT_DIM, torch.device("cpu"), torch.float32)
     assert frozen is not None and enc.backbone is None
     assert not any(p.requires_grad for p in frozen.model.parameters())

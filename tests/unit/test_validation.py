@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from ldmscale.config import load_config
-from ldmscale.eval.validation import BUCKETS, Validator, load_validation_set, metrics_from_sums
+from ldmscale.eval.validation import (
+    BUCKETS,
+    Validator,
+    load_validation_set,
+    metrics_from_sums,
+    read_validation_samples,
+)
 from ldmscale.trainer.stages import DiffusionStage
 from tests.conftest import REPO, tiny_overrides
 
@@ -24,7 +30,8 @@ def task(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> DiffusionSta
 
 
 def _validator(task: DiffusionStage, assets: Path, limit: int, rank: int, world: int, batch: int) -> Validator:
-    vset = load_validation_set([str(assets / "digits/heldout")], {}, task.tokenizer, 32, True, limit, rank, world)
+    samples = read_validation_samples([str(assets / "digits/heldout")], {}, limit)
+    vset = load_validation_set(samples, task.tokenizer, 32, True, rank, world)
     return Validator(vset, task.encoders, task.latent_shape, task.cfg.model.num_train_timesteps, task.cfg.train.seed,
                      batch, world, CPU)
 
@@ -41,11 +48,13 @@ def test_validation_loss_is_deterministic_and_bucketed(task: DiffusionStage, ass
     assert torch.allclose(_validator(task, assets, 12, 0, 1, 5).local_sums(task.module), first, rtol=1e-6)
 
 
-@pytest.mark.parametrize(("limit", "batch"), [(12, 4), (3, 1)], ids=["even", "padded"])
-def test_two_rank_shares_sum_to_the_one_rank_result(task: DiffusionStage, assets: Path, limit: int, batch: int) -> None:
+@pytest.mark.parametrize(("limit", "batch", "world"), [(12, 4, 2), (3, 1, 2), (2, 1, 3)],
+                         ids=["even", "padded", "more-ranks-than-samples"])
+def test_rank_shares_sum_to_the_one_rank_result(task: DiffusionStage, assets: Path, limit: int, batch: int,
+                                                world: int) -> None:
     one = _validator(task, assets, limit, 0, 1, batch).local_sums(task.module)
-    ranks = [_validator(task, assets, limit, r, 2, batch) for r in (0, 1)]
-    assert ranks[0].batches == ranks[1].batches  # same number of forwards: ZeRO-3 forwards are collective
-    both = ranks[0].local_sums(task.module) + ranks[1].local_sums(task.module)
-    assert int(both[-1]) == limit
-    assert torch.allclose(both, one, rtol=1e-6)
+    ranks = [_validator(task, assets, limit, r, world, batch) for r in range(world)]
+    assert len({v.batches for v in ranks}) == 1  # same number of forwards: ZeRO-3 forwards are collective
+    every = sum(v.local_sums(task.module) for v in ranks)
+    assert int(every[-1]) == limit
+    assert torch.allclose(every, one, rtol=1e-6)

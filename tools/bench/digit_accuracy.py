@@ -142,7 +142,8 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"skipped {r['n_skipped_no_digit']} samples whose prompt names no digit")
 
 
-def real_floor_fid(train_dir: Path, heldout_dir: Path, features: str, resolution: int, n: int) -> float:
+def real_floor_fid(train_dir: Path, heldout_dir: Path, features: str, resolution: int | tuple[int, int],
+                   n: int) -> float:
     """FID of n real training digits against the held-out digits: what a perfect model would score with the
     same features and sample size (FID is biased upward at small n)."""
     import torch
@@ -171,8 +172,9 @@ def run_sweep(eval_dir: Path, heldout_dir: Path, train_dir: Path | None, folds: 
     settings = report["settings"]
     floor = None
     if train_dir is not None:
-        floor = real_floor_fid(train_dir, heldout_dir, settings["features"], report["generation"]["resolution"],
-                               settings["num_images"])
+        g = report["generation"]  # the canvas (height, width); a square side in eval folders of older versions
+        canvas = (g["height"], g["width"]) if "height" in g else g["resolution"]
+        floor = real_floor_fid(train_dir, heldout_dir, settings["features"], canvas, settings["num_images"])
     plot = plot_sweep(rows, eval_dir / "fid_vs_digit_accuracy.png",
                       f"{settings['num_images']} images, FID on {settings['features']}", x_key="digit_accuracy",
                       x_label="digit accuracy (SVC trained on held-out digits)")

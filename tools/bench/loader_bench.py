@@ -17,6 +17,13 @@ ldmscale's S3 opener (so only what happens after the bytes arrive differs):
 - reference: what open_clip does, wds.WebDataset(urls).shuffle(...).decode("pil").to_tuple("jpg", "txt"),
   then a PIL resize of the short side to the resolution (bicubic) and a center crop, to the same tensors.
 
+--buckets instead compares two decodes of the same local photo shards, side by side in this process: today's square
+crop (ldmscale.data.decode_image) against the cover-crop into aspect buckets (decode_sample_to_bucket, data.buckets:
+nearest bucket from the json's original size, resize to cover, centre or random crop) at the same resolution. The
+budget: bucketing may cost at most 10% of samples/s. No S3 server is needed for it.
+
+    python tools/bench/loader_bench.py --buckets [--resolution 256] [--bucket-step 32] [--repeats 7]
+
 Throughput is counted per CPU-second of the main process plus its loader workers ("samples/s per core"):
 on a shared machine wall time depends on the neighbours, CPU time much less. Wall samples/s are printed too.
 Each measurement starts fresh workers, lets every worker deliver one batch (start-up, shard opening and
@@ -37,6 +44,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -285,6 +293,53 @@ def decode_table(tars: list[Path], resolution: int, count: int) -> dict[str, flo
     return out
 
 
+def bucket_table(tars: list[Path], resolution: int, step: int, max_aspect: float, count: int, repeats: int,
+                 seed: int) -> dict[str, Any]:
+    """CPU ms per image of the square decode and the bucket decode (centre and random crop) on the same JPEGs,
+    alternating ABBA over `repeats` rounds after a warm-up; medians, and samples/s ratios against the square."""
+    from ldmscale.data.buckets import bucket_set
+    from ldmscale.data.decode import decode_sample_to_bucket
+    from ldmscale.data.shard_writer import iter_tar_samples
+
+    samples = [s for t in tars for s in iter_tar_samples(t)][:count]
+    buckets = bucket_set(resolution, step, max_aspect)
+    paths: dict[str, Callable[[dict], Any]] = {
+        "square": lambda s: decode_image(s["jpg"], resolution, True),
+        "buckets_centre": lambda s: decode_sample_to_bucket(s, "jpg", buckets, True, seed),
+        "buckets_random": lambda s: decode_sample_to_bucket(s, "jpg", buckets, False, seed),
+    }
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for r in range(repeats + 1):
+        order = list(paths) if r % 2 == 0 else list(reversed(paths))
+        for name in order:
+            t0 = time.process_time()
+            for s in samples:
+                paths[name](s)
+            if r > 0:  # round 0 warms the page cache and the allocator
+                times[name].append((time.process_time() - t0) * 1000 / len(samples))
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    used = Counter(decode_sample_to_bucket(s, "jpg", buckets, True, seed)[1].target for s in samples)
+    return {"images": len(samples), "buckets": [b.name for b in buckets], "ms_per_image": ms, "rounds_ms": times,
+            "ratio_centre": ms["square"] / ms["buckets_centre"], "ratio_random": ms["square"] / ms["buckets_random"],
+            "bucket_use": {f"{w}x{h}": n for (h, w), n in sorted(used.items())}}
+
+
+def run_buckets(a: argparse.Namespace) -> dict[str, Any]:
+    tars = build_shards(a.work, a.images, a.per_shard, a.seed, (a.min_side, a.max_side))
+    r = bucket_table(tars, a.resolution, a.bucket_step, a.max_aspect, a.images, a.repeats, a.seed)
+    print(f"{r['images']} photos, {a.resolution}px, buckets {' '.join(r['buckets'])} (step {a.bucket_step}, "
+          f"max aspect {a.max_aspect}); used: {r['bucket_use']}")
+    for name, ms in r["ms_per_image"].items():
+        print(f"  {name:15s}: {ms:6.2f} CPU-ms per image   {1000 / ms:7.1f} samples/s per core")
+    print(f"  buckets / square samples/s: centre crop {r['ratio_centre']:.3f}x, random crop {r['ratio_random']:.3f}x "
+          f"(budget: >= 0.90x; median of {a.repeats} ABBA rounds)")
+    out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, **r,
+           "cpus": os.cpu_count(), "run_id": uuid.uuid4().hex[:8]}
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=300, help="distinct photos in the shards")
@@ -302,8 +357,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--bucket", default="ldmscale-bench")
     p.add_argument("--local", action="store_true", help="read the local shards instead of S3 (profiling)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--buckets", action="store_true",
+                   help="compare the bucket decode with the square one instead (local shards, one process)")
+    p.add_argument("--bucket-step", type=int, default=32, help="--buckets: data.buckets.step")
+    p.add_argument("--max-aspect", type=float, default=2.0, help="--buckets: data.buckets.max_aspect")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # each loader process does single-threaded work; keep the main process alike
+    if a.buckets:
+        return run_buckets(a)
 
     tars = build_shards(a.work, a.images, a.per_shard, a.seed, (a.min_side, a.max_side))
     if len(tars) < a.workers:

@@ -71,13 +71,16 @@ def load_set(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def pick_refs(pool: list[dict[str, Any]], n: int, seed: int) -> tuple[list[dict[str, Any]], list[int]]:
-    """n references and the digit each prompt asks for (cycling 0..9, never the reference's own digit)."""
+def pick_refs(pool: list[dict[str, Any]], n: int, seed: int,
+              ref_digit: int | None = None) -> tuple[list[dict[str, Any]], list[int]]:
+    """n references and the digit each prompt asks for (cycling 0..9, never the reference's own digit); with
+    `ref_digit` every reference shows that digit and the prompts cycle over the other nine."""
     rng = random.Random(seed)
+    prompt_digits = [d for d in range(10) if d != ref_digit]
     refs, digits = [], []
     for i in range(n):
-        d = i % 10
-        refs.append(rng.choice([h for h in pool if h["label"] != d]))
+        d = prompt_digits[i % len(prompt_digits)]
+        refs.append(rng.choice([h for h in pool if h["label"] != d and ref_digit in (None, h["label"])]))
         digits.append(d)
     return refs, digits
 
@@ -118,13 +121,13 @@ def score(images: list[np.ndarray], refs: list[dict[str, Any]], digits: list[int
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from ldmscale.checkpoint import load_trained
     from ldmscale.data import to_tensor
-    from ldmscale.inference.export import load_trained
 
     pools = {k: load_set(args.data / FOLDERS[k]) for k in SETS}
     clf = SVC(gamma=0.001).fit(np.stack([content_features(h["rgb"]) for h in pools["seen"]]),
                                [h["label"] for h in pools["seen"]])
-    picked = {k: pick_refs(pools[k], args.refs, args.seed + i) for i, k in enumerate(SETS)}
+    picked = {k: pick_refs(pools[k], args.refs, args.seed + i, args.ref_digit) for i, k in enumerate(SETS)}
     refs = {k: picked[k][0] for k in SETS}
     digits = picked["seen"][1]  # both sets cycle the same digits: one text-model draw serves both
     prompts = [f"a handwritten digit {d}" for d in digits]
@@ -147,7 +150,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         grid["text"] = draw(args.text_run, prompts, None, args)
         rows["text"] = {k: score(grid["text"], refs[k], digits, clf) for k in SETS}
     for run in args.style_run:
-        m = load_trained(run, "ema", args.device)
+        m = load_trained(run, args.weights, args.device)
         assert m.style is not None, f"{run} is not a style-conditioned run"
         tokens = {k: m.style.tokens(to_tensor([resize(r["rgb"], res) for r in pools[k]])).flatten(1).numpy()
                   for k in SETS}  # every held-out image: the probe needs more examples than the 128+ token dims
@@ -169,7 +172,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def print_report(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"{args.refs} references per set, {args.steps} dpmsolver++ steps, text guidance {args.guidance_scale}, "
           f"style guidance {args.style_scale}; colour error = mean RGB distance of ink and background (0..441)")
-    head = f"{'model':44}{'KL nats':>8}{'err seen':>9}{'err unseen':>11}{'digits':>8}{'probe s/u':>12}"
+    head = (f"{'model':44}{'KL nats':>8}{'err seen':>9}{'err unseen':>11}{'digits seen':>12}{'digits unseen':>14}"
+            f"{'probe s/u':>12}")
     print(head)
     for name, row in r.items():
         if name.endswith("_images"):
@@ -177,10 +181,10 @@ def print_report(r: dict[str, Any], args: argparse.Namespace) -> None:
         kl = f"{row['kl']:.1f}" if row.get("kl") is not None else "-"
         probe = f"{row['probe']['seen']:.0f}/{row['probe']['unseen']:.0f}" if "probe" in row else "-"
         seen, unseen = row.get("seen", {}), row.get("unseen", {})
-        dig = f"{seen['digits']:.1%}" if "digits" in seen else "-"
+        dig = [f"{x['digits']:.1%}" if "digits" in x else "-" for x in (seen, unseen)]
         err = [f"{x['colour_error']:.1f}" if x else "-" for x in (seen, unseen)]
         label = name if len(name) <= 43 else "..." + name[-40:]
-        print(f"{label:44}{kl:>8}{err[0]:>9}{err[1]:>11}{dig:>8}{probe:>12}")
+        print(f"{label:44}{kl:>8}{err[0]:>9}{err[1]:>11}{dig[0]:>12}{dig[1]:>14}{probe:>12}")
 
 
 def save_grid(r: dict[str, Any], path: Path, per_row: int = 20) -> None:
@@ -200,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-run", type=Path, required=True, help="step-1 (text-only) run dir or checkpoint")
     p.add_argument("--style-run", type=Path, nargs="+", default=[], help="step-2 run dirs or step_* checkpoints")
     p.add_argument("--refs", type=int, default=100, help="references per set (seen, unseen)")
+    p.add_argument("--ref-digit", type=int, choices=range(10), default=None,
+                   help="every reference shows this digit (prompts: the other nine), e.g. 0: a lot of ink")
     p.add_argument("--probe-only", action="store_true", help="KL and token probe only: no drawing")
     add_sampling_args(p)
     p.add_argument("--grid", type=Path, help="PNG: references and draws, one row each")

@@ -37,6 +37,7 @@ from bench.digit_accuracy import digit_features  # noqa: E402
 from make_style_digit_shards import PALETTES  # noqa: E402
 
 from ldmscale.data.shard_writer import iter_tar_samples  # noqa: E402
+from ldmscale.style.attention import parse_block_scales  # noqa: E402
 
 
 def colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,13 +79,14 @@ def load_heldout(folder: Path) -> list[dict[str, Any]]:
 
 
 def draw(run: Path, prompts: list[str], refs: list[np.ndarray] | None, args: argparse.Namespace) -> list[np.ndarray]:
-    from ldmscale.sample import generate
-
+    from ldmscale.checkpoint import load_trained
     from ldmscale.data import to_tensor
-    from ldmscale.inference.export import load_trained
+    from ldmscale.inference.generate import generate
+    from ldmscale.style.attention import set_style_scales
 
-    m = load_trained(run, "ema", args.device)
+    m = load_trained(run, args.weights if refs is not None else "ema", args.device)  # the text run: its EMA
     res = m.cfg.data.resolution if m.cfg else None
+    set_style_scales(m.unet, args.style_scale_blocks)
     tokens = None
     if refs is not None:
         assert m.style is not None, f"{run} is not a style-conditioned run"
@@ -158,7 +160,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--style-scale", type=float, default=3.0)
+    p.add_argument("--style-scale-blocks", type=parse_block_scales, default=None, metavar="down=S,mid=S,up=S",
+                   help="style attention weight per block group (ldmscale-sample's flag)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the style runs' weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
 
