@@ -76,7 +76,7 @@ class Ldmscale:
 
     def __init__(self, cfg: Any, device: torch.device, out: Path, compile_unet: bool) -> None:
         self.cfg, self.device = cfg, device
-        self.task = build_stage(cfg, device, precision_dtype(cfg))
+        self.task = build_stage(cfg, device, precision_dtype(cfg.deepspeed))
         self.init_state = {k: v.clone() for k, v in self.task.trained.state_dict().items()}
         if compile_unet:
             self.task.module.unet = torch.compile(self.task.module.unet)
