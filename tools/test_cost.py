@@ -10,7 +10,9 @@ for: a server's or a Slurm job's CPU is then missing) and prints no program coun
 a loss in every log.jsonl under the run's --basetemp (rank 0 logs each step once; a resumed run logs its steps
 again). Prints one Markdown table row per path, then the total; with --top N, the N tests of each path that used
 the most CPU (pytest's process and the children it waited for, setup and teardown included: a module fixture's cost
-goes to the first test that asks for it).
+goes to the first test that asks for it); with --by-file, a table per path of its test files' CPU seconds, their
+share of the path's CPU, and their wall seconds (a file whose wall time is far above its CPU time waits: sleeps,
+timeouts, servers), what pytest spent outside any test (imports, collection) last.
 """
 
 from __future__ import annotations
@@ -56,14 +58,16 @@ class PerTestCpu:
     $TEST_COST_PER_TEST."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.start = path, 0.0
+        self.path, self.start, self.start_wall = path, 0.0, 0.0
 
     def pytest_runtest_logstart(self, nodeid: str, location: object) -> None:
-        self.start = _cpu_now()
+        self.start, self.start_wall = _cpu_now(), time.monotonic()
 
     def pytest_runtest_logfinish(self, nodeid: str, location: object) -> None:
+        row = {"test": nodeid, "cpu_s": round(_cpu_now() - self.start, 2),
+               "wall_s": round(time.monotonic() - self.start_wall, 2)}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"test": nodeid, "cpu_s": round(_cpu_now() - self.start, 2)}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
 
 def pytest_configure(config: object) -> None:  # the plugin's entry point
@@ -98,7 +102,24 @@ def outcome(text: str) -> str:
     return ", ".join(f"{n} {what}" for n, what in found) or "no summary"
 
 
-def measure(path: str, pytest_args: list[str], use_perf: bool, top: int) -> Cost:
+def by_file(tests: list[dict], path_cpu_s: float) -> str:
+    """A Markdown table of the tests' CPU and wall seconds summed per test file, most CPU first, with each file's share
+    of the whole run's CPU; the rest of the run's CPU (imports, collection, session fixtures' teardown) last."""
+    files: dict[str, list[float]] = {}
+    for r in tests:
+        acc = files.setdefault(r["test"].split("::")[0], [0, 0.0, 0.0])
+        acc[0] += 1
+        acc[1] += r["cpu_s"]
+        acc[2] += r.get("wall_s", 0.0)
+    lines = ["| file | tests | CPU s | share | wall s |", "|---|---|---|---|---|"]
+    for name, (n, cpu, wall) in sorted(files.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"| {name} | {n:.0f} | {cpu:.1f} | {100 * cpu / path_cpu_s:.0f}% | {wall:.1f} |")
+    rest = path_cpu_s - sum(v[1] for v in files.values())
+    lines.append(f"| (outside the tests: imports, collection) | | {rest:.1f} | {100 * rest / path_cpu_s:.0f}% | |")
+    return "\n".join(lines) + "\n"
+
+
+def measure(path: str, pytest_args: list[str], use_perf: bool, top: int, per_file: bool) -> Cost:
     basetemp = Path(tempfile.mkdtemp(prefix="test-cost-"))
     stats = basetemp.parent / f"{basetemp.name}.perf"
     per_test = basetemp.parent / f"{basetemp.name}.tests"
@@ -125,9 +146,12 @@ def measure(path: str, pytest_args: list[str], use_perf: bool, top: int) -> Cost
                 counts[fields[2]] = float(fields[0]) if fields[0].replace(".", "", 1).isdigit() else 0.0
         cpu, programs = counts["task-clock"] / 1000.0, int(counts["sched:sched_process_exec"])
         stats.unlink()
-    if top and per_test.exists():
-        rows = sorted((json.loads(x) for x in per_test.read_text().splitlines()), key=lambda r: -r["cpu_s"])
+    tests = [json.loads(x) for x in per_test.read_text().splitlines()] if per_test.exists() else []
+    if top:
+        rows = sorted(tests, key=lambda r: -r["cpu_s"])
         sys.stderr.write("".join(f"  {r['cpu_s']:8.1f} s  {r['test']}\n" for r in rows[:top]))
+    if per_file and tests:
+        sys.stderr.write(f"\n{path}, per file:\n\n{by_file(tests, cpu)}\n")
     per_test.unlink(missing_ok=True)
     steps = training_steps(basetemp)
     if proc.returncode == 0:
@@ -143,6 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="test folders or files, one pytest run each ('A B': one run of both)")
     parser.add_argument("--top", type=int, default=0, help="list the N tests of each path that used the most CPU")
+    parser.add_argument("--by-file", action="store_true", help="a table of each path's test files' CPU and wall s")
     args = parser.parse_args(argv[:split])
     use_perf = perf_usable()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -150,7 +175,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     costs = []
     for path in args.paths:
-        costs.append(measure(path, argv[split + 1:], use_perf, args.top))
+        costs.append(measure(path, argv[split + 1:], use_perf, args.top, args.by_file))
         print(costs[-1].row(), flush=True)
     if len(costs) > 1:
         programs = None if not use_perf else sum(c.programs or 0 for c in costs)
