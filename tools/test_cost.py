@@ -72,6 +72,9 @@ class PerTestCpu:
 
 def pytest_configure(config: object) -> None:  # the plugin's entry point
     path = os.environ.get("TEST_COST_PER_TEST")
+    option = config.option  # type: ignore[attr-defined]
+    if getattr(option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist: the workers run the tests and measure them, not the process that hands them out
     if path:
         config.pluginmanager.register(PerTestCpu(path), "test_cost_per_test")  # type: ignore[attr-defined]
 
