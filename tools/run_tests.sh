@@ -7,6 +7,10 @@
 #                      tools/slurm_local (Debian packages, as root)
 # `tools/run_tests.sh unit` runs one tier; further arguments go to pytest, e.g. `tools/run_tests.sh system -x`.
 #
+# The unit tier runs on LDMSCALE_UNIT_WORKERS (default 2) pytest-xdist workers, a test file each at a time, one
+# thread each: no test file shares state with another, so two cores halve its wall time (0: one process). The
+# other tiers run one test at a time: each of their tests starts several processes of its own.
+#
 # When the system tier is to run, its two servers are installed and started in the background while the other
 # tiers run (the unit tier leaves a core idle; a clean machine spends ~30 s in apt-get), and stopped at the end.
 # The system tests' fixtures find them running and use them; a server that already ran before is left alone.
@@ -49,5 +53,10 @@ for tier in "${tiers[@]}"; do
     wait "$servers_pid" || echo "starting the servers in the background failed (.cache/servers.log)"
   fi
   echo "== tests/$tier"
-  python -m pytest -ra "tests/$tier" "$@"
+  if [[ $tier == unit && ${LDMSCALE_UNIT_WORKERS:-2} != 0 ]]; then
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m pytest -ra -n "${LDMSCALE_UNIT_WORKERS:-2}" --dist loadfile \
+      "tests/$tier" "$@"
+  else
+    python -m pytest -ra "tests/$tier" "$@"
+  fi
 done
