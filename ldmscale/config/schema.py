@@ -134,12 +134,14 @@ class ModelConfig:
     noise_offset: float = 0.0  # per-channel offset noise (brighter/darker images); 0 = off
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for compute
     attention: Literal["sdpa", "default"] = "sdpa"  # torch's scaled_dot_product_attention | the math path
-    # torch.compile of the trained network (nn.Module.compile: in place, parameter names unchanged); the first
-    # steps pay the compilation. backend: inductor on GPUs; aot_eager traces without code generation (tests)
+    # torch.compile of the trained network (nn.Module.compile: in place, parameter names unchanged; under ZeRO-3
+    # DeepSpeed's engine.compile of the module it wraps); the first steps pay the compilation. backend: inductor
+    # on GPUs; aot_eager traces without code generation (tests)
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile's mode
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile's backend
-    channels_last: bool = False  # NHWC activations into the U-Net: faster convolutions on tensor cores
+    # NHWC activations into the U-Net (under ZeRO-0 the conv weights too): faster convolutions on tensor cores
+    channels_last: bool = False
     # SDXL's micro-conditioning: (original height, width, crop top, left, target height, width) through sinusoidal
     # embeddings of size_embed_dim each into the U-Net's time embedding (diffusers' addition_embed_type
     # "text_time", zero-initialised). Not dropped with the caption (as SDXL). Sampling: --original-size, --crop,

@@ -4,9 +4,11 @@ feed ldmscale-sample and the export.
 
 Two worlds, each an uninterrupted reference and interrupted copies of it:
 - ZeRO-2 (torchrun), with validation every 4 steps and 1 in 5 JPEGs corrupt in rank 1's shards only: killed -9
-  mid-run and resumed (every rank resumes its own data position); and, started as srun starts tasks (one process
-  group, rendezvous from the environment) with `spawn` loader workers, preempted by SIGUSR1 sent to the whole
-  group as slurmstepd signals every process of a step: all ranks save one checkpoint, exit 0, and resume.
+  mid-run and resumed (every rank resumes its own data position) after rank 1's optimizer shard of the latest
+  checkpoint was cut short (--resume auto falls back to the one before); and, started as srun starts tasks (one
+  process group, rendezvous from the environment) with `spawn` loader workers, preempted by SIGUSR1 sent to the
+  whole group as slurmstepd signals every process of a step: all ranks save one checkpoint, exit 0, and resume;
+  a notice during start-up (before the first step) makes both ranks exit 0 for requeue without saving.
 - ZeRO-3 (the deepspeed launcher), 8 steps an epoch: killed -9 mid-run and resumed across the epoch boundary.
 """
 
@@ -60,14 +62,15 @@ def _corrupt_every_fifth_jpeg(tar_path: Path) -> None:
             tar.addfile(m, io.BytesIO(payload))
 
 
-def _preempted_ranks(assets: Path, out: Path, **overrides: object) -> list[subprocess.Popen]:
+def _preempted_ranks(assets: Path, out: Path, env_extra: dict[str, str] | None = None, **overrides: object
+                     ) -> list[subprocess.Popen]:
     """Two trainer ranks in one new process group (rank 0 leads it), like the tasks of one srun step."""
     args = [sys.executable, "-m", "ldmscale.train", *train_args(assets, out, **overrides)]
     port = str(free_port())
     procs: list[subprocess.Popen] = []
     for rank in range(2):
         env = {**train_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env_extra or {})}
         with open(out.parent / f"{out.name}.rank{rank}.log", "a") as log:
             group = procs[0].pid if procs else 0  # 0: a new group led by rank 0
             procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -87,21 +90,35 @@ def _rank_log(out: Path, rank: int) -> str:
     return (out.parent / f"{out.name}.rank{rank}.log").read_text()
 
 
-def _kill_and_resume(assets: Path, out: Path, launcher: str, kill_at: int, cfg: dict) -> dict:
-    """Start the run, SIGKILL it (launcher and ranks) once it logged `kill_at`, resume it with --resume auto."""
+def _catches_usr1(pid: int) -> bool:
+    """Whether the process has a handler for SIGUSR1 (its SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(status.split("SigCgt:")[1].split()[0], 16)
+    return bool(caught & (1 << (signal.SIGUSR1 - 1)))
+
+
+def _kill_and_resume(assets: Path, out: Path, launcher: str, kill_at: int, cfg: dict, damage: bool) -> dict:
+    """Start the run, SIGKILL it (launcher and ranks) once it logged `kill_at`, resume it with --resume auto. With
+    `damage`, rank 1's optimizer shard of the latest checkpoint is cut short first: the resume falls back to the
+    checkpoint before it."""
     kill_after_step(start_training(assets, out, launcher, **cfg), out, kill_at)
     time.sleep(1.0)
     killed_at = max(r["step"] for r in step_rows(out))
-    saved = (out / "checkpoints" / "latest").read_text()
+    saved = int((out / "checkpoints" / "latest").read_text().split("_")[1])
+    if damage:
+        shard = out / "checkpoints" / f"step_{saved:08d}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        shard.write_bytes(shard.read_bytes()[:1000])
     finish(start_training(assets, out, launcher, **cfg), out)
-    return {"killed_at": killed_at, "saved_before_kill": int(saved.split("_")[1])}
+    return {"killed_at": killed_at, "saved_before_kill": saved,
+            "resumed_from": saved - int(cfg["train.ckpt_every"]) if damage else saved}
 
 
-def _beside_reference(assets: Path, reference: Path, out: Path, launcher: str, kill_at: int, cfg: dict) -> dict:
+def _beside_reference(assets: Path, reference: Path, out: Path, launcher: str, kill_at: int, cfg: dict,
+                      damage: bool = False) -> dict:
     """The uninterrupted reference and the killed-and-resumed run side by side (they share the two cores)."""
     ref = start_training(assets, reference, launcher, **cfg)
     try:
-        result = _kill_and_resume(assets, out, launcher, kill_at, cfg)
+        result = _kill_and_resume(assets, out, launcher, kill_at, cfg, damage)
     except BaseException:
         kill_tree(ref.pid)
         raise
@@ -126,9 +143,19 @@ def zero2(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     reference, killed, preempted = root / "reference", root / "killed", root / "preempted"
     world = {"cfg": cfg, "reference": reference, "killed": killed, "max_steps": 16,
-             **_beside_reference(assets, reference, killed, "torchrun", 9, cfg)}
+             **_beside_reference(assets, reference, killed, "torchrun", 9, cfg, damage=True)}
 
     spawn = {**cfg, "data.start_method": "spawn", "train.ckpt_every": 1000}  # only the preemption saves
+    # a notice while the ranks are still importing and starting: as soon as both have a handler
+    early = root / "early"
+    procs = _preempted_ranks(assets, early, {"LDMSCALE_STATUS_FILE": str(root / "early.status")}, **spawn)
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(p.poll() is None and _catches_usr1(p.pid) for p in procs):
+        time.sleep(0.05)
+    os.killpg(procs[0].pid, signal.SIGUSR1)
+    world["early"] = {"out": early, "codes": _wait_ranks(procs), "logs": [_rank_log(early, r) for r in range(2)],
+                      "status": (root / "early.status").read_text()}
+
     procs = _preempted_ranks(assets, preempted, **spawn)
     deadline = time.time() + 400
     while time.time() < deadline and not any(r["step"] >= 3 for r in step_rows(preempted)):
@@ -169,7 +196,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(world: dict) -> None
     resumed = [e for e in map(json.loads, (res / "log.jsonl").read_text().splitlines())
                if e.get("event", "").startswith("resumed from")]
     assert len(resumed) == 1
-    assert f"step_{world['saved_before_kill']:08d}" in resumed[0]["event"]
+    assert f"step_{world['resumed_from']:08d}" in resumed[0]["event"]
     ref_loss, res_loss = last_per_step(step_rows(ref), "loss"), last_per_step(step_rows(res), "loss")
     assert sorted(res_loss) == list(range(1, max_steps + 1))
     assert res_loss == ref_loss  # bitwise: the floats' JSON text is identical
@@ -190,8 +217,13 @@ def test_checkpoints_are_complete_and_pruned(world: dict) -> None:
 
 
 def test_faults_on_one_rank_resume_with_that_ranks_own_position(zero2: dict) -> None:
-    """Rank 1 met the corrupt JPEGs; each rank resumed its own position (the keys and losses are checked above)."""
+    """Rank 1 met the corrupt JPEGs; each rank resumed its own position (the keys and losses are checked above),
+    from step 4: rank 1's optimizer shard of step 8 was cut short before the resume."""
     text = log_file(zero2["killed"]).read_text()
+    assert zero2["saved_before_kill"] == 8
+    assert ("WARNING: checkpoint step_00000008 is damaged (zero_pp_rank_1_mp_rank_00_optim_states.pt is 1000 "
+            "bytes" in text), text[-3000:]
+    assert f"resumed from {zero2['killed'] / 'checkpoints' / 'step_00000004'} at step 4" in text
     assert "rank 1 data resume:" in text and "rank 0 data resume:" in text
     ref_log = {r["step"]: r for r in step_rows(zero2["reference"]) if "loss" in r}
     assert ref_log[16].get("data/dropped_decode_error", 0) > 0  # the faults were met, and summed over ranks
@@ -253,6 +285,16 @@ def test_preemption_signal_to_the_group_saves_on_all_ranks_and_exits_0(zero2: di
     # ZeRO-2: each rank wrote its own optimizer shard
     shards = [f for f in p["files"] if f.endswith("optim_states.pt")]
     assert len(shards) == 2 and all(any(f"zero_pp_rank_{r}_" in f for f in shards) for r in range(2))
+
+
+def test_a_notice_before_the_first_step_exits_for_requeue_saving_nothing(zero2: dict) -> None:
+    early = zero2["early"]
+    logs = early["logs"]
+    assert early["codes"] == [0, 0], logs[0][-3000:]
+    assert "PREEMPTED step=0 before the first step" in logs[0] and "SIGUSR1" in logs[0], logs[0][-3000:]
+    assert not any("Traceback" in text or "killed by signal" in text for text in logs)
+    assert "state=preempted" in early["status"] and "resumed_from=\n" in early["status"]
+    assert not list(early["out"].glob("checkpoints/step_*"))  # nothing new saved
 
 
 def test_preempted_run_with_spawned_workers_continues_exactly(zero2: dict) -> None:

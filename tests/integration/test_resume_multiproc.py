@@ -52,7 +52,7 @@ def test_elastic_resume_sees_the_rest_of_the_epoch_once(assets: Path, tmp_path: 
     out = tmp_path / "run"
     _run(assets, out, before, extra)
     text = _run(assets, out, after, {**extra, "train.max_steps": 8, "train.micro_batch_size": micro})
-    line = f"resuming a {before}-rank checkpoint on {after} ranks: converting ("
+    line = f"resuming a {before}-rank checkpoint on {after} ranks: converted in "
     assert line in text and "epoch 0 continues with 32 samples left" in text, text[-3000:]
     assert (out / "checkpoints" / "step_00000004_universal" / "COMPLETE").exists()
     seen: Counter[str] = Counter()

@@ -273,6 +273,53 @@ def test_sbatch_usr1_saves_on_every_rank_requeues_and_resumes(
     assert final_checkpoint_step(out) == MAX_STEPS
 
 
+def sbatch_rank_pid(job_id: str, rank: int) -> int | None:
+    """The pid of the trainer process of `rank` in sbatch job `job_id` (not one of its forked loader workers)."""
+
+    def is_rank(pid: str) -> bool:
+        try:
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+            cmd = Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:
+            return False
+        return env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and "ldmscale.train" in cmd
+
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and is_rank(entry.name):
+            try:
+                ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+            if not is_rank(ppid):
+                return int(entry.name)
+    return None
+
+
+def test_sbatch_requeues_a_failed_step_that_saved_progress(
+    slurm_cluster: SlurmCluster, assets: Path, reference: dict[int, float], tmp_path: Path, jobs: list[str]
+) -> None:
+    """Rank 1 killed with -9 after the run saved step 10: srun fails and nothing says PREEMPTED, but the job saved
+    a checkpoint since it started, so the script requeues it (rank 0's status file, not a grep of the output) and
+    the requeued run resumes from that checkpoint to the end, with the uninterrupted run's losses."""
+    out = tmp_path / "run"
+    job_id = sbatch_train(slurm_cluster, assets, out, **{"train.ckpt_every": 10})
+    jobs.append(job_id)
+    job_out = out / f"job-{job_id}.out"
+    wait_until(lambda: last_step(out) >= 12, JOB_TIMEOUT_S, "step 12", poll_s=0.2)
+    os.kill(wait_until(lambda: sbatch_rank_pid(job_id, 1), 30, "rank 1's process"), signal.SIGKILL)
+    fields = wait_until(lambda: job_done(job_id), JOB_TIMEOUT_S, f"job {job_id} to end")
+    text = slurm_text(job_out)
+
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text)
+    assert "before it stopped" in text and "requeueing job" in text and "PREEMPTED" not in text, text
+    resumed = [e for e in events(out) if e.startswith("resumed from")]
+    assert len(resumed) == 1 and re.search(r"step_000000(10|20) at step", resumed[0]), resumed
+    after = steps_after_event(out, "resumed from")
+    assert [s for s, _ in after] == list(range(after[0][0], MAX_STEPS + 1)) and after[0][0] in (11, 21), text
+    assert all(loss == reference[s] for s, loss in after), text
+    assert final_checkpoint_step(out) == MAX_STEPS
+
+
 # ------------------------------------------------------------------------------------------ ldmscale-launch
 
 
