@@ -1,4 +1,5 @@
-"""Checkpoint atomicity with a real (single-process) DeepSpeed engine: `latest` never names a partial save."""
+"""Checkpoint atomicity with a real (single-process) DeepSpeed engine: `latest` never names a partial save.
+(The universal conversion runs ds_to_universal in a child process: tests/integration/test_universal.py.)"""
 
 from __future__ import annotations
 
