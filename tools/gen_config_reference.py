@@ -18,6 +18,7 @@ import json
 import re
 import sys
 import tokenize
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -82,10 +83,13 @@ def field_comments(source: str) -> dict[str, dict[str, str]]:
 
 
 def type_name(tp: Any) -> str:
-    """A readable name for an annotation: int, list[str], dict[str, Any], the values' type for a Literal."""
+    """A readable name for an annotation: int, list[str], dict[str, Any], the values' type for a Literal, a union's
+    members joined by "or" (a `|` would end the table cell)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " or ".join(sorted({type(a).__name__ for a in typing.get_args(tp)}))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     if origin is not None:
         args = ", ".join(type_name(a) for a in typing.get_args(tp))
         return f"{getattr(origin, '__name__', str(origin))}[{args}]"
@@ -108,9 +112,16 @@ def default_of(f: dataclasses.Field[Any]) -> Any:
     raise ValueError(f"{f.name} has no default")
 
 
+def list_item(tp: Any) -> type | None:
+    """The dataclass of a list-of-dataclasses field (data.sources: each item's keys get their own section)."""
+    args = typing.get_args(tp)
+    return args[0] if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]) else None
+
+
 def collect(cls: type, prefix: str, docs: dict[str, dict[str, str]],
             sections: list[tuple[str, str, list[FieldDoc]]]) -> None:
-    """Append (section key, its class docstring, its fields) for cls and, after it, for its nested sections."""
+    """Append (section key, its class docstring, its fields) for cls and, after it, for its nested sections (a list
+    of dataclasses as `key[]`)."""
     hints = typing.get_type_hints(cls)
     rows: list[FieldDoc] = []
     nested: list[tuple[type, str]] = []
@@ -120,6 +131,8 @@ def collect(cls: type, prefix: str, docs: dict[str, dict[str, str]],
         if dataclasses.is_dataclass(tp):
             nested.append((tp, key))
             continue
+        if list_item(tp) is not None:
+            nested.append((list_item(tp), key + "[]"))  # type: ignore[arg-type]
         allowed = ""
         if typing.get_origin(tp) is Literal:
             allowed = ", ".join(f"`{render_value(a)}`" for a in typing.get_args(tp))
@@ -160,7 +173,7 @@ def render() -> str:
     return "".join(parts)
 
 
-ROW = re.compile(r"^\| `([\w.]+)` \|(.*)$")
+ROW = re.compile(r"^\| `([\w.\[\]]+)` \|(.*)$")
 
 
 def rows_by_key(text: str) -> dict[str, str]:

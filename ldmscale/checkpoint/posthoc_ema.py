@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ldmscale.checkpoint.store import COMPLETE, CheckpointError
+from ldmscale.checkpoint.integrity import COMPLETE, new_save_id, write_manifest
+from ldmscale.checkpoint.store import CheckpointError
 from ldmscale.runtime.atomic import atomic_save_tensors, atomic_write_text
 from ldmscale.runtime.cli import output_dir_problem
 
@@ -193,5 +194,5 @@ def write_checkpoint(run_dir: Path, out: Path, sigma_rel: float, step: int | Non
                                            "profile_fit_residual": residual,
                                            "snapshots": [{"file": s.path.name, "coefficient": c} for s, c in used]}}
     atomic_write_text(out / "trainer_state.json", json.dumps(state, indent=1))
-    atomic_write_text(out / COMPLETE, "")
+    write_manifest(out, new_save_id(), step=step)  # COMPLETE, last, as a training save writes it
     return out

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ldmscale.checkpoint.store import CheckpointError, find_tag_dir, read_trainer_state
+from ldmscale.checkpoint.resume import find_tag_dir
+from ldmscale.checkpoint.store import CheckpointError, read_trainer_state
 from ldmscale.config import Config, ConfigError, config_from_yaml_text
 
 EXPORT_RECORD = "ldmscale_export.json"

@@ -31,6 +31,7 @@ from ldmscale.config.schema import (
     OptimConfig,
     SampleConfig,
     SamplerName,
+    SourceConfig,
     StyleConfig,
     TrainConfig,
     WandbConfig,
@@ -39,7 +40,7 @@ from ldmscale.config.schema import (
 __all__ = [
     "ADDED_FIELDS_OLD_VALUES", "SAMPLERS", "UNET_PRESETS", "VAE_PRESETS", "AutoencoderConfig", "BucketConfig",
     "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "FilterConfig", "ModelConfig", "OptimConfig",
-    "SampleConfig", "SamplerName", "StyleConfig", "TrainConfig", "WandbConfig", "check_model_ref",
+    "SampleConfig", "SamplerName", "SourceConfig", "StyleConfig", "TrainConfig", "WandbConfig", "check_model_ref",
     "config_from_yaml_text", "deep_merge", "dump_config", "load_config", "parse_override", "pixel_multiple",
     "public_dict", "to_dict", "validate", "world_size_from_env",
 ]

@@ -33,7 +33,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key)
+        for arg in args[:-1]:  # the first type the value fits (str | dict: a string, else a mapping)
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], key)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str | int | float):
@@ -88,7 +93,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     base = cls()
     for k, v in kwargs.items():
-        if dataclasses.is_dataclass(v):
+        if dataclasses.is_dataclass(v) and getattr(base, k) is not None:
             # merge nested sections field by field so a partial YAML section keeps the other defaults
             sub = getattr(base, k)
             for f in dataclasses.fields(v):
@@ -190,6 +195,8 @@ def public_dict(cfg: Config) -> dict[str, Any]:
     """The config as saved and logged (config.yaml, checkpoints, W&B): storage credentials masked."""
     d = to_dict(cfg)
     d["data"]["storage_options"] = redact(d["data"]["storage_options"])
+    for source in d["data"]["sources"]:
+        source["storage_options"] = redact(source["storage_options"])
     return d
 
 

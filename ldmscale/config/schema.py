@@ -6,6 +6,8 @@ reference in docs/reference/config.md is generated from them (tools/gen_config_r
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -50,6 +52,40 @@ class FilterConfig:
     max_caption_chars: int = 0  # 0 = no limit
 
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a source's name: part of W&B keys (data/<name>/share)
+CaptionKey = str | dict[str, float]
+
+
+def check_caption_key(key: str, value: CaptionKey) -> None:
+    """`txt` (or another member such as `caption.txt`), `json.<field>[.<field>...]`, or {one of those: probability}
+    with probabilities summing to 1 (one picked per sample id)."""
+    choices = value if isinstance(value, dict) else {value: 1.0}
+    if not choices:
+        raise ConfigError(f"{key}={{}}: give a caption field (txt, json.caption, ...) or {{field: probability, ...}}")
+    for name, p in choices.items():
+        if not isinstance(name, str) or name in ("", "json", "json."):
+            raise ConfigError(f"{key}: {name!r} names no caption field; use txt, json.<field> (e.g. json.caption) or "
+                              f"another member's extension")
+        if not isinstance(p, int | float) or isinstance(p, bool) or not p > 0:
+            raise ConfigError(f"{key}: the probability of {name!r} is {p!r}; each must be a number > 0")
+    if isinstance(value, dict) and abs(sum(value.values()) - 1.0) > 1e-6:
+        raise ConfigError(f"{key}={value}: the probabilities sum to {sum(value.values()):g}, not 1")
+
+
+@dataclass
+class SourceConfig:
+    """One weighted source of a mixture (data.sources)."""
+
+    name: str = ""  # names the source in logs and W&B (data/<name>/share): letters, digits, _ . -
+    shards: list[str] = field(default_factory=list)  # the forms data.shards takes
+    weight: float = 0.0  # expected share of the samples drawn (after filtering); weights are normalised to sum 1
+    # the caption: txt, json.<field> (json.caption, json.recaption), or {field: probability} picked per sample id;
+    # "" = data.caption_key
+    caption_key: CaptionKey = ""
+    filters: FilterConfig | None = None  # replaces data.filters for this source (fields it omits take defaults)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # merged over data.storage_options (a bucket...)
+
+
 @dataclass
 class BucketConfig:
     """Aspect-ratio buckets (ldmscale/data/buckets.py): every image is resized to cover the canvas nearest its
@@ -76,6 +112,11 @@ class BucketConfig:
 @dataclass
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # URLs, brace patterns, globs, dirs, prefixes ending "/"
+    # a mixture: weighted sources [{name, shards, weight, caption_key?, filters?, storage_options?}]; data.shards is
+    # the one-source shorthand (give one or the other)
+    sources: list[SourceConfig] = field(default_factory=list)
+    # the caption: txt, json.<field> (json.caption, json.recaption), or {field: probability} picked per sample id
+    caption_key: CaptionKey = "txt"
     val_shards: list[str] = field(default_factory=list)  # held-out shards for train.eval_every (same forms as shards)
     # images: JPEG shards, VAE-encoded every step | latents: shards written once by ldmscale-encode (posterior
     # moments), checked against this config through their manifest.json
@@ -86,7 +127,9 @@ class DataConfig:
     random_flip: bool = False  # mirror half the images of each epoch left-right (which: seed, epoch, sample key)
     num_workers: int = 2  # DataLoader workers per rank (0 = decode in the training process)
     shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
-    samples_per_epoch: int = 0  # 0 = the shards' *_stats.json `successes` x the filters' measured pass rate
+    # 0 = the shards' *_stats.json `successes` x the filters' measured pass rate (a mixture: summed over its
+    # sources); an epoch draws this many samples from the sources by weight
+    samples_per_epoch: int = 0
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
     # loader worker processes: auto = spawn on CUDA (fork after CUDA init is unsafe), fork on CPU (faster start)
     start_method: Literal["auto", "fork", "spawn"] = "auto"
@@ -113,10 +156,39 @@ class DataConfig:
             raise ConfigError(f"data.max_failed_shards={self.max_failed_shards} must be a share below 1 or a whole "
                               f"number of shards")
         _positive("data.max_member_bytes", self.max_member_bytes, allow_zero=True)
-        if not self.shards:
+        _positive("data.samples_per_epoch", self.samples_per_epoch, allow_zero=True)
+        check_caption_key("data.caption_key", self.caption_key)
+        if self.shards and self.sources:
+            raise ConfigError("data.shards and data.sources are both set: data.shards is the one-source shorthand; "
+                              "move its shards into a source of data.sources, or drop data.sources")
+        if self.sources:
+            self._check_sources()
+        elif not self.shards:
             raise ConfigError(
-                "data.shards is empty; give shard URLs, e.g. data.shards='[s3://bucket/{00000..00099}.tar]'"
+                "data.shards is empty; give shard URLs, e.g. data.shards='[s3://bucket/{00000..00099}.tar]', or "
+                "weighted sources in data.sources"
             )
+
+    def _check_sources(self) -> None:
+        names: set[str] = set()
+        for i, s in enumerate(self.sources):
+            key = f"data.sources[{s.name or i}]"
+            if not SOURCE_NAME.fullmatch(s.name or ""):
+                raise ConfigError(f"data.sources[{i}].name={s.name!r}: give each source a name of letters, digits, "
+                                  f"_ . - (it names the source in logs and W&B)")
+            if s.name in names:
+                raise ConfigError(f"data.sources: two sources are named {s.name!r}; names must be unique")
+            names.add(s.name)
+            if not s.shards:
+                raise ConfigError(f"{key}.shards is empty; give the source's shard URLs (the forms data.shards takes)")
+            if not (isinstance(s.weight, int | float) and math.isfinite(s.weight) and s.weight > 0):
+                raise ConfigError(f"{key}.weight={s.weight!r} must be a number > 0 (its expected share of the samples; "
+                                  f"weights are normalised to sum 1)")
+            if s.caption_key != "":
+                check_caption_key(f"{key}.caption_key", s.caption_key)
+        total = sum(s.weight for s in self.sources)
+        if not (math.isfinite(total) and total > 0):
+            raise ConfigError(f"data.sources: the weights sum to {total!r}; they must sum to a positive number")
 
 
 @dataclass
@@ -134,12 +206,14 @@ class ModelConfig:
     noise_offset: float = 0.0  # per-channel offset noise (brighter/darker images); 0 = off
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for compute
     attention: Literal["sdpa", "default"] = "sdpa"  # torch's scaled_dot_product_attention | the math path
-    # torch.compile of the trained network (nn.Module.compile: in place, parameter names unchanged); the first
-    # steps pay the compilation. backend: inductor on GPUs; aot_eager traces without code generation (tests)
+    # torch.compile of the trained network (nn.Module.compile: in place, parameter names unchanged; under ZeRO-3
+    # DeepSpeed's engine.compile of the module it wraps); the first steps pay the compilation. backend: inductor
+    # on GPUs; aot_eager traces without code generation (tests)
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile's mode
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile's backend
-    channels_last: bool = False  # NHWC activations into the U-Net: faster convolutions on tensor cores
+    # NHWC activations into the U-Net (under ZeRO-0 the conv weights too): faster convolutions on tensor cores
+    channels_last: bool = False
     # how training timesteps are drawn (docs/training-recipes.md): uniform over [0, num_train_timesteps) | the
     # logit-normal of SD3 (Esser et al. 2024): t = floor(sigmoid(logit_mean + logit_std * z) * num_train_timesteps),
     # z standard normal, which trains the middle of the schedule more than its ends
@@ -394,6 +468,11 @@ class Config:
         if self.data.format == "latents" and self.train.eval_every:
             raise ConfigError("train.eval_every encodes data.val_shards (images) with the VAE encoder, which "
                               "data.format=latents does not load: set train.eval_every=0 or train from images")
+        if self.data.format == "latents" and any(
+                key != "txt" for key in [self.data.caption_key, *(s.caption_key for s in self.data.sources)] if key):
+            raise ConfigError("data.format=latents reads each sample's caption from its txt member, where "
+                              "ldmscale-encode stored the one caption_key picked: give caption_key when encoding the "
+                              "image shards and leave it at txt for the latent shards")
         if self.data.format == "latents" and self.data.random_flip:
             raise ConfigError("data.random_flip=true with data.format=latents: the latents were encoded from the "
                               "images as they are, and a mirrored latent is not the latent of the mirrored image; set "

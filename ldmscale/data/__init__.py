@@ -1,8 +1,11 @@
 """ldmscale.data: LAION-layout WebDataset shards -> filtered, decoded, resized, tokenized micro-batches,
 resumable exactly.
 
-Distribution: each epoch the shard list is shuffled with (seed, epoch), split by rank, then by loader
-worker role. A rank gives `samples_per_epoch // global_batch` steps' worth of micro-batches per epoch,
+Sources: data.shards, or a weighted mixture (data.sources: sources.py); which source fills each sample slot
+of an epoch is a pure function of (seed, epoch, slot) (mixture.py), whatever the world size.
+
+Distribution: each epoch the shard list (of each source) is shuffled with (seed, epoch), split by rank, then by
+loader worker role. A rank gives `samples_per_epoch // global_batch` steps' worth of micro-batches per epoch,
 cycling over its shards as often as needed, so every rank yields the same number of batches whatever the
 shard sizes (no rank waits in a collective at an epoch's end).
 

@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 from ldmscale.config import FilterConfig
+from ldmscale.config.schema import CaptionKey
+from ldmscale.data.captions import caption_of
 from ldmscale.data.latent_format import LATENT_EXT
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -21,13 +23,15 @@ def _meta(sample: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
-def reject_reason(sample: dict[str, Any], f: FilterConfig) -> str | None:
-    """Why a raw sample is dropped, or None to keep it. Reads only txt/json: nothing is decoded."""
+def reject_reason(sample: dict[str, Any], f: FilterConfig, caption_key: CaptionKey = "txt", seed: int = 0
+                  ) -> str | None:
+    """Why a raw sample is dropped, or None to keep it. Reads only txt/json: nothing is decoded. The caption
+    filters look at the caption `caption_key` picks (captions.py; `seed` keys a per-sample pick)."""
     if not any(ext in sample for ext in IMAGE_EXTS) and LATENT_EXT not in sample:  # latent shards: no JPEG
         return "no_image"
-    if "txt" not in sample:
+    caption = caption_of(sample, caption_key, seed)
+    if caption is None:
         return "no_caption"
-    caption = sample["txt"].decode("utf-8", "replace").strip()
     if len(caption) < f.min_caption_chars:
         return "caption_short"
     if f.max_caption_chars and len(caption) > f.max_caption_chars:

@@ -1,4 +1,5 @@
-"""The trainer's view of the data: an endless, resumable iterator of micro-batches over epochs."""
+"""The trainer's view of the data: an endless, resumable iterator of micro-batches over epochs, from one source or
+a weighted mixture of sources (mixture.py draws the source of every sample slot)."""
 
 from __future__ import annotations
 
@@ -11,32 +12,28 @@ import torch
 
 from ldmscale.config import DataConfig, StyleConfig
 from ldmscale.data import storage
+from ldmscale.data.accounting import DROP_REASONS, Accounting, DataTally, drop_vector
 from ldmscale.data.batches import EpochBatches, SampleDecoder
+from ldmscale.data.mixture import Deal, role_counts
 from ldmscale.data.position import (
     FORMAT,
     DataPosition,
     PositionError,
-    ShardListId,
+    Segment,
     check_whole_steps,
     fresh_roles,
+    mixture_change,
     pack_urls,
     resplit,
     saved_ranks_needed,
-    shard_list_change,
-    unpack_urls,
 )
-from ldmscale.data.shardlist import check_split, expand_shard_urls
+from ldmscale.data.sources import MixSource, check_splits, mixture_of, resolve_sources, stream_seed
 from ldmscale.data.storage import StorageError
 from ldmscale.data.stream import resume_cost, source_shards
 from ldmscale.data.workers import loader_options, preemption_signals_blocked
 
 log = logging.getLogger(__name__)
-# every reason a sample or shard is dropped, in a fixed order: ranks sum their counts in one all-reduce
-DROP_REASONS = (
-    "no_image", "no_caption", "caption_short", "caption_long", "no_json", "no_size", "too_narrow", "too_short",
-    "aspect", "similarity", "nsfw", "watermark", "unsafe", "bad_json", "too_large", "decode_error", "shard_retry",
-    "shard_error", "shard_missing", "style_self_ref", "other",
-)
+__all__ = ["DROP_REASONS", "ResumableLoader", "ShardBudgetError", "failed_shard_budget"]
 SHARD_FAILURES = ("shard_error", "shard_missing")  # what data.max_failed_shards counts
 
 
@@ -54,7 +51,9 @@ class ResumableLoader:
     """Endless iterator of micro-batches over epochs, with a position that checkpoints save and restore.
 
     An epoch is `samples_per_epoch // global_batch` optimizer steps whatever the number of ranks, so a run
-    resumed on another world size ends its epochs at the same steps.
+    resumed on another world size ends its epochs at the same steps. With several sources, each sample slot
+    of an epoch is filled from the source the mixture draws for it (a pure function of seed, epoch and slot).
+    `sources`: the sources with their shard lists (the data plan's); `urls`: one source's shard list.
     """
 
     def __init__(
@@ -69,6 +68,7 @@ class ResumableLoader:
         samples_per_epoch: int,
         global_batch: int | None = None,
         urls: list[str] | None = None,
+        sources: list[MixSource] | None = None,
         position: DataPosition | None = None,
         style: StyleConfig | None = None,
         decoder: SampleDecoder | None = None,
@@ -76,30 +76,43 @@ class ResumableLoader:
         storage.register_gopen_schemes(cfg.storage_options)
         self.cfg, self.tokenizer, self.style, self.decoder = cfg, tokenizer, style, decoder
         self.seed, self.rank, self.world, self.micro_batch = seed, rank, world, micro_batch
-        self.urls = urls if urls is not None else expand_shard_urls(cfg.shards, cfg.storage_options)
-        self.shards = ShardListId.of(self.urls)
+        self.sources = sources if sources is not None else resolve_sources(cfg, urls)
+        self.urls = [u for s in self.sources for u in s.urls]  # every source's shards
+        self.identities = [s.identity() for s in self.sources]
+        self.mixture = mixture_of(self.sources, seed)
         self.workers = max(1, cfg.num_workers)
-        check_split(len(self.urls), world, self.workers)
+        for line in check_splits([(s.name, len(s.urls)) for s in self.sources], world, self.workers):
+            if rank == 0:
+                log.warning(line)
         self.global_batch = gb = global_batch or micro_batch * world
         self.samples_per_epoch = samples_per_epoch
         self.batches_per_epoch = max(1, samples_per_epoch // gb) * max(1, gb // (micro_batch * world))
-        self.failure_budget = failed_shard_budget(cfg.max_failed_shards, len(self.urls))
-        self.position = position if position is not None else self._fresh(0)
+        self.failure_budgets = [failed_shard_budget(cfg.max_failed_shards, len(s.urls)) for s in self.sources]
+        self.accounting = Accounting([s.name for s in self.sources], [s.samples for s in self.sources])
+        self.position = position if position is not None else self._fresh(0, [0] * len(self.sources))
+        self._drawn_step = [0] * len(self.sources)
         self._it: Iterator[dict[str, Any]] | None = None
-        self._packed_urls: str | None = None
+        self._packed_urls: list[str] | None = None
 
-    def _fresh(self, epoch: int) -> DataPosition:
+    @property
+    def failure_budget(self) -> int:
+        """data.max_failed_shards in shards (of the first source; each source of a mixture has its own)."""
+        return self.failure_budgets[0]
+
+    def _fresh(self, epoch: int, drawn: list[int]) -> DataPosition:
         return DataPosition(
             epoch=epoch, given=0, epoch_samples=self.batches_per_epoch * self.micro_batch, micro_batch=self.micro_batch,
-            global_batch=self.global_batch, world=self.world, workers=self.workers, shards=self.shards,
-            roles=fresh_roles(self.rank, self.world, self.workers, self.batches_per_epoch, self.micro_batch),
+            global_batch=self.global_batch, world=self.world, workers=self.workers, sources=list(self.identities),
+            deal=Deal(self.world, self.workers, self.micro_batch, self.global_batch), drawn=list(drawn),
+            roles=fresh_roles(self.rank, self.world, self.workers, self.batches_per_epoch, self.micro_batch,
+                              len(self.sources)),
         )
 
     def _epoch_iter(self) -> Iterator[dict[str, Any]]:
         ds = EpochBatches(
-            self.cfg, self.urls, self.tokenizer, seed=self.seed, epoch=self.position.epoch,
+            self.cfg, self.sources, self.tokenizer, seed=self.seed, epoch=self.position.epoch,
             micro_batch=self.micro_batch, roles=self.position.roles, first_batch=self.position.batches,
-            style=self.style, decoder=self.decoder,
+            style=self.style, decoder=self.decoder, deal=self.position.deal,
         )
         if self.cfg.num_workers == 0:
             return iter(ds)
@@ -114,7 +127,7 @@ class ResumableLoader:
 
     def __next__(self) -> dict[str, Any]:
         if self.position.given >= self.position.epoch_samples:
-            self.position = self._fresh(self.position.epoch + 1)
+            self.position = self._fresh(self.position.epoch + 1, self.position.drawn)
             self._it = None
         if self._it is None:
             self._it = self._epoch_iter()
@@ -127,32 +140,61 @@ class ResumableLoader:
         role = batch.pop("role")
         self.position.given += self.micro_batch
         self.position.roles[role] = batch.pop("state")
-        batch.pop("dropped")
+        for k in batch.pop("sources"):
+            self.position.drawn[k] += 1
+            self._drawn_step[k] += 1
         return batch
+
+    # ------------------------------------------------------------ accounting
+
+    def dropped_by_source(self) -> list[dict[str, int]]:
+        """Samples (and shards) dropped so far this epoch on this rank, per source, by reason."""
+        totals: list[Counter[str]] = [Counter() for _ in self.sources]
+        for role in self.position.roles:
+            for k, counts in enumerate(role.counts):
+                totals[k].update(counts)
+        return [dict(t) for t in totals]
 
     def dropped_counts(self) -> dict[str, int]:
         """Samples (and shards) dropped so far this epoch on this rank, by reason (filters, decode errors)."""
         total: Counter[str] = Counter()
-        for role in self.position.roles:
-            total.update(role.counts)
+        for counts in self.dropped_by_source():
+            total.update(counts)
         return dict(total)
 
     def dropped_vector(self) -> list[float]:
         """dropped_counts() in DROP_REASONS order (unknown reasons under "other"), for summing over ranks."""
-        counts = self.dropped_counts()
-        other = sum(v for k, v in counts.items() if k not in DROP_REASONS)
-        return [float(counts.get(r, 0)) for r in DROP_REASONS[:-1]] + [float(other)]
+        return drop_vector(self.dropped_counts())
 
-    def check_failure_budget(self, job_counts: dict[str, float]) -> None:
-        """Raise ShardBudgetError when the job dropped more shards this epoch than data.max_failed_shards allows.
-        `job_counts`: the drop counters summed over every rank (the trainer's per-step reduction), so every rank
-        decides alike at the same step, and a resume (whose counters are restored) decides as the run did."""
-        failed = int(sum(job_counts.get(k, 0) for k in SHARD_FAILURES))
-        if failed > self.failure_budget:
+    def accounting_vector(self) -> list[float]:
+        """This rank's part of the step's reduction (accounting.py); starts the next step's draw count."""
+        vec = self.accounting.vector(self.dropped_by_source(), self._drawn_step, self.position.drawn)
+        self._drawn_step = [0] * len(self.sources)
+        return vec
+
+    def read_accounting(self, values: list[float]) -> DataTally:
+        """The job's sums from the reduced accounting_vector(); raises ShardBudgetError past the failure budget."""
+        tally = self.accounting.read(values)
+        self.check_failure_budget(tally.dropped, [s.dropped for s in tally.sources] or None)
+        return tally
+
+    def check_failure_budget(self, job_counts: dict[str, float], per_source: list[dict[str, float]] | None = None
+                             ) -> None:
+        """Raise ShardBudgetError when the job dropped more shards this epoch than data.max_failed_shards allows
+        (of each source's shards, for a mixture: `per_source`). `job_counts`: the drop counters summed over every
+        rank (the trainer's per-step reduction), so every rank decides alike at the same step, and a resume (whose
+        counters are restored) decides as the run did."""
+        for k, counts in enumerate(per_source or [job_counts]):
+            failed = int(sum(counts.get(r, 0) for r in SHARD_FAILURES))
+            if failed <= self.failure_budgets[k]:
+                continue
+            source = self.sources[k]
+            where = f" of source {source.name}" if len(self.sources) > 1 else ""
+            missing = int(counts.get("shard_missing", 0))
             raise ShardBudgetError(
-                f"{failed} of the {len(self.urls):,} shards were missing ({int(job_counts.get('shard_missing', 0))}) "
-                f"or failed twice ({int(job_counts.get('shard_error', 0))}) in epoch {self.position.epoch}, more "
-                f"than data.max_failed_shards={self.cfg.max_failed_shards:g} allows ({self.failure_budget} shards): "
+                f"{failed} of the {len(source.urls):,} shards{where} were missing ({missing})"
+                f" or failed twice ({int(counts.get('shard_error', 0))}) in epoch {self.position.epoch}, more than "
+                f"data.max_failed_shards={self.cfg.max_failed_shards:g} allows ({self.failure_budgets[k]} shards): "
                 f"the store or the shards are broken (the loader's warnings name each one); fix them, or raise "
                 f"data.max_failed_shards to go on without them"
             )
@@ -161,9 +203,9 @@ class ResumableLoader:
 
     def state_dict(self) -> dict[str, Any]:
         d = self.position.to_dict()
-        if self.rank == 0:  # one copy of the shard list per checkpoint, to say what changed on a resume
+        if self.rank == 0:  # one copy of the shard lists per checkpoint, to say what changed on a resume
             if self._packed_urls is None:
-                self._packed_urls = pack_urls(self.urls)
+                self._packed_urls = [pack_urls(s.urls) for s in self.sources]
             d["shard_urls"] = self._packed_urls
         return d
 
@@ -181,9 +223,10 @@ class ResumableLoader:
                         saved_world: int | None = None) -> str:
         """Resume from saved positions: this rank's own (a dict, as state_dict() gave it), every saved rank's (a
         list in rank order), or those of saved_ranks_needed(saved_world) ({saved rank: position}). With another
-        number of ranks, loader workers or micro-batch the rest of the epoch is re-divided, every sample once.
-        Over another shard list it is refused (PositionError) or, with data.on_shard_list_change=new_epoch, the
-        next epoch starts. Returns a one-line account of the resume for the log."""
+        number of ranks, loader workers or micro-batch the rest of the epoch is re-divided, every sample once, each
+        in the slot (and from the source) it was drawn for. Over another mixture or shard list it is refused
+        (PositionError) or, with data.on_shard_list_change=new_epoch, the next epoch starts. Returns a one-line
+        account of the resume for the log."""
         if isinstance(positions, list):
             raw = dict(enumerate(positions))
         elif "format" in positions or "epoch" in positions:
@@ -199,12 +242,14 @@ class ResumableLoader:
                 raise
             return self._new_epoch(int(epoch), "the saved data position was written by an older ldmscale")
         some = next(iter(saved.values()))
-        if some.shards != self.shards:
+        packed = next((p.shard_urls for p in saved.values() if p.shard_urls), None)
+        change = mixture_change(some, self.identities, [s.urls for s in self.sources], packed)
+        if change is not None:
             if self.cfg.on_shard_list_change == "new_epoch":
-                return self._new_epoch(some.epoch, f"data.shards changed ({some.shards.count} shards then, "
-                                                   f"{len(self.urls)} now)")
-            packed = next((p.shard_urls for p in saved.values() if p.shard_urls), None)
-            raise PositionError(shard_list_change(some.shards, self.urls, unpack_urls(packed) if packed else None))
+                then = sum(s.shards.count for s in some.sources)
+                why = f"the data sources changed ({then} shards then, {len(self.urls)} now)"
+                return self._new_epoch(some.epoch, why)
+            raise PositionError(change)
         saved_world = saved_world if saved_world is not None else some.world
         same = (some.world, some.workers, some.micro_batch) == (self.world, self.workers, self.micro_batch)
         if same and self.rank in saved:
@@ -216,7 +261,8 @@ class ResumableLoader:
             note = ""
         else:
             self.position = resplit(saved, saved_world, world=self.world, workers=self.workers, rank=self.rank,
-                                    micro_batch=self.micro_batch, global_batch=self.global_batch)
+                                    micro_batch=self.micro_batch, global_batch=self.global_batch,
+                                    count_slots=self._slot_counter(some))
             note = (f"resuming a {saved_world}-rank x {some.workers}-worker x micro-batch {some.micro_batch} data "
                     f"position on {self.world} ranks x {self.workers} workers x micro-batch {self.micro_batch}: "
                     f"epoch {self.position.epoch} continues with {self.position.epoch_samples * self.world} "
@@ -227,8 +273,20 @@ class ResumableLoader:
                        f"{cost['shards_reopened']} reopened, {cost['samples_replayed']} samples replayed, "
                        f"{cost['samples_skipped']} passed over undecoded")
 
+    def _slot_counter(self, saved: DataPosition) -> Any:
+        """How many of a saved segment's first n slots each source fills (the resplit's per-source skips)."""
+        if len(self.sources) == 1:
+            return lambda seg, n: [n]
+        deal = saved.deal
+        assert deal is not None
+
+        def count(seg: Segment, n: int) -> list[int]:
+            return role_counts(self.mixture, saved.epoch, deal, seg.src[0], seg.src[2], seg.start, n)
+
+        return count
+
     def _new_epoch(self, saved_epoch: int, why: str) -> str:
-        self.position = self._fresh(saved_epoch + 1)
+        self.position = self._fresh(saved_epoch + 1, [0] * len(self.sources))
         self._it = None
         note = (f"{why}: data.on_shard_list_change=new_epoch, so the rest of epoch {saved_epoch} is skipped and epoch "
                 f"{saved_epoch + 1} starts over the {len(self.urls):,} shards listed now")
@@ -236,11 +294,13 @@ class ResumableLoader:
         return note
 
     def resume_cost(self) -> dict[str, int]:
-        """Summed over this rank's roles: what resuming from the current position re-reads and avoids."""
+        """Summed over this rank's roles and sources: what resuming from the current position re-reads and avoids."""
         total: Counter[str] = Counter()
         for role in self.position.roles:
             for seg in role.segments:
-                split = len(source_shards(len(self.urls), self.seed, self.position.epoch, seg.src))
-                total.update(resume_cost(seg.cursor, split))
-                total["samples_skipped"] += seg.skip
+                for k, pos in enumerate(seg.streams):
+                    n_urls = len(self.sources[k].urls)
+                    split = len(source_shards(n_urls, stream_seed(self.seed, k), self.position.epoch, seg.src))
+                    total.update(resume_cost(pos.cursor, split))
+                    total["samples_skipped"] += pos.skip
         return {k: total[k] for k in ("shards_skipped", "shards_reopened", "samples_replayed", "samples_skipped")}

@@ -3,17 +3,19 @@ another number of ranks, loader workers or another micro-batch.
 
 Everything is counted in *samples* of the source streams (stream.py: filtered, undecoded), never in
 micro-batches, so a micro-batch change converts exactly. One rank's epoch is played by `workers` roles (the
-DataLoader takes batch b from role b % workers); a role plays a list of *segments*, a segment being a number of
-samples from one source stream (a (rank, world, role, workers) split of the epoch's shards), starting at that
-stream's cursor after `skip` samples that are read but never decoded. A fresh epoch gives every role one
-segment: its own source from the start. A re-division concatenates the remaining segments of the saved ranks
-(rank, role, segment order) and cuts the sequence into contiguous pieces for the new ranks and roles, so every
-sample the old run still had to give in the epoch is given exactly once.
+DataLoader takes batch b from role b % workers); a role plays a list of *segments*. A segment is a run of one
+role's slots of the epoch's deal (mixture.py), each slot filled from that role's stream of the source the
+mixture drew for it (one stream per source: a (rank, world, role, workers) split of the source's shards), so a
+segment holds one stream position per source: a cursor and a number of samples to pass over first, read but
+never decoded. A fresh epoch gives every role one segment: its own slots and streams from the start. A
+re-division concatenates the remaining segments of the saved ranks (rank, role, segment order) and cuts the
+sequence into contiguous pieces for the new ranks and roles, so every sample the old run still had to give in
+the epoch is given exactly once, in the slot (and from the source) it was drawn for.
 
-The position also records the micro-batch and global batch it was made with and a fingerprint of the shard
-list (count + SHA-256 of the URLs): a resume over another list is refused, or starts the next epoch
-(data.on_shard_list_change), never silently reads shifted indices.
-"""
+The position also records the micro-batch and global batch it was made with, the mixture (each source's name and
+weight) and a fingerprint of each source's shard list (count + SHA-256 of the URLs): a resume over another
+mixture or list is refused, or starts the next epoch (data.on_shard_list_change), never silently reads shifted
+indices."""
 
 from __future__ import annotations
 
@@ -22,13 +24,17 @@ import copy
 import gzip
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ldmscale.data.stream import Source, StreamCursor
+from ldmscale.data.mixture import Deal
+from ldmscale.data.stream import Split, StreamCursor
 from ldmscale.runtime.errors import InputError
 
-FORMAT = 3  # 2 counted micro-batches (no micro-batch change, no shard-list check); 1 replayed the epoch
+FORMAT = 4  # 3: one source; 2 counted micro-batches (no micro-batch change, no shard-list check); 1 replayed the epoch
+READABLE = (3, 4)
+SHORTHAND = "default"  # the name of data.shards' one source (sources.py)
 
 
 class PositionError(InputError, ValueError):
@@ -80,47 +86,74 @@ def shard_list_change(saved: ShardListId, urls: list[str], saved_urls: list[str]
 
 
 @dataclass
-class Segment:
-    """Samples from one source stream."""
+class StreamPos:
+    """Where one source's stream of a segment stands: its cursor (None: the start of its epoch), the samples to
+    pass over first (read, never decoded: other roles give them), and its drop counters when this segment last
+    counted them (a sample dropped before, by the skip or by the role that gave the stream's earlier part, is not
+    counted again)."""
 
-    src: Source
-    samples: int  # stream samples it still gives
-    skip: int = 0  # stream samples to pass over first (another role gives them): read, never decoded
-    cursor: StreamCursor | None = None  # where the stream stands; None: the start of its epoch
-    # the stream's drop counters when this segment last counted them: a sample dropped before it (by the skip,
-    # or by the role that gave the stream's earlier part) is not counted again
+    cursor: StreamCursor | None = None
+    skip: int = 0
     baseline: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"src": list(self.src), "samples": self.samples, "skip": self.skip,
-                "cursor": self.cursor.to_dict() if self.cursor is not None else None,
+        return {"cursor": self.cursor.to_dict() if self.cursor is not None else None, "skip": self.skip,
                 "baseline": dict(self.baseline) if self.baseline is not None else None}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Segment:
-        src = tuple(int(x) for x in d["src"])
-        return cls(src=(src[0], src[1], src[2], src[3]), samples=int(d["samples"]), skip=int(d["skip"]),
-                   cursor=StreamCursor.from_dict(d["cursor"]) if d["cursor"] is not None else None,
+    def from_dict(cls, d: dict[str, Any]) -> StreamPos:
+        return cls(cursor=StreamCursor.from_dict(d["cursor"]) if d["cursor"] is not None else None,
+                   skip=int(d["skip"]),
                    baseline={k: int(v) for k, v in d["baseline"].items()} if d["baseline"] is not None else None)
 
 
 @dataclass
+class Segment:
+    """Samples of one role of the epoch's deal (`src`): its slots start .. start + samples - 1, each filled from
+    that role's stream of the source the slot draws (mixture.py), one stream position per source. With one
+    source, a number of samples from one stream."""
+
+    src: Split
+    samples: int  # samples it still gives
+    start: int = 0  # the role's slot (its sample ordinal in the epoch) this segment gives first
+    streams: list[StreamPos] = field(default_factory=lambda: [StreamPos()])
+
+    @property
+    def skip(self) -> int:
+        """Samples its streams pass over before its first (0: it continues where a role stopped)."""
+        return sum(s.skip for s in self.streams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"src": list(self.src), "samples": self.samples, "start": self.start,
+                "streams": [s.to_dict() for s in self.streams]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Segment:
+        src = tuple(int(x) for x in d["src"])
+        split = (src[0], src[1], src[2], src[3])
+        if "streams" not in d:  # format 3: one source
+            return cls(split, int(d["samples"]), 0, [StreamPos.from_dict(d)])
+        return cls(split, int(d["samples"]), int(d["start"]), [StreamPos.from_dict(s) for s in d["streams"]])
+
+
+@dataclass
 class RolePlan:
-    """What one loader worker role still gives this epoch, and what it dropped so far (by reason)."""
+    """What one loader worker role still gives this epoch, and what it dropped so far (by source, by reason)."""
 
     segments: list[Segment] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: list[dict[str, int]] = field(default_factory=lambda: [{}])
 
     @property
     def samples(self) -> int:
         return sum(s.samples for s in self.segments)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"segments": [s.to_dict() for s in self.segments], "counts": dict(self.counts)}
+        return {"segments": [s.to_dict() for s in self.segments], "counts": [dict(c) for c in self.counts]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RolePlan:
-        return cls([Segment.from_dict(s) for s in d["segments"]], {k: int(v) for k, v in d["counts"].items()})
+        counts = d["counts"] if isinstance(d["counts"], list) else [d["counts"]]  # format 3: one source
+        return cls([Segment.from_dict(s) for s in d["segments"]], [{k: int(v) for k, v in c.items()} for c in counts])
 
 
 def role_batches(total: int, workers: int, role: int) -> int:
@@ -128,10 +161,28 @@ def role_batches(total: int, workers: int, role: int) -> int:
     return len(range(role, total, workers))
 
 
-def fresh_roles(rank: int, world: int, workers: int, batches: int, micro_batch: int) -> list[RolePlan]:
-    """A rank's fresh epoch of `batches` micro-batches: every role its own source from the start."""
-    return [RolePlan([Segment((rank, world, j, workers), role_batches(batches, workers, j) * micro_batch)])
+def fresh_roles(rank: int, world: int, workers: int, batches: int, micro_batch: int, sources: int = 1
+                ) -> list[RolePlan]:
+    """A rank's fresh epoch of `batches` micro-batches: every role its own streams (one per source) from the start."""
+    return [RolePlan([Segment((rank, world, j, workers), role_batches(batches, workers, j) * micro_batch, 0,
+                              [StreamPos() for _ in range(sources)])], [{} for _ in range(sources)])
             for j in range(workers)]
+
+
+@dataclass(frozen=True)
+class SourceId:
+    """What a position's streams of one source refer to: its name, normalised weight and shard list."""
+
+    name: str
+    weight: float
+    shards: ShardListId
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight, "shards": self.shards.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SourceId:
+        return cls(str(d["name"]), float(d["weight"]), ShardListId.from_dict(d["shards"]))
 
 
 @dataclass
@@ -145,9 +196,11 @@ class DataPosition:
     global_batch: int = 1
     world: int = 1
     workers: int = 1
-    shards: ShardListId = field(default_factory=lambda: ShardListId(0, ""))
+    sources: list[SourceId] = field(default_factory=list)  # the mixture: each source's name, weight, shard list
+    deal: Deal | None = None  # how the epoch's slots were dealt when it began (the mixture draw's slot numbers)
     roles: list[RolePlan] = field(default_factory=list)
-    shard_urls: str | None = None  # rank 0 only: the packed shard list (pack_urls), to name what changed
+    drawn: list[int] = field(default_factory=list)  # samples this rank gave from each source since the run began
+    shard_urls: list[str] | None = None  # rank 0 only: each source's packed shard list (pack_urls)
 
     @property
     def remaining(self) -> int:
@@ -161,24 +214,34 @@ class DataPosition:
     def to_dict(self) -> dict[str, Any]:
         d = {"format": FORMAT, "epoch": self.epoch, "given": self.given, "epoch_samples": self.epoch_samples,
              "micro_batch": self.micro_batch, "global_batch": self.global_batch, "world": self.world,
-             "workers": self.workers, "shards": self.shards.to_dict(), "roles": [r.to_dict() for r in self.roles]}
+             "workers": self.workers, "sources": [s.to_dict() for s in self.sources],
+             "deal": self.deal.to_dict() if self.deal is not None else None, "drawn": list(self.drawn),
+             "roles": [r.to_dict() for r in self.roles]}
         if self.shard_urls is not None:
             d["shard_urls"] = self.shard_urls
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataPosition:
-        if d.get("format") != FORMAT:
+        if d.get("format") not in READABLE:
             raise PositionError(
                 f"the checkpoint's data position has format {d.get('format', 1)}, written by an older ldmscale "
-                f"(this one reads format {FORMAT} and shuffles differently): resume with the version that wrote it "
-                f"to the end of epoch {d.get('epoch', '?')}, or set data.on_shard_list_change=new_epoch to start "
-                f"the next epoch"
+                f"(this one reads formats {', '.join(map(str, READABLE))}, and shuffles differently from older ones): "
+                f"resume with the version that wrote it to the end of epoch {d.get('epoch', '?')}, or set "
+                f"data.on_shard_list_change=new_epoch to start the next epoch"
             )
+        world, workers = int(d["world"]), int(d["workers"])
+        micro, global_batch = int(d["micro_batch"]), int(d["global_batch"])
+        if d["format"] == 3:  # one source, no mixture draw
+            sources = [SourceId(SHORTHAND, 1.0, ShardListId.from_dict(d["shards"]))]
+            deal, drawn = Deal(world, workers, micro, global_batch), [0]
+            urls = [d["shard_urls"]] if d.get("shard_urls") else None
+        else:
+            sources = [SourceId.from_dict(s) for s in d["sources"]]
+            deal, drawn, urls = Deal.from_dict(d["deal"]), [int(x) for x in d["drawn"]], d.get("shard_urls")
         return cls(epoch=int(d["epoch"]), given=int(d["given"]), epoch_samples=int(d["epoch_samples"]),
-                   micro_batch=int(d["micro_batch"]), global_batch=int(d["global_batch"]), world=int(d["world"]),
-                   workers=int(d["workers"]), shards=ShardListId.from_dict(d["shards"]),
-                   roles=[RolePlan.from_dict(r) for r in d["roles"]], shard_urls=d.get("shard_urls"))
+                   micro_batch=micro, global_batch=global_batch, world=world, workers=workers, sources=sources,
+                   deal=deal, roles=[RolePlan.from_dict(r) for r in d["roles"]], drawn=drawn, shard_urls=urls)
 
 
 def saved_ranks_needed(rank: int, world: int, saved_world: int) -> range:
@@ -202,15 +265,20 @@ def check_whole_steps(left: int, epoch: int, saved_global: int, global_batch: in
         )
 
 
+# the sources of a segment's first n slots, counted per source: (segment, n) -> [count of source k]
+SlotCounter = Callable[[Segment, int], list[int]]
+
+
 def resplit(saved: dict[int, DataPosition], saved_world: int, *, world: int, workers: int, rank: int,
-            micro_batch: int, global_batch: int) -> DataPosition:
+            micro_batch: int, global_batch: int, count_slots: SlotCounter) -> DataPosition:
     """This rank's share of the rest of the saved epoch, for `world` ranks x `workers` roles x `micro_batch`.
 
     `saved` holds (at least) the positions of saved_ranks_needed(rank, world, saved_world). The remaining samples
     of all saved ranks (in rank, role, segment order) are cut into `world` equal contiguous runs, and each run
-    into per-role pieces of whole micro-batches; a piece starting inside a segment skips (reads, never decodes)
-    the samples before it. A role plays its pieces that need no skip first, so its first batch costs only the
-    reopened shards. Each saved rank's drop counters go to exactly one new rank, so the job's sums stay.
+    into per-role pieces of whole micro-batches; a piece starting inside a segment keeps the segment's slots (each
+    with the source the mixture drew for it) and its streams skip (read, never decode) the samples of the slots
+    before it, per source (`count_slots`). A role plays its pieces that need no skip first, so its first batch
+    costs only the reopened shards. Each saved rank's counters go to exactly one new rank, so the job's sums stay.
     """
     needed = saved_ranks_needed(rank, world, saved_world)
     missing = [r for r in needed if r not in saved]
@@ -242,37 +310,82 @@ def resplit(saved: dict[int, DataPosition], saved_world: int, *, world: int, wor
                 if seg.samples > 0:
                     pieces.append((offset, seg))
                     offset += seg.samples
+    n_sources = len(first.sources)
     roles = []
     for j in range(workers):
         n = role_batches(batches, workers, j) * micro_batch
-        cut = _cut(pieces, lo, lo + n)
-        roles.append(RolePlan(sorted(cut, key=lambda s: s.skip), {}))  # stable: a piece needing no skip first
+        cut = _cut(pieces, lo, lo + n, count_slots)
+        roles.append(RolePlan(sorted(cut, key=lambda s: s.skip), [{} for _ in range(n_sources)]))  # the cheapest first
         lo += n
+    drawn = [0] * n_sources
     for r in needed:  # saved rank r's counters go to the new rank whose share starts in it
         if r * world // saved_world == rank:
+            drawn = [a + b for a, b in zip(drawn, saved[r].drawn)]
             for role in saved[r].roles:
-                for k, v in role.counts.items():
-                    roles[0].counts[k] = roles[0].counts.get(k, 0) + v
+                for k, counts in enumerate(role.counts):
+                    for reason, v in counts.items():
+                        roles[0].counts[k][reason] = roles[0].counts[k].get(reason, 0) + v
     return DataPosition(epoch=first.epoch, given=0, epoch_samples=per_rank, micro_batch=micro_batch,
-                        global_batch=global_batch, world=world, workers=workers, shards=first.shards, roles=roles)
+                        global_batch=global_batch, world=world, workers=workers, sources=list(first.sources),
+                        deal=first.deal, roles=roles, drawn=drawn)
 
 
-def _cut(pieces: list[tuple[int, Segment]], lo: int, hi: int) -> list[Segment]:
+def _cut(pieces: list[tuple[int, Segment]], lo: int, hi: int, count_slots: SlotCounter) -> list[Segment]:
     """The segments covering samples [lo, hi) of the concatenated pieces."""
     out = []
     for start, seg in pieces:
         a, b = max(lo, start), min(hi, start + seg.samples)
-        if a < b:
-            head = a == start  # the piece continues the segment where it stands: its counters go on
-            out.append(Segment(seg.src, b - a, seg.skip + (a - start), copy.deepcopy(seg.cursor),
-                               copy.deepcopy(seg.baseline) if head else None))
+        if a >= b:
+            continue
+        if a == start:  # the piece continues the segment where it stands: its streams and counters go on
+            streams = copy.deepcopy(seg.streams)
+        else:  # its streams pass over the samples of the slots before it, source by source
+            passed = count_slots(seg, a - start)
+            streams = [StreamPos(copy.deepcopy(st.cursor), st.skip + n, None) for st, n in zip(seg.streams, passed)]
+        out.append(Segment(seg.src, b - a, seg.start + (a - start), streams))
     return out
 
 
-def check_saved_shards(saved: dict[str, Any], urls: list[str], on_change: str) -> str | None:
-    """A resume's shard list against the checkpoint's, before anything heavy is built (rank 0, in the data plan,
-    from saved rank 0's position, which holds the list). The same list: None. Another: PositionError saying how
-    many shards were added and removed (data.on_shard_list_change=refuse), or the warning line (new_epoch)."""
+def sources_change(saved: list[SourceId], now: list[SourceId]) -> str | None:
+    """What changed in the mixture itself (names, order, weights), or None. A one-source run compares no names:
+    data.shards and a data.sources of one source read alike."""
+    if len(saved) == len(now) == 1:
+        return None
+    if [s.name for s in saved] != [s.name for s in now]:
+        return (f"data.sources names other sources than when the checkpoint was saved ("
+                f"{', '.join(s.name for s in saved)} then, {', '.join(s.name for s in now)} now)")
+    moved = [f"{a.name} {a.weight:.4g} -> {b.weight:.4g}" for a, b in zip(saved, now)
+             if abs(a.weight - b.weight) > 1e-9]
+    if moved:
+        return f"data.sources weighs its sources otherwise than when the checkpoint was saved ({'; '.join(moved)})"
+    return None
+
+
+def mixture_change(saved: DataPosition, now: list[SourceId], urls: list[list[str]],
+                   saved_urls: list[str] | None) -> str | None:
+    """One line saying how the sources differ from the saved position's (the mixture, or a source's shard list) and
+    the ways out, or None when they are the same."""
+    what = sources_change(saved.sources, now)
+    if what is not None:
+        return (f"{what}: the rest of epoch {saved.epoch} was drawn with the old mixture. Restore it to continue the "
+                f"epoch exactly, or set data.on_shard_list_change=new_epoch to start the next epoch with the new one")
+    for k, (old, new) in enumerate(zip(saved.sources, now)):
+        if old.shards != new.shards:
+            line = shard_list_change(old.shards, urls[k], unpack_urls(saved_urls[k]) if saved_urls else None)
+            return line if len(now) == 1 else f"source {new.name}: {line}"
+    return None
+
+
+def check_saved_shards(saved: dict[str, Any], sources: list[SourceId] | list[str], on_change: str,
+                       urls: list[list[str]] | None = None) -> str | None:
+    """A resume's sources against the checkpoint's, before anything heavy is built (rank 0, in the data plan, from
+    saved rank 0's position, which holds the shard lists). The same: None. Another mixture or shard list:
+    PositionError saying what changed (data.on_shard_list_change=refuse), or the warning line (new_epoch).
+    `sources` may be a plain shard list (the one-source shorthand); `urls`: each source's URLs."""
+    if sources and isinstance(sources[0], str):
+        urls = [list(sources)]  # type: ignore[list-item]
+        sources = [SourceId(SHORTHAND, 1.0, ShardListId.of(urls[0]))]
+    assert urls is not None
     try:
         position = DataPosition.from_dict(saved)
     except PositionError:
@@ -280,11 +393,12 @@ def check_saved_shards(saved: dict[str, Any], urls: list[str], on_change: str) -
             return (f"the checkpoint's data position was written by an older ldmscale: data.on_shard_list_change="
                     f"new_epoch, so epoch {int(saved.get('epoch', 0)) + 1} starts")
         raise
-    if position.shards == ShardListId.of(urls):
+    line = mixture_change(position, sources, urls, position.shard_urls)  # type: ignore[arg-type]
+    if line is None:
         return None
     if on_change == "new_epoch":
-        return (f"data.shards changed since the checkpoint ({position.shards.count} shards then, {len(urls)} now): "
+        then = sum(s.shards.count for s in position.sources)
+        return (f"the data sources changed since the checkpoint ({then} shards then, {sum(map(len, urls))} now): "
                 f"data.on_shard_list_change=new_epoch, so the rest of epoch {position.epoch} is skipped and epoch "
-                f"{position.epoch + 1} starts over the new list")
-    old = unpack_urls(position.shard_urls) if position.shard_urls else None
-    raise PositionError(shard_list_change(position.shards, urls, old))
+                f"{position.epoch + 1} starts over the new ones")
+    raise PositionError(line)

@@ -7,13 +7,15 @@ with retries, every rank gets the result or the same error and exits alike."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import pickle
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ from webdataset.tariterators import group_by_keys
 from ldmscale.config import DataConfig
 from ldmscale.data import storage
 from ldmscale.data.shardlist import check_shards_reachable, expand_shard_urls
+from ldmscale.data.sources import MixSource, source_views
 from ldmscale.data.storage import StorageError, is_throttling, storage_options_for
 from ldmscale.data.stream import sample_reason, tar_members
 from ldmscale.runtime.errors import InputError
@@ -37,16 +40,76 @@ PASS_SAMPLES = 256  # raw samples read from the start of each
 
 
 @dataclass
-class DataPlan:
+class SourcePlan:
+    """One source's part of the plan: its shards, their samples and the share its filters keep."""
+
+    name: str
+    weight: float  # normalised: its expected share of an epoch's samples
     urls: list[str]
-    in_shards: int  # samples the shards hold (img2dataset `successes`, or data.samples_per_epoch when set)
-    pass_rate: float  # share of raw samples that pass data.filters, from sampled shards
-    samples_per_epoch: int  # what an epoch is sized by: samples that pass the filters
+    in_shards: int | None  # samples the shards hold (img2dataset `successes`; None: not counted)
+    pass_rate: float  # share of raw samples that pass its filters, from sampled shards
     sampled: int  # raw samples the pass rate was measured on
+
+    @property
+    def samples(self) -> int | None:
+        """Its samples after filtering (estimated)."""
+        return max(1, round(self.in_shards * self.pass_rate)) if self.in_shards else None
+
+    def line(self, epoch: int) -> str:
+        """Its plan for an epoch of `epoch` samples: size, pass rate, weight, expected passes (repeats)."""
+        drawn = self.weight * epoch
+        size = (f"{self.in_shards:,} samples in the shards, ~{self.pass_rate:.1%} pass its filters (of "
+                f"{self.sampled:,} sampled) = {self.samples:,}" if self.in_shards else
+                f"~{self.pass_rate:.1%} pass its filters (of {self.sampled:,} sampled), size not counted")
+        passes = f", {drawn / self.samples:.3g} passes an epoch" if self.samples else ""
+        return (f"data:   {self.name}: {len(self.urls):,} shards, {size}; weight {self.weight:.3g}: ~{drawn:,.0f} "
+                f"samples{passes}")
+
+
+@dataclass
+class DataPlan:
+    sources: list[SourcePlan]
+    samples_per_epoch: int  # what an epoch is sized by: samples drawn (after filtering)
     given: bool = False  # the epoch size came from data.samples_per_epoch
     note: Any = None  # what plan_data's on_urls check returned (a resume's shard-list note)
 
+    @property
+    def urls(self) -> list[str]:
+        """Every source's shard URLs (one source: its list)."""
+        return [u for s in self.sources for u in s.urls]
+
+    @property
+    def in_shards(self) -> int:
+        return sum(s.in_shards or 0 for s in self.sources)
+
+    @property
+    def pass_rate(self) -> float:
+        return sum(s.pass_rate * s.sampled for s in self.sources) / max(1, self.sampled)
+
+    @property
+    def sampled(self) -> int:
+        return sum(s.sampled for s in self.sources)
+
+    def mix_sources(self, cfg: DataConfig) -> list[MixSource]:
+        """The sources as the loader reads them: their config views with the listed URLs and planned sizes."""
+        return [MixSource(name, weight, view, plan.urls, plan.samples)
+                for (name, weight, view), plan in zip(source_views(cfg), self.sources)]
+
+    def describe(self) -> dict[str, Any]:
+        """The plan as data (log.jsonl, the W&B run config): the epoch and, per source, its shards, samples, filter
+        pass rate, weight and expected passes an epoch."""
+        epoch = self.samples_per_epoch
+        return {"samples_per_epoch": epoch, "given": self.given, "sources": {s.name: {
+            "shards": len(s.urls), "samples_in_shards": s.in_shards, "pass_rate": s.pass_rate, "samples": s.samples,
+            "weight": s.weight, "passes_per_epoch": s.weight * epoch / s.samples if s.samples else None,
+        } for s in self.sources}}
+
     def summary(self) -> str:
+        if len(self.sources) > 1:
+            how = "data.samples_per_epoch" if self.given else "the sources' samples after filtering, summed"
+            head = (f"data: a mixture of {len(self.sources)} sources, epoch = {self.samples_per_epoch:,} samples drawn "
+                    f"by weight ({how})")
+            return "\n".join([head, *(s.line(self.samples_per_epoch) for s in self.sources)])
         rate = f"~{self.pass_rate:.1%} pass data.filters (of {self.sampled:,} sampled)"
         if self.given:
             return (f"data: {len(self.urls):,} shards, {rate}: "
@@ -153,22 +216,63 @@ def check_reachable(urls: list[str], storage_options: dict | None) -> None:
                     storage.scrub(urls[0]))
 
 
-def plan_data(cfg: DataConfig, on_urls: Callable[[list[str]], Any] | None = None) -> DataPlan:
-    """The whole data plan, with retries. Raises StorageError naming what failed and how to fix it.
-    on_urls: a check of the listed URLs made before anything else is read (a resume's saved shard list)."""
+def plan_source(name: str, weight: float, cfg: DataConfig, urls: list[str], count: bool) -> SourcePlan:
+    """One source's plan from its listed URLs: the store answers, the filters' pass rate, the samples its shards
+    hold (when `count`; else tried, and None when the stats cannot be read)."""
+    check_reachable(urls, cfg.storage_options)
+    rate, sampled = estimate_pass_rate(cfg, urls)
     try:
-        urls = with_retries(lambda: expand_shard_urls(cfg.shards, cfg.storage_options), "listing data.shards")
-        note = on_urls(urls) if on_urls is not None else None
-        check_reachable(urls, cfg.storage_options)
-        rate, sampled = estimate_pass_rate(cfg, urls)
-        in_shards = count_samples(cfg, urls)
+        in_shards: int | None = count_samples(dataclasses.replace(cfg, samples_per_epoch=0), urls)
+    except ValueError:
+        if count:
+            raise
+        in_shards = None  # data.samples_per_epoch sizes the epoch: the size only tells the passes
+    return SourcePlan(name, weight, urls, in_shards, rate, sampled)
+
+
+def plan_data(cfg: DataConfig, on_urls: Callable[[list[MixSource]], Any] | None = None) -> DataPlan:
+    """The whole data plan, with retries: every source listed, checked and sized. Raises StorageError naming
+    what failed (and the source) and how to fix it. on_urls: a check of the listed sources made before anything
+    else is read (a resume's saved mixture and shard lists)."""
+    views = source_views(cfg)
+    mixture = len(views) > 1
+    try:
+        listed = []
+        for name, weight, view in views:
+            with _source_errors(name if mixture else ""):
+                what = f"listing data.sources[{name}].shards" if mixture else "listing data.shards"
+                urls = with_retries(lambda v=view: expand_shard_urls(v.shards, v.storage_options), what)
+            listed.append(MixSource(name, weight, view, urls))
+        note = on_urls(listed) if on_urls is not None else None
+        if not mixture and cfg.samples_per_epoch:  # one source, sized by the user: nothing to count
+            check_reachable(listed[0].urls, cfg.storage_options)
+            rate, sampled = estimate_pass_rate(cfg, listed[0].urls)
+            plans = [SourcePlan(views[0][0], 1.0, listed[0].urls, cfg.samples_per_epoch, rate, sampled)]
+        else:
+            plans = []
+            for s in listed:
+                with _source_errors(s.name if mixture else ""):
+                    plans.append(plan_source(s.name, s.weight, s.cfg, s.urls, count=not cfg.samples_per_epoch))
     except InputError:
         raise
     except ValueError as e:
         raise StorageError(str(e)) from None
     if cfg.samples_per_epoch:  # given by the user: already the epoch's size
-        return DataPlan(urls, in_shards, rate, in_shards, sampled, given=True, note=note)
-    return DataPlan(urls, in_shards, rate, max(1, round(in_shards * rate)), sampled, note=note)
+        return DataPlan(plans, cfg.samples_per_epoch, given=True, note=note)
+    return DataPlan(plans, max(1, sum(p.samples or 0 for p in plans)), note=note)
+
+
+@contextlib.contextmanager
+def _source_errors(source: str) -> Iterator[None]:
+    """A mixture's data errors, prefixed with the source's name."""
+    try:
+        yield
+    except (InputError, ValueError) as e:
+        if not source:
+            raise
+        err = StorageError(f"source {source}: {e}")
+        err.transient, err.missing = getattr(e, "transient", False), getattr(e, "missing", False)
+        raise err from None
 
 
 class RankZeroError(StorageError):
@@ -207,6 +311,6 @@ def rank0_shared(fn: Callable[[], T], what: str) -> T:
     return value
 
 
-def shared_plan(cfg: DataConfig, on_urls: Callable[[list[str]], Any] | None = None) -> DataPlan:
+def shared_plan(cfg: DataConfig, on_urls: Callable[[list[MixSource]], Any] | None = None) -> DataPlan:
     """Collective when a process group is up: rank 0 plans, every rank gets the plan (or its error)."""
     return rank0_shared(lambda: plan_data(cfg, on_urls), "the data plan")

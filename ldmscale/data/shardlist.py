@@ -109,14 +109,16 @@ def expand_without_listing(spec: str | list[str]) -> list[str] | None:
         return None  # nothing found: the preflight says so with its own message
 
 
-def check_split(n_urls: int, world: int, workers: int) -> None:
-    """Every loader worker of every rank needs a shard of its own (a StorageError: the CLIs exit 2 on it)."""
+def check_split(n_urls: int, world: int, workers: int, source: str = "") -> None:
+    """Every loader worker of every rank needs a shard of its own, of every source (a StorageError: the CLIs exit 2
+    on it). `source`: the name of a mixture's source, for the message."""
     workers = max(1, workers)
     if n_urls < world * workers:
+        where = f"source {source}: " if source else ""
         raise StorageError(
-            f"{n_urls} shards cannot feed {world} ranks x {workers} loader workers (data.num_workers): every worker "
-            f"needs a shard of its own; set data.num_workers <= {max(1, n_urls // world)} or split the data into "
-            f"more shards"
+            f"{where}{n_urls} shards cannot feed {world} ranks x {workers} loader workers (data.num_workers): every "
+            f"worker needs a shard of its own; set data.num_workers <= {max(1, n_urls // world)} or split the "
+            f"data into more shards"
         )
 
 

@@ -303,6 +303,18 @@ class FsspecGopen:
         return f"FsspecGopen({redact(self.storage_options)})"
 
 
+def open_shard(url: str, storage_options: dict | None) -> BinaryIO:
+    """A shard for reading with these storage options (a mixture's sources may sit in other buckets or behind other
+    endpoints) where the protocol goes through fsspec; anything else (local files, schemes registered by hand)
+    through webdataset's gopen."""
+    from webdataset.gopen import gopen
+
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if isinstance(gopen_schemes.get(scheme), FsspecGopen):
+        return open_url(url, storage_options)
+    return gopen(url)
+
+
 def register_gopen_schemes(storage_options: dict | None = None) -> None:
     """Route webdataset's s3://, gs://, gcs://, http(s):// and every other fsspec protocol through
     fsspec with retry/resume. Fork workers inherit this; spawn workers call it themselves (the loader's

@@ -34,16 +34,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys
 
 from ldmscale.config import DataConfig, StyleConfig
+from ldmscale.data.captions import caption_of
 from ldmscale.data.filters import IMAGE_EXTS, reject_reason
-from ldmscale.data.storage import storage_options_for
+from ldmscale.data.storage import open_shard, storage_options_for
 
 log = logging.getLogger(__name__)
 
-Source = tuple[int, int, int, int]  # (rank, world, role, workers) of the split that defines the stream
+Split = tuple[int, int, int, int]  # (rank, world, role, workers): the split of a source's shards a stream reads
 MAX_SHARD_ATTEMPTS = 2  # a failed shard is retried once, at the end of its cycle
 MISSING = -1  # the offset logged for a shard that does not exist: dropped at once, and so on a replay
 OVERSIZE = None  # the payload of a tar member above the size cap (never read, never decoded)
@@ -55,12 +55,28 @@ def seeded(*parts: int) -> random.Random:
     return random.Random("ldmscale/" + "/".join(str(int(p)) for p in parts))
 
 
-def source_shards(n_urls: int, seed: int, epoch: int, src: Source) -> list[int]:
-    """The shard indices of a source for an epoch: seeded shuffle, split by rank, then by worker role."""
+def source_shards(n_urls: int, seed: int, epoch: int, src: Split) -> list[int]:
+    """The shard indices of a split for an epoch: seeded shuffle, split by rank, then by worker role. A source with
+    fewer shards than ranks x workers (a small set in a mixture) gives each split one shard, shared (shard_stride)."""
     rank, world, role, workers = src
     order = list(range(n_urls))
     seeded(seed, epoch).shuffle(order)
+    if n_urls < world * workers:
+        return [order[(rank + world * role) % n_urls]]
     return order[rank::world][role::workers]
+
+
+def shard_stride(n_urls: int, src: Split) -> tuple[int, int]:
+    """(phase, stride): the raw samples of its shard a split reads, every stride-th from the phase-th. 1 of 1 unless
+    the source has fewer shards than ranks x workers: then split p = rank + ranks x role reads shard p mod n, shared
+    by the splits p, p + n, p + 2n, ... each taking its own residue of the shard's samples (the shard's bytes are
+    read by each of them: a source worth reading often should have a shard per worker)."""
+    rank, world, role, workers = src
+    splits = world * workers
+    if n_urls >= splits:
+        return 0, 1
+    p = rank + world * role
+    return p // n_urls, len(range(p % n_urls, splits, n_urls))
 
 
 def shards_for(urls: list[str], seed: int, epoch: int, rank: int, world: int, role: int, workers: int) -> list[str]:
@@ -166,13 +182,13 @@ def tar_members(stream: Any, url: str, max_bytes: int) -> Iterator[dict[str, Any
         tar.members = []  # a 10,000-member shard would otherwise keep every TarInfo
 
 
-def sample_reason(sample: dict[str, Any], cfg: DataConfig) -> str | None:
+def sample_reason(sample: dict[str, Any], cfg: DataConfig, seed: int = 0) -> str | None:
     """Why a raw sample is dropped before decode; malformed metadata is a reason, never a crash (a crash
     would repeat on every resume, since the replay is deterministic)."""
     if any(v is OVERSIZE for v in sample.values()):
         return "too_large"
     try:
-        return reject_reason(sample, cfg.filters)
+        return reject_reason(sample, cfg.filters, cfg.caption_key, seed)
     except Exception:  # a width given as a string, a list instead of an object, ...
         return "bad_json"
 
@@ -187,13 +203,14 @@ class SourceStream:
         *,
         seed: int,
         epoch: int,
-        src: Source,
+        src: Split,
         cursor: StreamCursor | None = None,
         style: StyleConfig | None = None,
     ) -> None:
         self.cfg, self.urls, self.seed, self.epoch, self.src = cfg, urls, seed, epoch, tuple(src)
         self.style = style if style is not None and style.enabled and style.reference == "metadata" else None
         self.max_member_bytes = cfg.max_member_bytes
+        self.stride = shard_stride(len(urls), self.src)
         self.block_size = max(1, cfg.shuffle_buffer)
         cursor = cursor if cursor is not None else StreamCursor(StreamState())
         self._state = copy.deepcopy(cursor.start)  # mutated as the stream advances
@@ -206,6 +223,10 @@ class SourceStream:
         self.block_counts: dict[str, int] = dict(self.counts)  # the drop counters as they stand (new per block)
         self._raw = self._filtered()
         self._last_warning = -1e9
+
+    def caption(self, sample: dict[str, Any]) -> str:
+        """The caption data.caption_key picks for a sample the filters kept."""
+        return caption_of(sample, self.cfg.caption_key, self.seed) or ""
 
     # ------------------------------------------------------------ position
 
@@ -281,9 +302,9 @@ class SourceStream:
                 self._new_cycle()
             idx, offset = st.queue[0]
             try:
-                for sample in self._read(idx, offset):
-                    st.queue[0][1] += 1
-                    reason = sample_reason(sample, self.cfg)
+                for n, sample in self._read(idx, offset):
+                    st.queue[0][1] = n + 1
+                    reason = sample_reason(sample, self.cfg, self.seed)
                     if reason:
                         self.counts[reason] += 1
                         continue
@@ -294,24 +315,26 @@ class SourceStream:
                 continue
             st.queue.pop(0)
 
-    def _read(self, idx: int, offset: int) -> Iterator[dict[str, Any]]:
-        """Samples of shard idx from member-group `offset` on; fails where the original run's read failed."""
+    def _read(self, idx: int, offset: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(raw index, sample) of shard idx from member-group `offset` on (this split's residue of a shared shard);
+        fails where the original run's read failed."""
         attempt = len(self._state.failures.get(idx, []))
         logged = self._log.get(idx, [])
         stop = logged[attempt] if attempt < len(logged) else None
         url = self.urls[idx]
         if stop == MISSING:
             raise FileNotFoundError(f"{url} (missing in the run being resumed)")
-        stream = gopen(url)
+        stream = open_shard(url, self.cfg.storage_options)
         try:
             samples = group_by_keys(tar_members(stream, url, self.max_member_bytes))
+            phase, stride = self.stride
             seen = 0
             for n, sample in enumerate(samples):
                 if stop is not None and n >= stop:
                     break
                 seen = n + 1
-                if n >= offset:
-                    yield sample
+                if n >= offset and n % stride == phase:
+                    yield n, sample
             if stop is not None:
                 raise FailedShard(f"{url}: failed at sample {stop} in the run being resumed")
             check_shard_length(url, seen, self.cfg.storage_options)

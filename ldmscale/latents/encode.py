@@ -1,10 +1,12 @@
 """`ldmscale-encode --config C --out URL [section.key=value ...]`: image shards -> latent shards, once.
 
-Reads the image shards of `data.shards` as training does (the same shard list, filters, JPEG decode, resolution and
-crop), runs the frozen VAE encoder (and, with --text-embeddings, the text encoder) and writes one latent shard per
-image shard to `--out` (any fsspec URL): per kept sample the posterior moments, token ids, txt, json and key. With
-aspect buckets (data.buckets.enabled) each image is cut into its bucket as training cuts it (the random crop drawn
-from train.seed and the key) and its size conditioning (original size, crop, bucket) is stored with its moments.
+Reads the image shards of `data.shards` as training does (the same shard list, filters, caption key, JPEG decode,
+resolution and crop), runs the frozen VAE encoder (and, with --text-embeddings, the text encoder) and writes one
+latent shard per image shard to `--out` (any fsspec URL): per kept sample the posterior moments, token ids, txt
+(the caption data.caption_key picks), json and key. With aspect buckets (data.buckets.enabled) each image is cut into
+its bucket as training cuts it (the random crop drawn from train.seed and the key) and its size conditioning
+(original size, crop, bucket) is stored with its moments. A mixture (data.sources) is written as one latent set per
+source, in `--out/<name>/`, each with its own record and manifest.
 
 Every rank (torchrun, Slurm, ldmscale-launch) takes its share of the shards by the trainer's per-rank split and
 needs no process group: an output shard is written atomically and skipped when complete, so a killed or requeued
@@ -14,6 +16,7 @@ job resumes where it stopped, and whichever rank finds every shard complete writ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,7 +29,6 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys
 
 from ldmscale.config import Config, ConfigError, load_config
@@ -40,9 +42,11 @@ from ldmscale.data import (
     storage,
 )
 from ldmscale.data.buckets import bucket_set
+from ldmscale.data.captions import caption_of
 from ldmscale.data.decode import decode_sample_to_bucket
 from ldmscale.data.latent_format import LATENT_EXT, LatentDtype, encode_latent
 from ldmscale.data.shardlist import check_shards_reachable, is_local, strip_file
+from ldmscale.data.sources import source_views, stream_seed
 from ldmscale.data.storage import StorageError, scrub
 from ldmscale.data.stream import check_shard_length, sample_reason, tar_members
 from ldmscale.latents.existing import check_same_set, existing_header, planned_header, record_header
@@ -64,16 +68,17 @@ class EncodeResult:
     failed: list[str] = field(default_factory=list)  # transient read errors after retries: rerun to retry
     samples: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
-    manifest: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None  # the set's (a mixture: the first source's, once every set is complete)
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)  # a mixture: each complete source's
 
 
 class SourceShards(torch.utils.data.IterableDataset):
     """Loader workers read and decode the image shards; each yields chunks of one shard, in order, the last one
     marked and carrying the shard's drop counts and read error."""
 
-    def __init__(self, cfg: Config, todo: list[tuple[str, str]], chunk: int) -> None:
+    def __init__(self, cfg: Config, todo: list[tuple[str, str]], chunk: int, caption_seed: int = 0) -> None:
         super().__init__()
-        self.cfg, self.todo, self.chunk = cfg, todo, chunk
+        self.cfg, self.todo, self.chunk, self.caption_seed = cfg, todo, chunk, caption_seed
         b = cfg.data.buckets
         self.buckets = bucket_set(cfg.data.resolution, b.step, b.max_aspect) if b.enabled else None
 
@@ -106,7 +111,8 @@ class SourceShards(torch.utils.data.IterableDataset):
         rows: list[Row] = []
         images: list[Any] = []
         for sample in self._samples(url, errors):
-            reason = sample_reason(sample, d)  # the training stream's filter wrapper: malformed json is bad_json
+            # the training stream's filter wrapper (malformed json is bad_json; a missing caption is no_caption)
+            reason = sample_reason(sample, d, self.caption_seed)
             if reason:
                 counts[reason] += 1
                 continue
@@ -119,7 +125,9 @@ class SourceShards(torch.utils.data.IterableDataset):
             except Exception:  # a corrupt image is data, not a bug: counted as in training
                 counts["decode_error"] += 1
                 continue
-            rows.append((sample["__key__"], sample["txt"], sample.get("json"), cond))
+            # the caption data.caption_key picks, stored as the latent sample's txt (training from latents reads txt)
+            caption = caption_of(sample, d.caption_key, self.caption_seed) or ""
+            rows.append((sample["__key__"], caption.encode(), sample.get("json"), cond))
             images.append(image)
             if len(rows) == self.chunk:
                 yield {"name": name, "rows": rows, "pixels": self._pixels(images), "last": False}
@@ -137,7 +145,7 @@ class SourceShards(torch.utils.data.IterableDataset):
         a read error, or a shard shorter than its _stats.json lists, ends the shard and is recorded."""
         stream = None
         try:
-            stream = gopen(url)
+            stream = storage.open_shard(url, self.cfg.data.storage_options)  # the source's own store
             seen = 0
             for sample in group_by_keys(tar_members(stream, url, self.cfg.data.max_member_bytes)):
                 seen += 1
@@ -226,16 +234,45 @@ def manifest_header(cfg: Config, enc: Encoder) -> dict[str, Any]:
         "dtype": enc.dtype,
         "vae": enc.vae_info, "text_embeddings": enc.text_encoder is not None, "text_encoder": enc.text_info,
         "tokenizer_max_length": int(enc.tokenizer.model_max_length),
-        "filters": json.loads(json.dumps(cfg.data.filters.__dict__)),
+        "filters": json.loads(json.dumps(cfg.data.filters.__dict__)), "caption_key": cfg.data.caption_key,
     }
 
 
 def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int = 64,
          text_embeddings: bool = False, progress: bool = True) -> EncodeResult:
+    """Encode data.shards into `out`, or each source of data.sources into `out/<name>` (one latent set per source,
+    each with its manifest): train on them with the same sources and weights, their shards at those folders."""
     rank, world, local = dist.world_info_from_env()
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(local)
+    enc = Encoder(cfg, device, text_embeddings, dtype)
+    if not cfg.data.sources:
+        return encode_set(cfg, out, enc, cfg.train.seed, batch_size=batch_size, progress=progress)
+    res = EncodeResult()
+    for index, (name, _, view) in enumerate(source_views(cfg.data)):
+        part = encode_set(dataclasses.replace(cfg, data=view), join(out, name), enc, stream_seed(cfg.train.seed, index),
+                          batch_size=batch_size, progress=progress, label=f"source {name}: ")
+        for mine, theirs in ((res.written, part.written), (res.skipped, part.skipped), (res.failed, part.failed)):
+            mine.extend(f"{name}/{n}" for n in theirs)
+        res.samples += part.samples
+        res.dropped.update(part.dropped)
+        if part.manifest is not None:
+            res.manifests[name] = part.manifest
+    if len(res.manifests) == len(cfg.data.sources):
+        res.manifest = res.manifests[cfg.data.sources[0].name]
+        sources = ", ".join(f"{{name: {s.name}, shards: [{scrub(join(out, s.name))}/], weight: {s.weight:g}}}"
+                            for s in cfg.data.sources)
+        print(f"ldmscale-encode: every source's latent set is complete; train on them with data.format=latents "
+              f"'data.sources=[{sources}]'", flush=True)
+    return res
+
+
+def encode_set(cfg: Config, out: str, enc: Encoder, caption_seed: int, *, batch_size: int, progress: bool,
+               label: str = "") -> EncodeResult:
+    """One latent set: this rank's share of cfg.data.shards (the trainer's per-rank split) into `out`, then the
+    manifest if the set is complete. `caption_seed` keys the caption pick (the seed of the source's streams)."""
+    rank, world, _ = dist.world_info_from_env()
     so = cfg.data.storage_options
     storage.register_gopen_schemes(so)
     sources = source_urls(cfg)
@@ -246,16 +283,15 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
     todo = []
     for name in mine:
         (res.skipped if is_complete(out, name, so) else todo).append(name)
-    enc = Encoder(cfg, device, text_embeddings, dtype)
     # what a rerun must agree with (the weights' hashes are known only now: before any shard is written)
-    record = {**planned_header(cfg, dtype, text_embeddings, sources), **manifest_header(cfg, enc)}
+    record = {**planned_header(cfg, enc.dtype, enc.text_encoder is not None, sources), **manifest_header(cfg, enc)}
     check_same_set(out, existing_header(out, so), record)
     record_header(out, record, so)
     workers = min(cfg.data.num_workers, len(todo))
-    ds = SourceShards(cfg, [(n, by_name[n]) for n in todo], batch_size)
+    ds = SourceShards(cfg, [(n, by_name[n]) for n in todo], batch_size, caption_seed)
     chunks = iter(ds) if workers == 0 else iter(torch.utils.data.DataLoader(
         ds, batch_size=None, num_workers=workers, prefetch_factor=2,
-        multiprocessing_context="fork" if device.type == "cpu" else "spawn"))
+        multiprocessing_context="fork" if enc.device.type == "cpu" else "spawn"))
     bar = tqdm(total=len(todo), unit="shard", desc=f"ldmscale-encode rank {rank}",
                disable=not progress or rank != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     open_writers: dict[str, LatentShardWriter] = {}
@@ -275,7 +311,7 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
             if chunk["transient"]:  # the store kept failing: leave the shard incomplete so a rerun retries it
                 w.abort()
                 res.failed.append(name)
-                print(f"ldmscale-encode: rank {rank}: {name}.tar not written: {chunk['error']}", file=sys.stderr)
+                print(f"ldmscale-encode: {label}rank {rank}: {name}.tar not written: {chunk['error']}", file=sys.stderr)
             else:  # a corrupt or truncated tar stays so: training would read the same samples from it
                 w.finish({"source": scrub(chunk["url"]), "dropped": chunk["counts"], "shard_error": chunk["error"]})
                 res.written.append(name)
@@ -286,13 +322,13 @@ def main(cfg: Config, out: str, *, dtype: LatentDtype = "fp16", batch_size: int 
             w.abort()
         bar.close()
     elapsed = time.perf_counter() - t0
-    print(f"ldmscale-encode: rank {rank}/{world}: wrote {len(res.written)} shards ({res.samples} samples, "
+    print(f"ldmscale-encode: {label}rank {rank}/{world}: wrote {len(res.written)} shards ({res.samples} samples, "
           f"{res.samples / max(elapsed, 1e-9):.1f} samples/s), skipped {len(res.skipped)} complete, "
           f"failed {len(res.failed)}, dropped {dict(res.dropped) or 'none'} in {elapsed:.1f}s", flush=True)
     res.manifest = write_manifest_if_complete(out, sources, record, so)
     if res.manifest is not None:
         c = res.manifest["counts"]
-        print(f"ldmscale-encode: latent set complete: {c['shards']} shards, {c['samples']} samples, dropped "
+        print(f"ldmscale-encode: {label}latent set complete: {c['shards']} shards, {c['samples']} samples, dropped "
               f"{c['dropped'] or 'none'}; manifest {scrub(join(out, 'manifest.json'))}", flush=True)
     return res
 
@@ -351,8 +387,22 @@ def check_out(cfg: Config, out: str, urls: list[str]) -> None:
 def preflight(cfg: Config, out: str, dtype: str = "fp16", text_embeddings: bool = False) -> None:
     """Bad input ends here with one line and exit code 2, before any model is loaded."""
     if cfg.data.format != "images":
-        raise ConfigError("data.format must be images for ldmscale-encode: it reads image shards (data.shards) "
-                          "and writes latent shards to --out")
+        raise ConfigError("data.format must be images for ldmscale-encode: it reads image shards (data.shards or "
+                          "data.sources) and writes latent shards to --out")
+    if cfg.data.sources:
+        check_out(cfg, out, [])  # the mixture's folder itself (each source's set goes below it)
+    for name, _, view in source_views(cfg.data):
+        if not cfg.data.sources:
+            preflight_set(cfg, out, dtype, text_embeddings)
+            continue
+        try:
+            preflight_set(dataclasses.replace(cfg, data=view), join(out, name), dtype, text_embeddings)
+        except InputError as e:
+            raise type(e)(f"source {name}: {e}") from None
+
+
+def preflight_set(cfg: Config, out: str, dtype: str, text_embeddings: bool) -> None:
+    """One latent set's checks: its image shards, its --out, and the set already there (if any)."""
     urls = source_urls(cfg)
     check_sources(cfg, urls)
     check_out(cfg, out, urls)

@@ -2,10 +2,10 @@
 another way.
 
 A latent set is written by one config. ldmscale-encode skips every complete shard, so encoding into a set made by
-another VAE, resolution, crop, dtype, filter or source list would keep the old shards and label the whole set with
-the new config: training would then pass every check and learn from the wrong latents. `encoding.json`, written
-before the first shard, records what the set is being made with (manifest.json repeats it once the set is whole);
-a rerun must agree with it, or choose another --out.
+another VAE, resolution, crop, dtype, filter, caption key or source list would keep the old shards and label the
+whole set with the new config: training would then pass every check and learn from the wrong latents.
+`encoding.json`, written before the first shard, records what the set is being made with (manifest.json repeats it
+once the set is whole); a rerun must agree with it, or choose another --out.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ldmscale.latents.writer import join, read_json, write_bytes_atomic
 ENCODING = "encoding.json"
 # what decides the latents' values (and which samples they hold); hashes are compared where both sides have one
 SAME_KEYS = ("resolution", "center_crop", "buckets", "dtype", "text_embeddings", "tokenizer_max_length", "filters",
-             "max_member_bytes")
+             "caption_key", "max_member_bytes")
 SAME_VAE_KEYS = ("config_hash", "scaling_factor", "shift_factor", "latent_channels", "encoder_hash")
 
 
@@ -33,7 +33,7 @@ def planned_header(cfg: Config, dtype: str, text_embeddings: bool, sources: list
         "format": FORMAT, "resolution": cfg.data.resolution, "center_crop": cfg.data.center_crop,
         "buckets": buckets_entry(cfg), "dtype": dtype,
         "vae": vae_entry(cfg.model, load_vae_config(cfg.model), ""), "text_embeddings": text_embeddings,
-        "filters": json.loads(json.dumps(cfg.data.filters.__dict__)),
+        "filters": json.loads(json.dumps(cfg.data.filters.__dict__)), "caption_key": cfg.data.caption_key,
         "max_member_bytes": cfg.data.max_member_bytes, "source_shards": [scrub(u) for u in sources],
     }
 

@@ -8,6 +8,7 @@ presence means the set is whole. Training from latents refuses a set whose manif
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -175,6 +176,27 @@ def shard_manifest(cfg: Config, urls: list[str]) -> dict[str, Any] | None:
         detail = scrub(f"{type(e).__name__}: {e}")[:200]
         raise StorageError(f"{scrub(where)}: cannot read the latent manifest ({detail}) — check data.shards, "
                            f"data.storage_options and the AWS credentials") from None
+
+
+def shared_source_manifests(cfg: Config, sources: list[Any]) -> dict[str, Any] | None:
+    """Collective: each source's manifest (rank 0 reads, every rank gets it or its error), checked against the
+    config's view of that source (check_shard_format). A mixture of latent sets must come from the same encoders
+    (a ConfigError otherwise). Returns the first source's manifest (the encoders' hashes the stage checks)."""
+    manifests = []
+    for source in sources:  # MixSource: name, cfg (the source's view of data), urls
+        view = dataclasses.replace(cfg, data=source.cfg)
+        manifest = shared_manifest(view, source.urls)
+        check_shard_format(view, source.urls, manifest)
+        manifests.append(manifest)
+    first = manifests[0]
+    if cfg.data.format == "latents":
+        for source, m in zip(sources[1:], manifests[1:]):
+            assert m is not None and first is not None
+            if (m["vae"]["encoder_hash"], m.get("text_encoder")) != (first["vae"]["encoder_hash"],
+                                                                      first.get("text_encoder")):
+                raise ConfigError(f"source {source.name}'s latents were encoded by other encoders than source "
+                                  f"{sources[0].name}'s: encode every source with the same VAE (and text encoder)")
+    return first
 
 
 def shared_manifest(cfg: Config, urls: list[str]) -> dict[str, Any] | None:

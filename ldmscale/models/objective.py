@@ -41,8 +41,9 @@ class LatentDiffusion(torch.nn.Module):
             self.style = style
         self.scheduler = scheduler
         self.snr_gamma = snr_gamma
-        # model.channels_last: NHWC activations let cuDNN pick NHWC kernels. The weights stay contiguous: ZeRO
-        # flattens parameters into buffers and fails on channels_last strides ("stride(-1) must be 1").
+        # model.channels_last: NHWC activations let cuDNN pick NHWC kernels. The conv weights are made NHWC under
+        # ZeRO-0 only, after deepspeed.initialize (trainer/stages.py): DeepSpeed's first broadcast and ZeRO 1-3's
+        # flat buffers need standard strides ("stride(-1) must be 1").
         self.channels_last = False
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

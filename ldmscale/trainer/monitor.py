@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from ldmscale.config import Config, public_dict
-from ldmscale.data.loader import DROP_REASONS
 from ldmscale.models.size_conditioning import added_cond_kwargs, has_size_conditioning
+from ldmscale.trainer.engine import Engine
+
+TRAINER_STEP = "trainer/step"  # the x-axis of every W&B chart (define_metric)
 
 # dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, SXM parts)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -82,6 +84,24 @@ class Monitor:
                 tags=cfg.wandb.tags or None, id=run_id, resume="allow", mode=cfg.wandb.mode,
                 dir=str(out_dir), config=public_dict(cfg),
             )
+            # Charts are drawn against the trainer's step; W&B's own step only has to grow. A run resumed after a
+            # crash replays the steps after its checkpoint: logged at W&B steps past the last one used, they are
+            # kept (W&B drops a step that does not increase), so the curves have no hole. The last W&B step is kept
+            # in a file too: a resumed offline run starts counting at 0 again.
+            self.run.define_metric(TRAINER_STEP)
+            self.run.define_metric("*", step_metric=TRAINER_STEP)
+            self.wandb_step_file = out_dir / "wandb_step"
+            last = int(self.wandb_step_file.read_text()) if self.wandb_step_file.exists() else -1
+            self._next_wandb_step = max(int(self.run.step or 0), last + 1)
+            self._wandb_step, self._trainer_step = 0, -1
+
+    def _wandb_step_for(self, step: int) -> int:
+        """The W&B step of trainer step `step`: a new one for each trainer step logged, never one used before."""
+        if step != self._trainer_step:
+            self._wandb_step, self._trainer_step = self._next_wandb_step, step
+            self._next_wandb_step += 1
+            self.wandb_step_file.write_text(str(self._wandb_step))
+        return self._wandb_step
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.is_main:
@@ -89,14 +109,24 @@ class Monitor:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         if self.run is not None:
-            # explicit step: a resumed offline run would otherwise restart its step count at 0
-            self.run.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            self.run.log({**numbers, TRAINER_STEP: step}, step=self._wandb_step_for(step))
+
+    def record(self, key: str, value: dict[str, Any]) -> None:
+        """A description of the run made at start (the data plan): a log.jsonl line and a key of the W&B run config."""
+        if not self.is_main:
+            return
+        self.jsonl.write(json.dumps({key: value, "time": time.time()}) + "\n")
+        self.jsonl.flush()
+        if self.run is not None:
+            self.run.config.update({key: value}, allow_val_change=True)
 
     def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
         if self.is_main and self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+            self.run.log({key: wandb.Image(str(path), caption=caption), TRAINER_STEP: step},
+                         step=self._wandb_step_for(step))
 
     def event(self, text: str) -> None:
         if self.is_main:
@@ -104,22 +134,22 @@ class Monitor:
             self.jsonl.write(json.dumps({"event": text, "time": time.time()}) + "\n")
             self.jsonl.flush()
 
-    def log_step(self, step: int, stats: StepStats, *, stop_requested: bool, engine: Any, loader: Any,
+    def log_step(self, step: int, stats: StepStats, *, stop_requested: bool, engine: Engine, loader: Any,
                  timer: StepTimer, samples_seen: int, max_steps: int, log_every: int, world: int,
                  flops_per_sample: float, peak: float) -> bool:
         """Every rank calls it once per step: one all-reduce carries the step's loss, its parts and this rank's
         stop request; rank 0 logs the global means (every step) and prints a console line every `log_every`
         steps. Returns True when any rank asked to stop (preemption), so all ranks stop at the same step."""
-        # the data's drop counters ride along, so W&B shows the whole job's, not rank 0's
-        drops = loader.dropped_vector()
-        vec = torch.cat([stats.vector().double(), torch.tensor([float(stop_requested), *drops], dtype=torch.float64,
+        # the data's accounting rides along (drops, a mixture's draws per source), so W&B shows the whole job's
+        data = loader.accounting_vector()
+        vec = torch.cat([stats.vector().double(), torch.tensor([float(stop_requested), *data], dtype=torch.float64,
                                                                  device=stats.losses[0].device)])
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(vec)
         values = vec.tolist()  # the step's one host sync
-        dropped = dict(zip(DROP_REASONS, values[len(values) - len(drops):]))
-        loader.check_failure_budget(dropped)  # the job's sums: every rank stops alike, at the same step
-        values = values[: len(values) - len(drops)]
+        # the job's sums; past the shard-failure budget every rank stops alike, at the same step
+        tally = loader.read_accounting(values[len(values) - len(data):])
+        values = values[: len(values) - len(data)]
         stop = values[-1] > 0
         loss, *parts = (v / world for v in values[:-1])
         metrics: dict[str, Any] = {"loss": loss, "lr": engine.get_lr()[0], "samples_seen": samples_seen,
@@ -129,7 +159,7 @@ class Monitor:
             metrics["grad_norm"] = float(grad_norm)
         if step % log_every == 0 or step == max_steps:
             metrics.update(timer.summary(world, flops_per_sample, peak))
-            metrics.update({f"data/dropped_{k}": int(v) for k, v in dropped.items() if v})
+            metrics.update(loader.accounting.metrics(tally))
             if self.is_main:
                 print(
                     f"step {step}/{max_steps} | loss {loss:.4f} | lr {metrics['lr']:.2e}"

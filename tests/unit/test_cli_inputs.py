@@ -1,4 +1,4 @@
-"""The input-error contract of the seven console scripts, as one table: each row feeds one CLI a bad input, in
+"""The input-error contract of the console scripts, as one table: each row feeds one CLI a bad input, in
 process (`cli(argv)`), and asserts exit code 2, exactly one line on stderr that names the command, no traceback,
 and a keyword of the fix. A tripwire on every place where work starts (a model loading, the process group, the
 latent encoder, a Slurm submission) fails a row whose check comes too late.
@@ -35,6 +35,7 @@ CLIS = {
     "encode": ("ldmscale-encode", "ldmscale.latents.encode"),
     "launch": ("ldmscale-launch", "ldmscale.launch"),
     "ema": ("ldmscale-ema", "ldmscale.checkpoint.posthoc_cli"),
+    "universal": ("ldmscale-universal", "ldmscale.checkpoint.universal_cli"),
 }
 
 
@@ -156,6 +157,7 @@ def tripwires(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     import ldmscale.checkpoint
     import ldmscale.checkpoint.posthoc_ema
+    import ldmscale.checkpoint.universal_cli
     import ldmscale.eval.cli
     import ldmscale.inference.export
     import ldmscale.latents.encode
@@ -168,6 +170,7 @@ def tripwires(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(ldmscale.checkpoint.posthoc_ema, "reconstruct", tripped("the snapshots' weights were read"))
     monkeypatch.setattr(ldmscale.latents.encode, "Encoder", tripped("the VAE loaded"))
     monkeypatch.setattr(ldmscale.launch, "build_executor", tripped("a Slurm submission started"))
+    monkeypatch.setattr(ldmscale.checkpoint.universal_cli, "convert_to_universal", tripped("a conversion started"))
     saved = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
@@ -217,6 +220,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("sample", [*S, "--style-image", "{tmp}/img.png", "--style-scale", "inf"], "not a finite number"),
     ("sample", [*S, "--sampler", "dim"], "invalid choice: 'dim'"),
     ("sample", [*S, "--weights", "best"], "invalid choice: 'best'"),
+    ("sample", [*S, "--dtype", "fp64"], "invalid choice: 'fp64'"),
     ("sample", ["--prompt", "a digit"], "the following arguments are required: checkpoint"),
     ("sample", ["{run}"], "give --prompt TEXT"),
     ("sample", ["{run}", "--prompts-file", "{tmp}/empty.txt"], "holds no prompts"),
@@ -300,6 +304,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval", [*E, *R, "--prompts", "{tmp}/rows.json", "--caption-column", "caption"], "pass --caption-column"),
     ("eval", [*E, *R, "--sampler", "plms"], "invalid choice: 'plms'"),
     ("eval", [*E, *R, "--weights", "x"], "invalid choice: 'x'"),
+    ("eval", [*E, *R, "--dtype", "half"], "invalid choice: 'half'"),
     ("eval", [*E, *R, "--wandb-mode", "on"], "invalid choice: 'on'"),
     ("eval", [*E, *R, "--out", "{tmp}/file"], "is a file"),
     ("eval", [*E, *R, "--save-reference-stats", "{tmp}/file/r.npz"], "file is a file, not a folder"),
@@ -373,6 +378,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     # train resumed with profiles its checkpoint does not hold (train.posthoc_ema)
     ("train", ["--config", "{tiny}", "--resume", "{ckpt}", *OV(**{"train.posthoc_ema.sigma_rels": "[0.05,0.1]"})],
      "saved without train.posthoc_ema"),
+    # ldmscale-universal
+    ("universal", ["{run}", "--workers", "-1"], "--workers: -1 is too small"),
+    ("universal", ["{run}", "--workers", "x"], "--workers: 'x' is not a whole number"),
+    ("universal", [], "the following arguments are required: checkpoint"),
+    ("universal", ["{tmp}/nothing"], "no such checkpoint"),
+    ("universal", ["{partial}"], "partial checkpoint"),
 ]
 
 

@@ -127,12 +127,16 @@ def test_config_reference_is_current() -> None:
 def config_keys(cls: type = schema.Config, prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
+    nested = []
     for f in dataclasses.fields(cls):
+        item = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is list else None
         if dataclasses.is_dataclass(hints[f.name]):
-            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
+            nested += config_keys(hints[f.name], f"{prefix}{f.name}.")
         elif prefix:
             keys.append(prefix + f.name)
-    return keys
+            if dataclasses.is_dataclass(item):  # a list of sections (data.sources): its items' keys after the rest
+                nested += config_keys(item, f"{prefix}{f.name}[].")
+    return keys + nested
 
 
 def test_the_reference_has_every_config_key_and_no_other() -> None:

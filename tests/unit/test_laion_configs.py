@@ -14,7 +14,8 @@ from tests.conftest import REPO
 
 
 @pytest.mark.parametrize(("name", "micro"), [("laion-256", {8: 64, 128: 16, 1024: 2}),
-                                             ("laion-512", {8: 16, 128: 8, 1024: 1})])
+                                             ("laion-512", {8: 16, 128: 8, 1024: 1}),
+                                             ("laion-cc12m", {8: 64, 128: 16, 1024: 2})])
 def test_the_laion_configs_run_at_8_128_and_1024_ranks(name: str, micro: dict[int, int],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE")  # a hub id is only named here, never fetched

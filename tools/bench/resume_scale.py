@@ -36,11 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from ldmscale.config import DataConfig  # noqa: E402
 from ldmscale.data import preflight  # noqa: E402
 from ldmscale.data.loader import ResumableLoader, failed_shard_budget  # noqa: E402
+from ldmscale.data.mixture import Deal  # noqa: E402
 from ldmscale.data.position import (  # noqa: E402
     DataPosition,
     RolePlan,
     Segment,
     ShardListId,
+    SourceId,
+    StreamPos,
     fresh_roles,
     resplit,
     role_batches,
@@ -100,10 +103,13 @@ class Sim:
         for j, role in enumerate(roles):
             given = role_batches(done, self.workers, j) * self.micro
             seg = role.segments[0]
-            role.segments = [Segment(seg.src, seg.samples - given, 0, self.cursor(rank, j, given), {})]
+            cursor = StreamPos(self.cursor(rank, j, given), 0, {})
+            role.segments = [Segment(seg.src, seg.samples - given, given, [cursor])]
         return DataPosition(epoch=0, given=done * self.micro, epoch_samples=self.batches * self.micro,
                             micro_batch=self.micro, global_batch=self.a.global_batch, world=self.ranks,
-                            workers=self.workers, shards=self.shards, roles=roles)
+                            workers=self.workers, sources=[SourceId("default", 1.0, self.shards)],
+                            deal=Deal(self.ranks, self.workers, self.micro, self.a.global_batch), roles=roles,
+                            drawn=[0])
 
 
 def first_batch_cost(a: argparse.Namespace, segments: list[Segment], micro: int, sample_bytes: np.ndarray
@@ -114,7 +120,7 @@ def first_batch_cost(a: argparse.Namespace, segments: list[Segment], micro: int,
     need = micro
     decoded = 0
     for seg in segments:
-        c = seg.cursor
+        c = seg.streams[0].cursor
         assert c is not None
         replay = c.start.queue[0][1]  # raw samples of the open shard before the block: read, dropped
         through = c.taken + seg.skip + min(need, seg.samples)
@@ -142,7 +148,7 @@ def re_division(a: argparse.Namespace, old: Sim, new_ranks: int, new_workers: in
             if o not in saved:
                 saved[o] = old.position(o, a.at)
         pos = resplit({o: saved[o] for o in needed}, old.ranks, world=new_ranks, workers=new_workers, rank=r,
-                      micro_batch=new_micro, global_batch=a.global_batch)
+                      micro_batch=new_micro, global_batch=a.global_batch, count_slots=lambda seg, n: [n])
         for role in pos.roles:
             now.append(first_batch_cost(a, role.segments, new_micro, sample_bytes))
             # the earlier loader: pieces in concatenation order, skipped batches decoded and dropped

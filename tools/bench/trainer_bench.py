@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ldmscale.config import load_config
 from ldmscale.data import normalize_pixels
+from ldmscale.data.accounting import DROP_REASONS, Accounting, DataTally
 from ldmscale.data.position import DataPosition
 from ldmscale.models.networks import build_unet
 from ldmscale.models.offline import train_tokenizer, write_text_encoder, write_vae
@@ -38,7 +39,7 @@ from ldmscale.runtime import dist
 from ldmscale.trainer.ds_config import build_ds_config, precision_dtype
 from ldmscale.trainer.ema import EMA, warmup_decay
 from ldmscale.trainer.engine import build_engine
-from ldmscale.trainer.monitor import DROP_REASONS, Monitor, StepStats, StepTimer, peak_tflops
+from ldmscale.trainer.monitor import Monitor, StepStats, StepTimer, peak_tflops
 from ldmscale.trainer.stages import build_stage
 
 # small: the CPU demo's U-Net on 32 px digits-sized inputs; sd15: Stable Diffusion 1.x (U-Net, VAE, CLIP-L sizes)
@@ -66,9 +67,13 @@ class FixedBatches:
     """What the monitor asks of the loader; the batch itself is the same prepared one for both loops."""
 
     position = DataPosition()
+    accounting = Accounting(["default"], [None])
 
-    def dropped_vector(self) -> list[float]:
+    def accounting_vector(self) -> list[float]:
         return [0.0] * len(DROP_REASONS)
+
+    def read_accounting(self, values: list[float]) -> DataTally:
+        return self.accounting.read(values)
 
 
 class Ldmscale:
@@ -81,7 +86,8 @@ class Ldmscale:
         if compile_unet:
             self.task.module.unet = torch.compile(self.task.module.unet)
         trainable = [(n, p) for n, p in self.task.module.named_parameters() if p.requires_grad]
-        self.engine = build_engine(self.task.module, [p for _, p in trainable], build_ds_config(cfg, 1))
+        ds_config = build_ds_config(cfg.deepspeed, cfg.optim, cfg.train, 1)
+        self.engine = build_engine(self.task.module, [p for _, p in trainable], ds_config)
         self.ema = EMA(trainable, cfg.train.ema_decay, self.engine.optimizer)
         self.monitor = Monitor(cfg, out, is_main=True)
         self.timer, self.loader, self.step = StepTimer(), FixedBatches(), 0
