@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, SAMPLE_CLI, free_port, tiny_overrides, train_env
-from tests.integration.test_multiproc import _steps, _wait, kill_after_step
+from tests.conftest import REPO, SAMPLE_CLI, train_env
+from tests.runs import finish, kill_after_step, start_training, step_rows
 
 MAX_STEPS = 12
 RECIPE = {"model.timestep_sampling": "logit_normal", "model.immiscible": "true",
@@ -24,30 +24,22 @@ RECIPE = {"model.timestep_sampling": "logit_normal", "model.immiscible": "true",
           "train.max_steps": MAX_STEPS, "train.ckpt_every": 4, "train.keep_last": 2}
 
 
-def _start(assets: Path, out: Path) -> subprocess.Popen:
-    args = ["--config", str(REPO / "configs/tiny.yaml"), "--resume", "auto", *tiny_overrides(assets, out, **RECIPE)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "ldmscale.train", *args]
-    log = open(out.parent / f"{out.name}.log", "a")
-    return subprocess.Popen(cmd, env=train_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=REPO)
-
-
 @pytest.fixture(scope="module")
 def runs(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("recipes")
     reference, killed = root / "reference", root / "killed"
-    ref = _start(assets, reference)
-    proc = _start(assets, killed)  # the two runs share the cores
+    ref = start_training(assets, reference, **RECIPE)
+    proc = start_training(assets, killed, **RECIPE)  # the two runs share the cores
     kill_after_step(proc, killed, 6)  # after the step-4 checkpoint and snapshot, before the next ones
-    _wait(ref, reference)
-    _wait(_start(assets, killed), killed)
+    finish(ref, reference)
+    finish(start_training(assets, killed, **RECIPE), killed)
     return {"reference": reference, "killed": killed, "root": root}
 
 
 def test_a_resumed_run_is_bitwise_the_uninterrupted_one_with_every_recipe_on(runs: dict[str, Path]) -> None:
     ref, resumed = runs["reference"], runs["killed"]
-    assert {r["step"]: r["loss"] for r in _steps(resumed)} == {r["step"]: r["loss"] for r in _steps(ref)}
+    losses = {r["step"]: r["loss"] for r in step_rows(ref) if "loss" in r}
+    assert {r["step"]: r["loss"] for r in step_rows(resumed) if "loss" in r} == losses
     tag = f"checkpoints/step_{MAX_STEPS:08d}"
     for name in ("ema.safetensors", "posthoc_ema.safetensors"):
         a, b = load_file(str(ref / tag / name)), load_file(str(resumed / tag / name))
