@@ -206,7 +206,7 @@ def test_train_cli_stops_on_a_mismatched_latent_set_with_exit_2(encoded: dict, a
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture) -> None:
     from ldmscale.runtime import dist
-    from ldmscale.train import cli
+    from ldmscale.trainer.cli import cli
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a process group was started before the latent set was checked")

@@ -41,7 +41,7 @@ def test_start_up_mistakes_exit_2_with_one_line(assets: Path, tmp_path: Path, ca
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:
     from ldmscale.inference.sample import cli as sample_cli
-    from ldmscale.train import cli as train_cli
+    from ldmscale.trainer.cli import cli as train_cli
 
     train = ["--config", str(TINY), *tiny_overrides(assets, tmp_path / "run")]
     cli = train_cli
@@ -66,7 +66,7 @@ def test_start_up_mistakes_exit_2_with_one_line(assets: Path, tmp_path: Path, ca
 
 def test_cli_reports_config_error_before_starting(assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The CLI exits 2 with the message and never reaches process-group setup (no port, no DeepSpeed)."""
-    from ldmscale.train import cli
+    from ldmscale.trainer.cli import cli
 
     argv = ["--config", str(TINY), *tiny_overrides(assets, tmp_path), "deepspeed.zero_stage=5"]
     _exit_2_with_one_line(cli, argv, "config error: deepspeed.zero_stage=5 is not allowed", capsys)
