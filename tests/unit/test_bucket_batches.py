@@ -3,13 +3,16 @@ function of the streams, exact and elastic resume each sample once, short bucket
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import time
 from collections import Counter
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldmscale.config import BucketConfig, DataConfig
@@ -85,18 +88,12 @@ def test_every_micro_batch_holds_one_bucket(shards: Any) -> None:
     for _ in range(2 * loader.batches_per_epoch):
         batch = next(loader)
         pixels, cond = batch["pixels"], batch["size_cond"]
-        assert pixels.dtype == torch_uint8()
+        assert pixels.dtype == torch.uint8
         h, w = pixels.shape[-2:]
         assert {canvas[k] for k in batch["keys"]} == {(h, w)}  # each sample on its own bucket's canvas
         assert cond.shape == (4, 6) and (cond[:, 4:] == cond.new_tensor([h, w])).all()
         shapes[(h, w)] += 1
     assert len(shapes) == 3  # wide, square and tall batches all came
-
-
-def torch_uint8() -> Any:
-    import torch
-
-    return torch.uint8
 
 
 def _simulated(stream: list[tuple[str, int]], canvas: dict[str, tuple[int, int]], batches: int, mb: int
@@ -186,3 +183,51 @@ def test_short_buckets_are_carried_into_the_next_epoch(shards: Any) -> None:
     assert loader.position.epoch == 1
     later = [k for k, e in _flat(nxt) if e == 0]
     assert sorted(later) == sorted(carried)  # each carried sample given in the next epoch, once
+
+
+def _ordinal(key: str) -> float:
+    """The sample's number (exact in fp16): shard x 20 + index."""
+    return float(int(key[:5]) * 20 + int(key[5:]))
+
+
+@pytest.fixture(scope="module")
+def latent_shards(tmp_path_factory: pytest.TempPathFactory, shards: Any) -> list[str]:
+    """The same samples as latent shards (ldmscale-encode's member layout): moments on each key's bucket / 4."""
+    from ldmscale.data.latent_format import encode_latent
+
+    urls, canvas = shards
+    root = tmp_path_factory.mktemp("latents")
+    out = []
+    keys = sorted(canvas)
+    for s in range(0, N, 20):
+        path = root / f"{s // 20:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for key in keys[s : s + 20]:
+                h, w = canvas[key]
+                mean = torch.full((4, h // 4, w // 4), _ordinal(key))
+                member = encode_latent(mean, torch.zeros_like(mean), torch.zeros(8, dtype=torch.int64),
+                                       size_cond=[h, w, 0, 0, h, w])
+                for name, data in ((f"{key}.latent.safetensors", member), (f"{key}.txt", key.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        out.append(str(path))
+    return out
+
+
+def test_latents_batch_by_bucket_alike(shards: Any, latent_shards: list[str]) -> None:
+    """data.format=latents: every batch one bucket (from the member's header), each key once over an epoch."""
+    _, canvas = shards
+    dc = DataConfig(shards=latent_shards, format="latents", resolution=32, num_workers=0, shuffle_buffer=4,
+                    buckets=BucketConfig(enabled=True, step=8, max_aspect=2.0))
+    loader = ResumableLoader(dc, None, seed=5, rank=0, world=1, micro_batch=4, samples_per_epoch=N,
+                             global_batch=4, urls=latent_shards)
+    given = []
+    while loader.position.remaining > 0:
+        batch = next(loader)
+        h, w = batch["moments"].shape[-2:]
+        assert {canvas[k] for k in batch["keys"]} == {(h * 4, w * 4)}
+        assert (batch["moments"][:, 0, 0, 0] == torch.tensor([_ordinal(k) for k in batch["keys"]])).all()
+        assert (batch["size_cond"][:, 4:] == torch.tensor([h * 4, w * 4])).all()
+        given += list(zip(batch["keys"], batch["epochs"]))
+    assert Counter([k for k, e in given if e == 0] + _pending(loader, 0)) == Counter(canvas.keys())
