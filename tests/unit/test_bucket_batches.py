@@ -231,3 +231,22 @@ def test_latents_batch_by_bucket_alike(shards: Any, latent_shards: list[str]) ->
         assert (batch["size_cond"][:, 4:] == torch.tensor([h * 4, w * 4])).all()
         given += list(zip(batch["keys"], batch["epochs"]))
     assert Counter([k for k, e in given if e == 0] + _pending(loader, 0)) == Counter(canvas.keys())
+
+
+def test_micro_batch_change_keeps_every_key_once(shards: Any) -> None:
+    """Positions convert to another micro-batch (and worker count) on the same ranks: every sample of epoch 0 once."""
+    urls, canvas = shards
+    ranks = [_loader(urls, rank=r, world=2) for r in range(2)]
+    given = []
+    for _ in range(5):
+        for loader in ranks:
+            given += _flat(_given(loader, 1))
+    saved = [json.loads(json.dumps(loader.state_dict())) for loader in ranks]
+    resumed = [_loader(urls, rank=r, world=2, micro_batch=2, global_batch=8) for r in range(2)]
+    for loader in resumed:
+        loader.load_state_dict(saved)
+    given += _through_epoch(resumed, 0)
+    assert {len(set(canvas[k] for k, _ in pairs)) for pairs in [given[i : i + 2] for i in range(40, len(given), 2)]} \
+        == {1}  # the 2-sample batches after the resume hold one bucket each
+    mine = [k for k, e in given if e == 0] + [k for loader in resumed for k in _pending(loader, 0)]
+    assert Counter(mine) == Counter(canvas.keys())
