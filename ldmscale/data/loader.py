@@ -267,6 +267,13 @@ class ResumableLoader:
                 raise
             return self._new_epoch(int(epoch), "the saved data position was written by an older ldmscale")
         some = next(iter(saved.values()))
+        if not self.cfg.buckets.enabled and any(role.pending or role.ahead for p in saved.values() for role in p.roles):
+            why = "the saved data position batches by aspect bucket and holds samples waiting in their buckets' queues"
+            if self.cfg.on_shard_list_change == "new_epoch":
+                return self._new_epoch(some.epoch, why)
+            raise PositionError(f"{why}, data.buckets.enabled is false now: resume with data.buckets.enabled=true to "
+                                f"finish epoch {some.epoch}, or set data.on_shard_list_change=new_epoch to start the "
+                                f"next epoch with square batches")
         packed = next((p.shard_urls for p in saved.values() if p.shard_urls), None)
         change = mixture_change(some, self.identities, [s.urls for s in self.sources], packed)
         if change is not None:

@@ -250,3 +250,16 @@ def test_micro_batch_change_keeps_every_key_once(shards: Any) -> None:
         == {1}  # the 2-sample batches after the resume hold one bucket each
     mine = [k for k, e in given if e == 0] + [k for loader in resumed for k in _pending(loader, 0)]
     assert Counter(mine) == Counter(canvas.keys())
+
+
+def test_a_bucketed_position_is_not_resumed_with_square_batches(shards: Any) -> None:
+    from ldmscale.data.position import PositionError
+
+    urls, _ = shards
+    loader = _loader(urls)
+    _given(loader, 3)
+    state = loader.state_dict()
+    square = ResumableLoader(DataConfig(shards=urls, resolution=32, num_workers=0, shuffle_buffer=4), None, seed=5,
+                             rank=0, world=1, micro_batch=4, samples_per_epoch=N, global_batch=4, urls=urls)
+    with pytest.raises(PositionError, match="data.buckets.enabled=true"):
+        square.load_state_dict(state)
