@@ -263,3 +263,26 @@ def test_a_bucketed_position_is_not_resumed_with_square_batches(shards: Any) -> 
                              rank=0, world=1, micro_batch=4, samples_per_epoch=N, global_batch=4, urls=urls)
     with pytest.raises(PositionError, match="data.buckets.enabled=true"):
         square.load_state_dict(state)
+
+
+@pytest.mark.parametrize("cut", [5, 29])  # mid-epoch; before the epoch's last batch, inside its read-ahead
+def test_a_bucketed_mixture_resumes_exactly(shards: Any, cut: int) -> None:
+    """Two sources: each slot (and each slot read ahead into the next epoch) from the source drawn for it."""
+    from ldmscale.config import SourceConfig
+
+    urls, _ = shards
+    dc = DataConfig(sources=[SourceConfig(name="a", shards=urls[:3], weight=0.7),
+                             SourceConfig(name="b", shards=urls[3:], weight=0.3)],
+                    resolution=32, num_workers=0, shuffle_buffer=4,
+                    buckets=BucketConfig(enabled=True, step=8, max_aspect=2.0))
+
+    def loader() -> ResumableLoader:
+        return ResumableLoader(dc, None, seed=5, rank=0, world=1, micro_batch=4, samples_per_epoch=N, global_batch=4)
+
+    whole = _given(loader(), 40)
+    first = loader()
+    before = _given(first, cut)
+    resumed = loader()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert before + _given(resumed, 40 - cut) == whole
+    assert {k[:5] in {u[-9:-4] for u in urls[:3]} for k, _ in _flat(whole)} == {True, False}  # both sources drawn
