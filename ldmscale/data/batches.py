@@ -10,6 +10,13 @@ fills it alike). It is counted as `decode_error`.
 
 Every batch carries its role's position after it, so the main process always holds a position that resumes
 right after the last batch it handed to the trainer, whatever the workers prefetched.
+
+The stages of a role, each its own piece: the per-source streams (stream.py: shards, shuffle blocks, filters,
+captions) -> the source of each slot (mixture.py, `EpochBatches._slot_sources`) -> one sequence of stream samples
+with a position after each (`RoleSamples`: `take`, `peek`, `snapshot`) -> decode (`SampleDecoder`) -> micro-batches
+(`EpochBatches._collate`). A stage that regroups samples into micro-batches (by image size, say) sits between
+`RoleSamples` and `_collate`; a resume stays exact as long as what it holds back is a pure function of the samples
+taken and is counted in the position it saves.
 """
 
 from __future__ import annotations

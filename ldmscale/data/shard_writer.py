@@ -149,7 +149,8 @@ def write_laion_shards(
     out.mkdir(parents=True, exist_ok=True)
     total = len(samples) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
     written: list[Path] = []
-    shard, items, start = start_key, [], time.time()
+    items: list[tuple[str, bytes, str, dict]] = []  # key, JPEG, caption, json
+    shard, start = start_key, time.time()
     for sample in tqdm(samples, total=total, desc=f"shards -> {out}", unit="img", disable=not progress):
         key = f"{shard:05d}{len(items):04d}"
         jpg, meta = _encode_sample(sample, key, image_size, jpeg_quality)

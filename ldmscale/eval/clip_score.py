@@ -53,7 +53,7 @@ class TensorFeatures(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a transformers CLIPModel
         self.config = model.config
 
     def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:

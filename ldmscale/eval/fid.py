@@ -109,6 +109,9 @@ class CLIPImageFeatures(nn.Module):
     """CLIP's projected image embedding, preprocessed as CLIPImageProcessor does (bicubic resize of the short
     side, centre crop, CLIP's mean/std) but on tensors, on the metric's device."""
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, name_or_path: str) -> None:
         super().__init__()
         from transformers import CLIPImageProcessor  # not at the top: importing it warns when torchvision is absent

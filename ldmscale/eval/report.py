@@ -49,8 +49,8 @@ def log_wandb(report: dict[str, Any], plot: Path | None, project: str, mode: str
     import wandb  # here: a second or more of import time, only for runs that log
 
     step = report.get("step")
-    run = wandb.init(project=project, job_type="eval", mode=mode, dir=str(out), config=report["settings"],
-                     name=f"eval-step{step}" if step is not None else "eval")
+    run = wandb.init(project=project, job_type="eval", mode=mode,  # type: ignore[arg-type]  # checked by the CLI
+                     dir=str(out), config=report["settings"], name=f"eval-step{step}" if step is not None else "eval")
     for r in report["results"]:  # one row per scale: W&B can plot FID against eval/guidance or eval/clip_score
         run.log({f"eval/{k}": v for k, v in r.items() if v is not None})
     columns = ["guidance", "fid", "clip_score"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from ldmscale.checkpoint import TrainedModel, load_trained
@@ -74,7 +75,7 @@ def check_export_folder(out: Path, info: CheckpointInfo) -> None:
                               f"earlier export to replace)")
 
 
-def write_pipeline(m: TrainedModel, out: str | Path, record: dict[str, object], source: str | Path = "the model",
+def write_pipeline(m: TrainedModel, out: str | Path, record: Mapping[str, object], source: str | Path = "the model",
                    size_cond: SizeCond | None = None) -> Path:
     """The text pipeline (size conditioning baked in), plus the IP-Adapter of a style model."""
     # imported here: importing the pipeline warns when torchvision is absent, noise above a check's one line

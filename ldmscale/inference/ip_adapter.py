@@ -57,7 +57,7 @@ def style_processors(unet: UNet2DConditionModel) -> list[StyleAttnProcessor]:
     procs = [p for name, p in unet.attn_processors.items() if not name.endswith("attn1.processor")]
     if not procs or not all(isinstance(p, StyleAttnProcessor) for p in procs):
         raise ValueError("the U-Net has no style path in every cross-attention block")
-    return procs  # type: ignore[return-value]
+    return procs
 
 
 def ip_adapter_state_dict(unet: UNet2DConditionModel, encoder: StyleEncoder) -> dict[str, torch.Tensor]:

@@ -98,6 +98,6 @@ def size_cond_from_args(a: argparse.Namespace, model: Drawable, source: str, hei
     if not model.size_conditioned:
         return None
     default = SizeCond.default(height, width)
-    return SizeCond(original=tuple(given.get("original_size", default.original)),  # type: ignore[arg-type]
-                    crop=tuple(given.get("crop", default.crop)),  # type: ignore[arg-type]
-                    target=tuple(given.get("target_size", default.target)))  # type: ignore[arg-type]
+    return SizeCond(original=tuple(given.get("original_size", default.original)),
+                    crop=tuple(given.get("crop", default.crop)),
+                    target=tuple(given.get("target_size", default.target)))

@@ -66,7 +66,8 @@ def _train_bpe(captions: Iterable[str], vocab_size: int) -> tuple[dict[str, int]
     bpe.train_from_iterator(captions, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     vocab: dict[str, int] = dict(sorted(state["vocab"].items(), key=lambda kv: kv[1]))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in state["merges"]]
+    merges = [(a, b) for a, b in pairs]
     # Every byte must exist both inside and at the end of a word, as in CLIP's vocab; otherwise a caption
     # ending in a character the training captions never ended with would map to unk.
     for ch in sorted(alphabet):

@@ -41,7 +41,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
 
-    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+    def parse_args(self, args=None, namespace=None):  # argparse's own (untyped) signature
         # `ldmscale-train --config C a.b=1 --resume never c.d=2`: plain parse_args refuses the second override
         return self.parse_intermixed_args(args, namespace)
 

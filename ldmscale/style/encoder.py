@@ -96,7 +96,11 @@ class StyleEncoder(torch.nn.Module):
                 self.logvar.weight.zero_()
                 self.logvar.bias.fill_(-4.0)
             return
-        in_dim = self.backbone.out_dim if self.backbone is not None else feature_dim - self.stats_dim
+        if self.backbone is not None:
+            in_dim = self.backbone.out_dim
+        else:
+            assert feature_dim is not None  # checked above
+            in_dim = feature_dim - self.stats_dim
         self.norm = torch.nn.LayerNorm(in_dim)
         self.head = torch.nn.Linear(in_dim + self.stats_dim, 2 * cfg.num_tokens * token_dim)
         with torch.no_grad():  # start with a small posterior variance: early tokens carry the mean's signal

@@ -6,14 +6,15 @@ from typing import Any
 
 import torch
 
-from ldmscale.config import Config, deep_merge
+from ldmscale.config import DeepSpeedConfig, OptimConfig, TrainConfig, deep_merge
 from ldmscale.runtime.precision import torch_dtype
 
 _OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 
 
-def accumulation_steps(cfg: Config, world: int) -> int:
-    return cfg.train.global_batch_size // (world * cfg.train.micro_batch_size)
+def accumulation_steps(train: TrainConfig, world: int) -> int:
+    """Micro-batches per optimizer step on each rank: the global batch over (ranks x micro-batch)."""
+    return train.global_batch_size // (world * train.micro_batch_size)
 
 
 def bf16_reduction(zero_stage: int) -> dict[str, Any]:
@@ -34,8 +35,9 @@ def bf16_reduction(zero_stage: int) -> dict[str, Any]:
     return out
 
 
-def build_ds_config(cfg: Config, world: int) -> dict[str, Any]:
-    t, o, d = cfg.train, cfg.optim, cfg.deepspeed
+def build_ds_config(d: DeepSpeedConfig, o: OptimConfig, t: TrainConfig, world: int) -> dict[str, Any]:
+    """The DeepSpeed config dict of our deepspeed, optim and train sections for `world` ranks
+    (`deepspeed.extra` merged last, so any DeepSpeed key can still be set)."""
     params: dict[str, Any] = {"lr": o.lr, "weight_decay": o.weight_decay}
     if o.name in ("adam", "adamw"):
         params.update(betas=list(o.betas), eps=o.eps)
@@ -52,7 +54,7 @@ def build_ds_config(cfg: Config, world: int) -> dict[str, Any]:
     ds: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": accumulation_steps(cfg, world),
+        "gradient_accumulation_steps": accumulation_steps(t, world),
         "gradient_clipping": o.grad_clip,
         "optimizer": {"type": _OPTIMIZERS[o.name], "params": params},
         "scheduler": {
@@ -79,5 +81,5 @@ def build_ds_config(cfg: Config, world: int) -> dict[str, Any]:
     return deep_merge(ds, d.extra)
 
 
-def precision_dtype(cfg: Config) -> torch.dtype:
-    return torch_dtype(cfg.deepspeed.precision)
+def precision_dtype(d: DeepSpeedConfig) -> torch.dtype:
+    return torch_dtype(d.precision)

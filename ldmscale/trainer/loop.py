@@ -126,11 +126,11 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     # Create the stage (frozen encoders outside the engine, the module DeepSpeed trains), the engine and the EMA
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark  # fixed shapes: the fastest kernels, found once
-    stage = build_stage(cfg, info.device, precision_dtype(cfg), fresh=tag_dir is None, manifest=manifest)
+    stage = build_stage(cfg, info.device, precision_dtype(cfg.deepspeed), fresh=tag_dir is None, manifest=manifest)
     trainable = [(n, p) for n, p in stage.module.named_parameters() if p.requires_grad]
     # another world size: DeepSpeed's universal checkpoint, converted once by rank 0 beside the original
     universal, elastic_note = prepare_elastic(tag_dir, info.world_size, cfg.deepspeed.zero_stage)
-    ds_config = build_ds_config(cfg, info.world_size)
+    ds_config = build_ds_config(cfg.deepspeed, cfg.optim, cfg.train, info.world_size)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine = build_engine(stage.module, optimizer_groups(trainable, cfg), ds_config)
@@ -163,7 +163,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
             print(note, flush=True)
     elif stage.init_note:
         monitor.event(f"style step 2: U-Net initialised from {stage.init_note}")
-    gas = accumulation_steps(cfg, info.world_size)
+    gas = accumulation_steps(cfg.train, info.world_size)
     keys_log = open_keys_log(out, info.rank) if cfg.train.log_sample_keys else None
     dist.print0(
         f"ldmscale: stage={cfg.train.stage} ranks={info.world_size} device={info.device.type} "

@@ -50,8 +50,8 @@ def test_batch_divisibility_uses_the_world_size(assets: Path, tmp_path: Path) ->
     validate(cfg, world_size=2)
     with pytest.raises(ConfigError, match="ranks \\(3\\)"):
         validate(cfg, world_size=3)
-    assert build_ds_config(cfg, 2)["gradient_accumulation_steps"] == 1
-    assert build_ds_config(cfg, 1)["gradient_accumulation_steps"] == 2
+    assert build_ds_config(cfg.deepspeed, cfg.optim, cfg.train, 2)["gradient_accumulation_steps"] == 1
+    assert build_ds_config(cfg.deepspeed, cfg.optim, cfg.train, 1)["gradient_accumulation_steps"] == 2
 
 
 def test_missing_shards_and_models(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_saved_config_without_a_newer_field_keeps_the_value_its_run_used() -> No
     from ldmscale.config import config_from_yaml_text, dump_config
 
     old = "style:\n  enabled: true\n  num_tokens: 4\n"
-    assert config_from_yaml_text(old).style.colour_stats is False
+    assert config_from_yaml_text(old).style.uses_colour_stats is False
     fresh = load_config(None, ["data.shards=[x.tar]", "train.stage=autoencoder", "style.enabled=true"])
-    assert fresh.style.colour_stats is True
-    assert config_from_yaml_text(dump_config(fresh)).style.colour_stats is True
+    assert fresh.style.uses_colour_stats is True  # the conv backbone's default
+    assert config_from_yaml_text(dump_config(fresh)).style.uses_colour_stats is True

@@ -10,8 +10,8 @@ from ldmscale.trainer.ds_config import build_ds_config
 
 
 def _ds(*overrides: str) -> dict:
-    return build_ds_config(load_config(None, ["data.shards=[x]", "model.pretrained=", "train.stage=autoencoder",
-                                              *overrides]), world=1)
+    cfg = load_config(None, ["data.shards=[x]", "model.pretrained=", "train.stage=autoencoder", *overrides])
+    return build_ds_config(cfg.deepspeed, cfg.optim, cfg.train, world=1)
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])

@@ -150,7 +150,8 @@ def trained(assets: Path, single_rank_group: None, tmp_path_factory: pytest.Temp
     torch.manual_seed(cfg.train.seed)
     stage = build_stage(cfg, torch.device("cpu"), torch.float32)
     trainable = [(n, p) for n, p in stage.module.named_parameters() if p.requires_grad]
-    engine = build_engine(stage.module, [p for _, p in trainable], build_ds_config(cfg, 1))
+    ds_config = build_ds_config(cfg.deepspeed, cfg.optim, cfg.train, 1)
+    engine = build_engine(stage.module, [p for _, p in trainable], ds_config)
     ema = EMA(trainable, cfg.train.ema_decay, engine.optimizer)
     ids = tokenize(stage.tokenizer, ["a handwritten digit 3"] * 4)
     for step, (h, w) in enumerate([(24, 40), (40, 24)]):

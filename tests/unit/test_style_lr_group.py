@@ -36,7 +36,7 @@ def test_the_style_group_trains_at_lr_times_scale_through_the_schedule(zero: int
     torch.manual_seed(0)
     module = _Module()
     named = list(module.named_parameters())
-    engine = build_engine(module, optimizer_groups(named, cfg), build_ds_config(cfg, 1))
+    engine = build_engine(module, optimizer_groups(named, cfg), build_ds_config(cfg.deepspeed, cfg.optim, cfg.train, 1))
     ema = EMA(named, 0.5, engine.optimizer)
     lrs = []
     for _ in range(6):

@@ -81,12 +81,13 @@ class Ldmscale:
 
     def __init__(self, cfg: Any, device: torch.device, out: Path, compile_unet: bool) -> None:
         self.cfg, self.device = cfg, device
-        self.task = build_stage(cfg, device, precision_dtype(cfg))
+        self.task = build_stage(cfg, device, precision_dtype(cfg.deepspeed))
         self.init_state = {k: v.clone() for k, v in self.task.trained.state_dict().items()}
         if compile_unet:
             self.task.module.unet = torch.compile(self.task.module.unet)
         trainable = [(n, p) for n, p in self.task.module.named_parameters() if p.requires_grad]
-        self.engine = build_engine(self.task.module, [p for _, p in trainable], build_ds_config(cfg, 1))
+        ds_config = build_ds_config(cfg.deepspeed, cfg.optim, cfg.train, 1)
+        self.engine = build_engine(self.task.module, [p for _, p in trainable], ds_config)
         self.ema = EMA(trainable, cfg.train.ema_decay, self.engine.optimizer)
         self.monitor = Monitor(cfg, out, is_main=True)
         self.timer, self.loader, self.step = StepTimer(), FixedBatches(), 0
