@@ -112,7 +112,7 @@ class ResumableLoader:
         )
 
     def _epoch_iter(self) -> Iterator[dict[str, Any]]:
-        bucketed = {}
+        bucketed: dict[str, Any] = {}
         if self.cfg.buckets.enabled:  # each role's batches left, and its slots of the next epoch to read ahead into
             nxt = self._fresh(self.position.epoch + 1, self.position.drawn)
             bucketed = {"role_left": self._role_left(), "next_roles": nxt.roles, "next_deal": nxt.deal}
