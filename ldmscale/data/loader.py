@@ -21,6 +21,7 @@ from ldmscale.data.position import (
     PositionError,
     RolePlan,
     Segment,
+    bucket_ranks_needed,
     check_whole_steps,
     fresh_roles,
     mixture_change,
@@ -239,9 +240,9 @@ class ResumableLoader:
 
     def saved_ranks_needed(self, saved_world: int) -> range:
         """The saved ranks whose positions this rank needs to resume (load_state_dict): O(1) of them; with aspect
-        buckets every one (their pending samples are dealt over all new roles)."""
+        buckets on another world size every one (their pending samples are dealt over all new roles)."""
         if self.cfg.buckets.enabled:
-            return range(saved_world)
+            return bucket_ranks_needed(self.rank, self.world, saved_world)
         return saved_ranks_needed(self.rank, self.world, saved_world)
 
     def load_state_dict(self, positions: dict[str, Any] | list[dict[str, Any]] | dict[int, dict[str, Any]],

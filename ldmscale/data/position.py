@@ -390,7 +390,8 @@ def _agreeing(mine: list[DataPosition], saved_world: int) -> DataPosition:
 
 def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: int, workers: int, rank: int,
                     micro_batch: int, global_batch: int, count_slots: SlotCounter) -> DataPosition:
-    """resplit() for aspect-bucket batching (bucket_fill.py), from every saved rank's position.
+    """resplit() for aspect-bucket batching (bucket_fill.py), from every saved rank's position on another world
+    size (bucket_ranks_needed); on the same one (another worker count or micro-batch) from the rank's own alone.
 
     The rank gives the same number of batches as resplit(). The saved roles' unread slots (rank, role, segment
     order) are cut into contiguous runs, one per new role of every rank, in proportion to its batches; the saved
@@ -399,16 +400,19 @@ def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: 
     not given go back to that epoch, which the new ranks start fresh. Each sample left is thus given once; the
     samples a saved role had read ahead *and given* (at most its last batches' worth, only near an epoch's end)
     come again in the next epoch."""
-    missing = [r for r in range(saved_world) if r not in saved]
+    needed = bucket_ranks_needed(rank, world, saved_world)
+    missing = [r for r in needed if r not in saved]
     if missing:
         raise PositionError(f"the data positions of saved rank(s) {missing[:5]} are needed to resume rank {rank} "
                             f"(aspect buckets deal every rank's pending samples)")
-    mine = [saved[r] for r in range(saved_world)]
+    mine = [saved[r] for r in needed]
     first = _agreeing(mine, saved_world)
     left = saved_world * first.remaining
     check_whole_steps(left, first.epoch, first.global_batch, global_batch, world * micro_batch)
     per_rank = left // world
-    batches = [role_batches(per_rank // micro_batch, workers, j) for _ in range(world) for j in range(workers)]
+    # the same world: this rank takes its own saved rank's rest; another: every rank its share of all of them
+    new_ranks = range(rank, rank + 1) if world == saved_world else range(world)
+    batches = [role_batches(per_rank // micro_batch, workers, j) for _ in new_ranks for j in range(workers)]
     pieces: list[tuple[int, Segment]] = []
     offset = 0
     dealt: list[list[Pending]] = [[] for _ in batches]
@@ -429,12 +433,12 @@ def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: 
     n_sources = len(first.sources)
     roles = []
     for j in range(workers):
-        g = rank * workers + j
+        g = new_ranks.index(rank) * workers + j
         lo, hi = offset * sum(batches[:g]) // total, offset * sum(batches[: g + 1]) // total
         cut = sorted(_cut(pieces, lo, hi, count_slots), key=lambda s: s.skip)
         roles.append(RolePlan(cut, [{} for _ in range(n_sources)], dealt[g]))
     drawn = [0] * n_sources
-    for r, p in enumerate(mine):  # saved rank r's counters go to the new rank whose share starts in it
+    for r, p in zip(needed, mine):  # saved rank r's counters go to the new rank whose share starts in it
         if r * world // saved_world == rank:
             drawn = [a + b for a, b in zip(drawn, p.drawn)]
             for role in p.roles:
@@ -444,6 +448,12 @@ def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: 
     return DataPosition(epoch=first.epoch, given=0, epoch_samples=per_rank, micro_batch=micro_batch,
                         global_batch=global_batch, world=world, workers=workers, sources=list(first.sources),
                         deal=first.deal, roles=roles, drawn=drawn)
+
+
+def bucket_ranks_needed(rank: int, world: int, saved_world: int) -> range:
+    """The saved ranks whose positions rank `rank` needs with aspect buckets: its own on the same world size, every
+    one on another (their waiting samples are dealt over all new roles)."""
+    return range(rank, rank + 1) if world == saved_world else range(saved_world)
 
 
 def _cut(pieces: list[tuple[int, Segment]], lo: int, hi: int, count_slots: SlotCounter) -> list[Segment]:

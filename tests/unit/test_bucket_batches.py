@@ -243,8 +243,8 @@ def test_micro_batch_change_keeps_every_key_once(shards: Any) -> None:
             given += _flat(_given(loader, 1))
     saved = [json.loads(json.dumps(loader.state_dict())) for loader in ranks]
     resumed = [_loader(urls, rank=r, world=2, micro_batch=2, global_batch=8) for r in range(2)]
-    for loader in resumed:
-        loader.load_state_dict(saved)
+    for r, loader in enumerate(resumed):  # each rank its own position, as the checkpointer reads it
+        loader.load_state_dict({r: saved[r]}, 2)
     given += _through_epoch(resumed, 0)
     assert {len(set(canvas[k] for k, _ in pairs)) for pairs in [given[i : i + 2] for i in range(40, len(given), 2)]} \
         == {1}  # the 2-sample batches after the resume hold one bucket each
@@ -286,3 +286,11 @@ def test_a_bucketed_mixture_resumes_exactly(shards: Any, cut: int) -> None:
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert before + _given(resumed, 40 - cut) == whole
     assert {k[:5] in {u[-9:-4] for u in urls[:3]} for k, _ in _flat(whole)} == {True, False}  # both sources drawn
+
+
+def test_an_exact_or_same_world_resume_reads_only_its_own_position(shards: Any) -> None:
+    """Aspect buckets need every saved rank's position only on another world size (their waiting samples are
+    dealt over all new roles); a rank resuming on the same world reads its own alone."""
+    urls, _ = shards
+    assert list(_loader(urls, rank=1, world=2).saved_ranks_needed(2)) == [1]
+    assert list(_loader(urls, rank=0, world=1).saved_ranks_needed(2)) == [0, 1]
