@@ -21,7 +21,6 @@ from ldmscale.data.position import (
     PositionError,
     RolePlan,
     Segment,
-    bucket_ranks_needed,
     check_whole_steps,
     fresh_roles,
     mixture_change,
@@ -239,10 +238,7 @@ class ResumableLoader:
         return own.get("format") == FORMAT and key != (self.world, self.workers, self.micro_batch)
 
     def saved_ranks_needed(self, saved_world: int) -> range:
-        """The saved ranks whose positions this rank needs to resume (load_state_dict): O(1) of them; with aspect
-        buckets on another world size every one (their pending samples are dealt over all new roles)."""
-        if self.cfg.buckets.enabled:
-            return bucket_ranks_needed(self.rank, self.world, saved_world)
+        """The saved ranks whose positions this rank needs to resume (load_state_dict): O(1) of them."""
         return saved_ranks_needed(self.rank, self.world, saved_world)
 
     def load_state_dict(self, positions: dict[str, Any] | list[dict[str, Any]] | dict[int, dict[str, Any]],

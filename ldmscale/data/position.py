@@ -363,17 +363,25 @@ def resplit(saved: dict[int, DataPosition], saved_world: int, *, world: int, wor
         cut = _cut(pieces, lo, lo + n, count_slots)
         roles.append(RolePlan(sorted(cut, key=lambda s: s.skip), [{} for _ in range(n_sources)]))  # the cheapest first
         lo += n
+    drawn = _take_counters(saved, needed, world, saved_world, rank, roles, n_sources)
+    return DataPosition(epoch=first.epoch, given=0, epoch_samples=per_rank, micro_batch=micro_batch,
+                        global_batch=global_batch, world=world, workers=workers, sources=list(first.sources),
+                        deal=first.deal, roles=roles, drawn=drawn)
+
+
+def _take_counters(saved: dict[int, DataPosition], needed: range, world: int, saved_world: int, rank: int,
+                   roles: list[RolePlan], n_sources: int) -> list[int]:
+    """Saved rank r's counters (drops into roles[0], draws returned) go to the new rank whose share starts in it,
+    so the job's sums stay."""
     drawn = [0] * n_sources
-    for r in needed:  # saved rank r's counters go to the new rank whose share starts in it
+    for r in needed:
         if r * world // saved_world == rank:
             drawn = [a + b for a, b in zip(drawn, saved[r].drawn)]
             for role in saved[r].roles:
                 for k, counts in enumerate(role.counts):
                     for reason, v in counts.items():
                         roles[0].counts[k][reason] = roles[0].counts[k].get(reason, 0) + v
-    return DataPosition(epoch=first.epoch, given=0, epoch_samples=per_rank, micro_batch=micro_batch,
-                        global_batch=global_batch, world=world, workers=workers, sources=list(first.sources),
-                        deal=first.deal, roles=roles, drawn=drawn)
+    return drawn
 
 
 def _agreeing(mine: list[DataPosition], saved_world: int) -> DataPosition:
@@ -390,70 +398,68 @@ def _agreeing(mine: list[DataPosition], saved_world: int) -> DataPosition:
 
 def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: int, workers: int, rank: int,
                     micro_batch: int, global_batch: int, count_slots: SlotCounter) -> DataPosition:
-    """resplit() for aspect-bucket batching (bucket_fill.py), from every saved rank's position on another world
-    size (bucket_ranks_needed); on the same one (another worker count or micro-batch) from the rank's own alone.
+    """resplit() for aspect-bucket batching (bucket_fill.py), from the same O(1) saved ranks' positions.
 
-    The rank gives the same number of batches as resplit(). The saved roles' unread slots (rank, role, segment
-    order) are cut into contiguous runs, one per new role of every rank, in proportion to its batches; the saved
-    roles' pending samples of this epoch or earlier ones are dealt, bucket by bucket in their saved order,
-    round-robin over the new roles that give batches. Samples a saved role had read ahead into the next epoch and
-    not given go back to that epoch, which the new ranks start fresh. Each sample left is thus given once; the
-    samples a saved role had read ahead *and given* (at most its last batches' worth, only near an epoch's end)
-    come again in the next epoch."""
-    needed = bucket_ranks_needed(rank, world, saved_world)
+    The rank gives the same number of batches as resplit(), and takes the same share of the saved ranks: each saved
+    rank stands for `remaining` samples, of which this rank takes units a .. b; it takes the same fraction of that
+    saved rank's unread slots (in role, segment order) and of each bucket's waiting samples of this epoch or
+    earlier ones (in their saved order). Its slots are cut into contiguous runs, one per role, in proportion to the
+    role's batches, and its waiting samples are dealt bucket by bucket, round-robin over the roles that give
+    batches. Samples a saved role had read ahead into the next epoch and not given go back to that epoch, which the
+    new ranks start fresh. Each sample left is thus given once; the samples a saved role had read ahead *and given*
+    (at most its last batches' worth, only near an epoch's end) come again in the next epoch."""
+    needed = saved_ranks_needed(rank, world, saved_world)
     missing = [r for r in needed if r not in saved]
     if missing:
-        raise PositionError(f"the data positions of saved rank(s) {missing[:5]} are needed to resume rank {rank} "
-                            f"(aspect buckets deal every rank's pending samples)")
+        raise PositionError(f"the data positions of saved rank(s) {missing[:5]} are needed to resume rank {rank}")
     mine = [saved[r] for r in needed]
     first = _agreeing(mine, saved_world)
     left = saved_world * first.remaining
     check_whole_steps(left, first.epoch, first.global_batch, global_batch, world * micro_batch)
-    per_rank = left // world
-    # the same world: this rank takes its own saved rank's rest; another: every rank its share of all of them
-    new_ranks = range(rank, rank + 1) if world == saved_world else range(world)
-    batches = [role_batches(per_rank // micro_batch, workers, j) for _ in new_ranks for j in range(workers)]
-    pieces: list[tuple[int, Segment]] = []
-    offset = 0
-    dealt: list[list[Pending]] = [[] for _ in batches]
-    turn: dict[str, int] = {}  # per bucket: the next new role (among those giving batches) its next sample goes to
-    givers = [g for g, b in enumerate(batches) if b > 0]
-    for p in mine:
+    per_rank, rem = left // world, first.remaining
+    pieces: list[tuple[int, Segment]] = []  # this rank's slots, as cut from the saved ranks
+    waiting: dict[str, list[Pending]] = {}  # this rank's waiting samples, by bucket
+    for r, p in zip(needed, mine):
+        if rem == 0:  # saved at an epoch's very end: only waiting samples, to the rank its counters go to
+            a, b, rem_r = (0, 1, 1) if r * world // saved_world == rank else (0, 0, 1)
+        else:
+            a, b, rem_r = max(rank * per_rank - r * rem, 0), min((rank + 1) * per_rank - r * rem, rem), rem
+        if a >= b:
+            continue
+        own: list[tuple[int, Segment]] = []
+        total = 0
         for role in p.roles:
             for seg in role.segments:
                 if seg.samples > 0:
-                    pieces.append((offset, seg))
-                    offset += seg.samples
+                    own.append((total, seg))
+                    total += seg.samples
+        for seg in _cut(own, a * total // rem_r, b * total // rem_r, count_slots):
+            pieces.append((sum(x.samples for _, x in pieces), seg))
+        by_bucket: dict[str, list[Pending]] = {}
+        for role in p.roles:
             for item in role.pending:
                 if item.epoch <= first.epoch:
-                    n = turn.get(item.bucket, 0)
-                    dealt[givers[n % len(givers)]].append(item)
-                    turn[item.bucket] = n + 1
-    total = sum(batches)
+                    by_bucket.setdefault(item.bucket, []).append(item)
+        for bucket, items in by_bucket.items():
+            waiting.setdefault(bucket, []).extend(items[a * len(items) // rem_r : b * len(items) // rem_r])
+    batches = [role_batches(per_rank // micro_batch, workers, j) for j in range(workers)]
+    givers = [j for j, n in enumerate(batches) if n > 0] or list(range(workers))
+    dealt: list[list[Pending]] = [[] for _ in range(workers)]
+    for items in waiting.values():
+        for n, item in enumerate(items):
+            dealt[givers[n % len(givers)]].append(item)
+    slots = sum(seg.samples for _, seg in pieces)
     n_sources = len(first.sources)
     roles = []
     for j in range(workers):
-        g = new_ranks.index(rank) * workers + j
-        lo, hi = offset * sum(batches[:g]) // total, offset * sum(batches[: g + 1]) // total
-        cut = sorted(_cut(pieces, lo, hi, count_slots), key=lambda s: s.skip)
-        roles.append(RolePlan(cut, [{} for _ in range(n_sources)], dealt[g]))
-    drawn = [0] * n_sources
-    for r, p in zip(needed, mine):  # saved rank r's counters go to the new rank whose share starts in it
-        if r * world // saved_world == rank:
-            drawn = [a + b for a, b in zip(drawn, p.drawn)]
-            for role in p.roles:
-                for k, counts in enumerate(role.counts):
-                    for reason, v in counts.items():
-                        roles[0].counts[k][reason] = roles[0].counts[k].get(reason, 0) + v
+        whole = max(1, sum(batches))
+        lo, hi = slots * sum(batches[:j]) // whole, slots * sum(batches[: j + 1]) // whole
+        cut = sorted(_cut(pieces, lo, hi, count_slots), key=lambda seg: seg.skip)
+        roles.append(RolePlan(cut, [{} for _ in range(n_sources)], dealt[j]))
+    drawn = _take_counters(saved, needed, world, saved_world, rank, roles, n_sources)
     return DataPosition(epoch=first.epoch, given=0, epoch_samples=per_rank, micro_batch=micro_batch,
                         global_batch=global_batch, world=world, workers=workers, sources=list(first.sources),
                         deal=first.deal, roles=roles, drawn=drawn)
-
-
-def bucket_ranks_needed(rank: int, world: int, saved_world: int) -> range:
-    """The saved ranks whose positions rank `rank` needs with aspect buckets: its own on the same world size, every
-    one on another (their waiting samples are dealt over all new roles)."""
-    return range(rank, rank + 1) if world == saved_world else range(saved_world)
 
 
 def _cut(pieces: list[tuple[int, Segment]], lo: int, hi: int, count_slots: SlotCounter) -> list[Segment]:

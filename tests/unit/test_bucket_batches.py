@@ -288,9 +288,32 @@ def test_a_bucketed_mixture_resumes_exactly(shards: Any, cut: int) -> None:
     assert {k[:5] in {u[-9:-4] for u in urls[:3]} for k, _ in _flat(whole)} == {True, False}  # both sources drawn
 
 
-def test_an_exact_or_same_world_resume_reads_only_its_own_position(shards: Any) -> None:
-    """Aspect buckets need every saved rank's position only on another world size (their waiting samples are
-    dealt over all new roles); a rank resuming on the same world reads its own alone."""
-    urls, _ = shards
-    assert list(_loader(urls, rank=1, world=2).saved_ranks_needed(2)) == [1]
-    assert list(_loader(urls, rank=0, world=1).saved_ranks_needed(2)) == [0, 1]
+def test_an_elastic_resume_saved_at_an_epochs_very_end_carries_the_waiting_samples(shards: Any) -> None:
+    """Saved right after epoch 0's last batch (nothing left, samples waiting): 2 -> 1 ranks, the waiting samples
+    are given in epoch 1, once."""
+    urls, canvas = shards
+    ranks = [_loader(urls, rank=r, world=2) for r in range(2)]
+    given = _through_epoch(ranks, 0)
+    waiting = [k for loader in ranks for k in _pending(loader, 0)]
+    assert waiting and ranks[0].position.remaining == 0
+    assert Counter([k for k, e in given if e == 0] + waiting) == Counter(canvas.keys())
+    one = _loader(urls, workers=2, global_batch=8)
+    one.load_state_dict([json.loads(json.dumps(loader.state_dict())) for loader in ranks])
+    later = _flat(_given(one, one.batches_per_epoch))
+    assert sorted(k for k, e in later if e == 0) == sorted(waiting)
+
+
+def test_elastic_one_rank_to_two_reads_one_position_each(shards: Any) -> None:
+    """1 -> 2 ranks: each new rank resumes from the one saved position (the checkpointer's O(1) read) and takes its
+    share of the saved slots and waiting samples: every sample of epoch 0 once."""
+    urls, canvas = shards
+    one = _loader(urls, workers=2, global_batch=8)
+    given = _flat(_given(one, 10))
+    saved = json.loads(json.dumps(one.state_dict()))
+    ranks = [_loader(urls, rank=r, world=2) for r in range(2)]
+    for loader in ranks:
+        assert list(loader.saved_ranks_needed(1)) == [0]
+        loader.load_state_dict({0: saved}, 1)
+    given += _through_epoch(ranks, 0)
+    mine = [k for k, e in given if e == 0] + [k for loader in ranks for k in _pending(loader, 0)]
+    assert Counter(mine) == Counter(canvas.keys())
