@@ -8,8 +8,9 @@ The config is loaded and validated here first, so a typo fails on this terminal,
 Preemption / time limit: submitit asks Slurm for USR2 `--signal-delay` seconds before the limit; Slurm
 sends it to every task. submitit's own handler would checkpoint and requeue from rank 0 alone, mid-step
 ("Not checkpointing nor requeuing since I am a slave" on the others), which cannot work when a save is a
-collective. So the trainer's handler (ldmscale.runtime.preemption, installed by train.main on every rank) takes
-the signal instead; all ranks save together at the next step boundary and main() returns "preempted".
+collective. So the trainer's handler (ldmscale.runtime.preemption, installed first thing in TrainTask on every
+rank) takes the signal instead; all ranks save together at the next step boundary (or, before the first step,
+stop without saving) and main() returns "preempted".
 Only then does rank 0 call the submitit handler it saved before training: that runs checkpoint(), dumps
 the resubmission and `scontrol requeue`s the job with submitit's timeout accounting. The requeued job
 resumes with resume="auto". A job that fails (e.g. a rank killed) is resubmitted up to
@@ -61,16 +62,21 @@ class TrainTask(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         env = submitit.JobEnvironment()
         # torchrun-style variables (first host, a port derived from the job id) that every rank agrees on;
-        # CUDA_VISIBLE_DEVICES stays as Slurm set it: dist.init_distributed picks the GPU by LOCAL_RANK
+        # CUDA_VISIBLE_DEVICES stays as Slurm set it: dist.init_distributed picks GPU LOCAL_RANK, or the one visible
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         if not os.environ.get("CUDA_VISIBLE_DEVICES"):
             os.environ.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share cores: one BLAS thread each
-        # submitit installed its checkpoint-and-requeue handler before calling us; keep it for after the save.
+        # submitit installed its checkpoint-and-requeue handler before calling us; keep it for after the save,
+        # and put the trainer's in its place before any work (a notice during the imports and start-up below then
+        # makes main() return "preempted" before its first step, and this task requeues as after a save).
         usr_sig = env._usr_sig()
         submitit_handler = signal.getsignal(usr_sig)
+        from ldmscale.runtime import preemption
+
+        preemption.install()
 
         from ldmscale.config import load_config
-        from ldmscale.runtime import dist, preemption
+        from ldmscale.runtime import dist
         from ldmscale.trainer.loop import main
 
         result = main(load_config(self.config, self.overrides), resume="auto")
@@ -89,9 +95,9 @@ class TrainTask(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """The resubmission after a requeue: the same task; resume="auto" finds the checkpoint just saved.
 
-        By the time submitit calls this (see __call__), all ranks have written their shards. Called by
-        submitit's own handler directly (a signal before the trainer installed its handlers) there is
-        nothing new to save, and the requeued job resumes from the previous checkpoint.
+        By the time submitit calls this (see __call__), all ranks have written their shards, or all of them
+        stopped before their first step with nothing new to save; either way the requeued job resumes from the
+        newest complete checkpoint.
         """
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 

@@ -12,14 +12,16 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as tdist
 from deepspeed.utils import safe_get_full_fp32_param
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ldmscale.checkpoint.slices import TensorSlices
 from ldmscale.models.networks import build_unet
 from ldmscale.runtime import dist
 from ldmscale.trainer.ds_config import bf16_reduction
@@ -126,7 +128,8 @@ def ema_case(zero: int, precision: str, tmp: str) -> dict[str, Any]:
         save_file(full, os.path.join(tmp, f"ema-{zero}-{precision}.safetensors"))
     dist.barrier()
     again = EMA(named, 0.0, engine.optimizer)
-    again.load_state_dict(load_file(os.path.join(tmp, f"ema-{zero}-{precision}.safetensors")))
+    with TensorSlices(Path(tmp) / f"ema-{zero}-{precision}.safetensors") as f:  # each rank reads its share only
+        again.load_state_dict(f)
     reloaded = again.state_dict()
     mine = sum(s.master.numel() for s in sharded.shares)
     owned = torch.tensor([mine])

@@ -6,6 +6,14 @@
 #   tests/system       the real S3 (Ceph RGW) and Slurm servers, started here through tools/s3_local and
 #                      tools/slurm_local (Debian packages, as root)
 # `tools/run_tests.sh unit` runs one tier; further arguments go to pytest, e.g. `tools/run_tests.sh system -x`.
+#
+# The unit tier runs on LDMSCALE_UNIT_WORKERS (default 2) pytest-xdist workers, a test file each at a time, one
+# thread each: no test file shares state with another, so two cores halve its wall time (0: one process). The
+# other tiers run one test at a time: each of their tests starts several processes of its own.
+#
+# When the system tier is to run, its two servers are installed and started in the background while the other
+# tiers run (the unit tier leaves a core idle; a clean machine spends ~30 s in apt-get), and stopped at the end.
+# The system tests' fixtures find them running and use them; a server that already ran before is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tiers=(unit integration system)
@@ -16,7 +24,39 @@ export HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 ruff check ldmscale tools tests
 python tools/gen_config_reference.py --check   # docs/reference/config.md matches ldmscale/config/schema.py
+
+servers_pid=""
+if [[ " ${tiers[*]} " == *" system "* && $(id -u) == 0 ]]; then
+  mkdir -p .cache
+  stop_s3=0 stop_slurm=0  # stop at the end what was not running before
+  if [[ -z ${LDMSCALE_S3_ENDPOINT:-} ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/${LDMSCALE_S3_PORT:-7480}") 2>/dev/null
+  then stop_s3=1; fi
+  ctld_pid=$(cat "${LDMSCALE_SLURM_DIR:-/tmp/ldmscale-slurm}/run/slurmctld.pid" 2>/dev/null || true)
+  if [[ -z $ctld_pid ]] || ! kill -0 "$ctld_pid" 2>/dev/null; then stop_slurm=1; fi
+  stop_servers() {
+    wait "$servers_pid" 2>/dev/null || true  # a start still under way finishes first
+    if ((stop_s3)); then bash tools/s3_local/stop.sh >/dev/null 2>&1 || true; fi
+    if ((stop_slurm)); then bash tools/slurm_local/stop.sh >/dev/null 2>&1 || true; fi
+  }
+  trap stop_servers EXIT
+  # One after the other: both may apt-get install, and only one dpkg runs at a time.
+  (
+    if [[ -z ${LDMSCALE_S3_ENDPOINT:-} ]]; then bash tools/s3_local/start.sh >/dev/null; fi
+    bash tools/slurm_local/start.sh >/dev/null
+  ) >.cache/servers.log 2>&1 &
+  servers_pid=$!
+fi
+
 for tier in "${tiers[@]}"; do
+  if [[ $tier == system && -n $servers_pid ]]; then
+    # a failed start is reported by the fixtures, which try again and show the script's own error
+    wait "$servers_pid" || echo "starting the servers in the background failed (.cache/servers.log)"
+  fi
   echo "== tests/$tier"
-  python -m pytest -ra "tests/$tier" "$@"
+  if [[ $tier == unit && ${LDMSCALE_UNIT_WORKERS:-2} != 0 ]]; then
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m pytest -ra -n "${LDMSCALE_UNIT_WORKERS:-2}" --dist loadfile \
+      "tests/$tier" "$@"
+  else
+    python -m pytest -ra "tests/$tier" "$@"
+  fi
 done

@@ -10,14 +10,17 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ldmscale.checkpoint.store import CheckpointError, find_tag_dir
+from ldmscale.checkpoint.resume import find_tag_dir
+from ldmscale.checkpoint.store import CheckpointError
 from ldmscale.config import Config, ModelConfig, config_from_yaml_text
 from ldmscale.models.encoders import FrozenEncoders
 from ldmscale.models.networks import build_unet, strip_prefix, vae_downsample_factor
 from ldmscale.models.objective import build_noise_scheduler
 from ldmscale.models.size_conditioning import apply_size_config
+from ldmscale.runtime.precision import torch_dtype
 from ldmscale.style.encoder import StyleReference, build_style
 from ldmscale.style.install import install_style_path
 
@@ -26,18 +29,43 @@ def load_ema(tag_dir: Path) -> dict[str, torch.Tensor]:
     f = tag_dir / "ema.safetensors"
     if not f.exists():
         raise CheckpointError(f"{tag_dir} holds no EMA weights (train.ema_decay was 0); use raw weights")
-    return load_file(str(f))
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f} cannot be read ({e}): the checkpoint is damaged; use an earlier step") from None
 
 
 def raw_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the trained module, consolidated from ZeRO shards by DeepSpeed's own utility."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if any(tag_dir.glob("*optim_states.pt")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    # ZeRO stage 0 without a ZeRO optimizer: the whole module sits in the model-states file
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    if not any(tag_dir.glob("*model_states.pt")):
+        raise CheckpointError(f"{tag_dir} holds EMA weights only (a post-hoc EMA written by ldmscale-ema): use "
+                              f"--weights ema")
+    try:
+        if any(tag_dir.glob("*optim_states.pt")):
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        # ZeRO stage 0 without a ZeRO optimizer: the whole module sits in the model-states file
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # a shard cut short: torch's zip reader fails
+        raise CheckpointError(f"{tag_dir}: DeepSpeed's files cannot be read ({str(e)[:200]}); use an earlier "
+                              f"step") from None
     return {k: v.float() for k, v in states["module"].items()}
+
+
+def inference_dtype(choice: str, path: str | Path, device: str | torch.device) -> torch.dtype:
+    """--dtype of ldmscale-sample and -eval. auto: on a GPU the precision the checkpoint was trained in (its
+    deepspeed.precision; bf16 for an exported pipeline folder), half the memory and the tensor cores of fp32;
+    on the CPU fp32."""
+    if choice != "auto":
+        return torch_dtype(choice)
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        return torch.bfloat16
+    cfg = config_from_yaml_text((find_tag_dir(path, verify=False) / "config.yaml").read_text())
+    return torch_dtype(cfg.deepspeed.precision)
 
 
 def saved_config(path: str | Path) -> Config:

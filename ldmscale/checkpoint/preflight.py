@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ldmscale.checkpoint.store import CheckpointError, find_tag_dir, read_trainer_state
+from ldmscale.checkpoint.resume import find_tag_dir
+from ldmscale.checkpoint.store import CheckpointError, read_trainer_state
 from ldmscale.config import Config, ConfigError, config_from_yaml_text
 
 EXPORT_RECORD = "ldmscale_export.json"
@@ -87,7 +88,8 @@ def check_checkpoint(path: str | Path, weights: str | None = None) -> Checkpoint
     tag_dir = find_tag_dir(path)
     try:
         cfg = config_from_yaml_text((tag_dir / "config.yaml").read_text())
-        step = int(read_trainer_state(tag_dir)["step"])
+        state = read_trainer_state(tag_dir)
+        step = int(state["step"])
     except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{tag_dir}: its config.yaml or trainer_state.json is missing or unreadable "
                               f"({type(e).__name__}: {str(e)[:200]}); use an earlier step") from None
@@ -98,6 +100,9 @@ def check_checkpoint(path: str | Path, weights: str | None = None) -> Checkpoint
     if weights == "ema" and not (tag_dir / "ema.safetensors").exists():
         raise CheckpointError(f"{tag_dir} holds no EMA weights (ema.safetensors; train.ema_decay was 0?): "
                               f"pass --weights raw")
+    if weights == "raw" and "posthoc_ema" in state:
+        raise CheckpointError(f"{tag_dir} holds EMA weights only (a post-hoc EMA written by ldmscale-ema): use "
+                              f"--weights ema")
     if weights == "raw" and not any(tag_dir.glob("*model_states.pt")):
         raise CheckpointError(f"{tag_dir} holds no raw weights (no DeepSpeed *model_states.pt): use --weights ema "
                               f"or an earlier step")

@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ldmscale.checkpoint.loading import load_ema, raw_state_dict
-from ldmscale.checkpoint.store import find_tag_dir
+from ldmscale.checkpoint.resume import find_tag_dir
 from ldmscale.config import StyleConfig
 from ldmscale.models.networks import strip_prefix
 

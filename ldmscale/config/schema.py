@@ -206,12 +206,27 @@ class ModelConfig:
     noise_offset: float = 0.0  # per-channel offset noise (brighter/darker images); 0 = off
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for compute
     attention: Literal["sdpa", "default"] = "sdpa"  # torch's scaled_dot_product_attention | the math path
-    # torch.compile of the trained network (nn.Module.compile: in place, parameter names unchanged); the first
-    # steps pay the compilation. backend: inductor on GPUs; aot_eager traces without code generation (tests)
+    # torch.compile of the trained network (nn.Module.compile: in place, parameter names unchanged; under ZeRO-3
+    # DeepSpeed's engine.compile of the module it wraps); the first steps pay the compilation. backend: inductor
+    # on GPUs; aot_eager traces without code generation (tests)
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile's mode
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile's backend
-    channels_last: bool = False  # NHWC activations into the U-Net: faster convolutions on tensor cores
+    # NHWC activations into the U-Net (under ZeRO-0 the conv weights too): faster convolutions on tensor cores
+    channels_last: bool = False
+    # how training timesteps are drawn (docs/training-recipes.md): uniform over [0, num_train_timesteps) | the
+    # logit-normal of SD3 (Esser et al. 2024): t = floor(sigmoid(logit_mean + logit_std * z) * num_train_timesteps),
+    # z standard normal, which trains the middle of the schedule more than its ends
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0  # logit_normal: the centre (> 0 favours noisier timesteps)
+    logit_std: float = 1.0  # logit_normal: the spread (large values approach two peaks at the ends)
+    # immiscible diffusion (Li et al. 2024): within each micro-batch the drawn noises are assigned to the latents by
+    # a minimum-total-distance linear assignment (scipy's linear_sum_assignment on the host; a B x B matrix)
+    immiscible: bool = False
+    # rescale the betas to zero terminal SNR (Lin et al. 2024, diffusers' rescale_betas_zero_snr): the last timestep
+    # is pure noise, as at sampling. Needs v_prediction; sampling and exported schedulers then space timesteps
+    # "trailing" (they start at the last one)
+    zero_terminal_snr: bool = False
     # SDXL's micro-conditioning: (original height, width, crop top, left, target height, width) through sinusoidal
     # embeddings of size_embed_dim each into the U-Net's time embedding (diffusers' addition_embed_type
     # "text_time", zero-initialised). Not dropped with the caption (as SDXL). Sampling: --original-size, --crop,
@@ -223,6 +238,10 @@ class ModelConfig:
         _positive("model.num_train_timesteps", self.num_train_timesteps)
         _positive("model.snr_gamma", self.snr_gamma, allow_zero=True)
         _positive("model.noise_offset", self.noise_offset, allow_zero=True)
+        _positive("model.logit_std", self.logit_std)
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ConfigError("model.zero_terminal_snr=true needs model.prediction_type=v_prediction (at zero SNR the "
+                              "noisy latent is pure noise and an epsilon prediction says nothing about the image)")
         if self.size_conditioning and (self.size_embed_dim <= 0 or self.size_embed_dim % 2):
             raise ConfigError(f"model.size_embed_dim={self.size_embed_dim} must be a positive even number "
                               f"(sine and cosine halves), e.g. 256")
@@ -347,6 +366,25 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class PostHocEMAConfig:
+    """Post-hoc EMA (EDM2, Karras et al. 2024): power-function EMAs kept during training and snapshotted, from
+    which `ldmscale-ema` reconstructs the EMA of any length after the run (docs/training-recipes.md)."""
+
+    # relative standard deviations of the tracked EMA profiles (the profile's width / the training time so far);
+    # empty = off. EDM2 keeps 0.05 and 0.10; each must be in (0, 0.28]
+    sigma_rels: list[float] = field(default_factory=list)
+    every: int = 1000  # write a snapshot of every profile every N steps (and at the last step) to OUT/posthoc_ema/
+
+    def check(self) -> None:
+        if not self.sigma_rels:
+            return
+        _positive("train.posthoc_ema.every", self.every)
+        if len(set(self.sigma_rels)) != len(self.sigma_rels) or any(not 0 < s <= 0.28 for s in self.sigma_rels):
+            raise ConfigError(f"train.posthoc_ema.sigma_rels={self.sigma_rels} must be distinct values in (0, 0.28] "
+                              f"(0.289 is a uniform average of the whole run), e.g. [0.05, 0.10]")
+
+
+@dataclass
 class TrainConfig:
     stage: Literal["diffusion", "autoencoder"] = "diffusion"  # what this run trains (ldmscale.trainer.stages)
     out_dir: str = "runs/default"  # the run folder: config.yaml, log.jsonl, checkpoints/, samples/
@@ -369,6 +407,7 @@ class TrainConfig:
     log_sample_keys: bool = False  # write every rank's sample keys per step (resume audits, tests)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the GPU, none on CPU
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes
+    posthoc_ema: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)  # EMA length chosen after training
 
     def check(self) -> None:
         for key in ("max_steps", "global_batch_size", "max_micro_batch_size", "log_every", "keep_last", "ckpt_every"):
@@ -378,6 +417,7 @@ class TrainConfig:
         _positive("train.eval_every", self.eval_every, allow_zero=True)
         _positive("train.eval_samples", self.eval_samples)
         _probability("train.ema_decay", self.ema_decay)
+        self.posthoc_ema.check()
 
 
 @dataclass

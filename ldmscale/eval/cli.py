@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ldmscale.checkpoint import load_trained
+from ldmscale.checkpoint.loading import inference_dtype
 from ldmscale.checkpoint.preflight import CheckpointInfo, check_checkpoint
 from ldmscale.config import SAMPLERS
 from ldmscale.data.buckets import SizeCond
@@ -167,7 +168,8 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
             print(f"ldmscale-eval: wrote {a.save_reference_stats} ({ref.n} reference images, {a.features})", flush=True)
     if p.settings is None:
         return None
-    model = load_trained(p.tag_dir or a.checkpoint, p.settings.weights, device)
+    source = p.tag_dir or a.checkpoint
+    model = load_trained(source, p.settings.weights, device, inference_dtype(a.dtype, source, device))
     clip = build_clip_score(a.clip_model, device) if a.clip_model else None
     if rank == 0:
         write_settings(out, p.settings)
@@ -226,6 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "data.resolution)")
     add_size_args(ap)  # --width / --height (a non-square canvas) and size conditioning
     ap.add_argument("--batch-size", type=at_least(1), default=16, help="images per forward pass")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="the U-Net's and encoders' precision; auto: the training precision on a GPU, fp32 on the CPU")
     ap.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
                     help="default: the checkpoint's wandb.mode")
     ap.add_argument("--out", default="eval_out", help="images, eval.json and the plot go here")

@@ -18,15 +18,18 @@ What the format cannot carry is refused by name (`refusal`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPImageProcessor
 
 from ldmscale.config import StyleConfig
 from ldmscale.style.attention import StyleAttnProcessor, is_style_key
 from ldmscale.style.encoder import CLIP_MEAN, CLIP_STD, FrozenVisionBackbone, StyleEncoder
+
+if TYPE_CHECKING:
+    from transformers import CLIPImageProcessor
 
 FOLDER = "ip_adapter"
 WEIGHT_NAME = "ip-adapter.safetensors"
@@ -84,6 +87,10 @@ def text_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
 
 def feature_extractor(size: int) -> CLIPImageProcessor:
     """CLIP preprocessing at the image encoder's input size (what FrozenVisionBackbone does to a reference)."""
+    # imported here: importing it prints a warning on stderr when torchvision is absent, which would break every
+    # export's (and every bad-input line's) one-line stderr
+    from transformers import CLIPImageProcessor
+
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
 

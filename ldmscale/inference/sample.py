@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", choices=["ema", "raw"], help="EMA (the default) or raw weights")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="images per forward pass")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the U-Net's and encoders' precision; auto: the training precision on a GPU, fp32 on the CPU")
     p.add_argument("--out", default="samples", help="folder for the PNGs, samples.json and grid.png")
     return p.parse_args(argv)
 
@@ -103,11 +105,12 @@ def check_inputs(a: argparse.Namespace) -> tuple[list[str], CheckpointInfo, torc
 
 
 def sample(a: argparse.Namespace) -> None:
-    from ldmscale.checkpoint import load_trained  # not at the top: --help stays fast
+    from ldmscale.checkpoint.loading import inference_dtype, load_trained  # not at the top: --help stays fast
 
     prompts, info, device = check_inputs(a)
     height, width, size_cond = canvas_from_args(a, drawable(info.tag_dir or info.path), a.checkpoint)
-    m = load_trained(info.tag_dir or info.path, info.weights, device)
+    source = info.tag_dir or info.path
+    m = load_trained(source, info.weights, device, inference_dtype(a.dtype, source, device))
     tokens, labels, style_scale = None, [q for q in prompts for _ in range(a.num_images)], 1.0
     if a.style_image:
         assert m.cfg is not None and m.style is not None

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmscale.checkpoint.store import find_tag_dir
+from ldmscale.checkpoint.resume import find_tag_dir
 from ldmscale.config import config_from_yaml_text
 from ldmscale.config.checks import pixel_multiple
 from ldmscale.data.buckets import SizeCond

@@ -115,3 +115,20 @@ def randint(seed: int, ids: Sequence[int] | torch.Tensor, high: int, stream: Str
             device: torch.device | str | None = None) -> torch.Tensor:
     """[len(ids)] int64 uniform in [0, high)."""
     return (_unit(random_bits(seed, ids, 1, stream, device)[:, 0]) * high).long().clamp_(max=high - 1)
+
+
+def timesteps(seed: int, ids: Sequence[int] | torch.Tensor, num_timesteps: int, sampling: str = "uniform",
+              logit_mean: float = 0.0, logit_std: float = 1.0,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """[len(ids)] int64 training timesteps in [0, num_timesteps) (model.timestep_sampling).
+
+    uniform: as `randint`. logit_normal (SD3): u = sigmoid(logit_mean + logit_std * z) with z one normal of the
+    sample's TIMESTEP stream, the formula of diffusers' compute_density_for_timestep_sampling, then
+    t = floor(u * num_timesteps); in float64, so t never reaches num_timesteps."""
+    if sampling == "uniform":
+        return randint(seed, ids, num_timesteps, Stream.TIMESTEP, device)
+    if sampling != "logit_normal":
+        raise ValueError(f"unknown timestep sampling {sampling!r}")
+    z = randn(seed, ids, (1,), Stream.TIMESTEP, device)[:, 0].double()
+    u = torch.sigmoid(z * logit_std + logit_mean)
+    return (u * num_timesteps).long().clamp_(max=num_timesteps - 1)

@@ -17,6 +17,10 @@ from ldmscale.style.encoder import kl_to_standard_normal
 
 
 def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    """The training schedule. Its config is what sampling, evaluation and export build their schedulers from
+    (inference.samplers), so model.zero_terminal_snr travels with it: the rescaled betas, and "trailing" timestep
+    spacing, which starts sampling at the last (pure-noise) timestep as Lin et al. 2024 prescribe."""
+    zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if cfg.zero_terminal_snr else {}
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
@@ -24,6 +28,7 @@ def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
         beta_end=0.012,
         prediction_type=cfg.prediction_type,
         clip_sample=False,
+        **zero_snr,
     )
 
 
@@ -36,8 +41,9 @@ class LatentDiffusion(torch.nn.Module):
             self.style = style
         self.scheduler = scheduler
         self.snr_gamma = snr_gamma
-        # model.channels_last: NHWC activations let cuDNN pick NHWC kernels. The weights stay contiguous: ZeRO
-        # flattens parameters into buffers and fails on channels_last strides ("stride(-1) must be 1").
+        # model.channels_last: NHWC activations let cuDNN pick NHWC kernels. The conv weights are made NHWC under
+        # ZeRO-0 only, after deepspeed.initialize (trainer/stages.py): DeepSpeed's first broadcast and ZeRO 1-3's
+        # flat buffers need standard strides ("stride(-1) must be 1").
         self.channels_last = False
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

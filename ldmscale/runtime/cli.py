@@ -1,4 +1,4 @@
-"""The one error handler of the six console scripts: an input error is one line on stderr and exit code 2.
+"""The one error handler of the console scripts: an input error is one line on stderr and exit code 2.
 
     def cli(argv=None):
         run_cli("ldmscale-sample", lambda: main(parse_args(argv)))

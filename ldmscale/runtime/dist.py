@@ -6,11 +6,16 @@ import datetime
 import os
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as tdist
+
+from ldmscale.runtime.errors import InputError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,14 +79,28 @@ def _skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def device_index(local_rank: int, visible: int) -> int:
+    """The GPU a rank uses among the `visible` ones. A node's tasks see every GPU (index = local rank), or each
+    task sees only its own (srun --gpus-per-task, gpu-bind: device 0 for every local rank)."""
+    if visible <= 0:
+        raise RuntimeError("CUDA reports no visible device")
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise RuntimeError(f"local rank {local_rank} but only {visible} GPUs are visible to this task: start one task "
+                       f"per GPU (srun --ntasks-per-node = GPUs per node), or give each task its own GPU")
+
+
 def init_distributed(timeout_min: float = 30.0, engine: Literal["deepspeed", "torch"] = "deepspeed") -> DistInfo:
     """The one process-group setup (NCCL on GPUs, gloo on CPU). engine="deepspeed" (training): through DeepSpeed,
     which keeps its own handles on the group; "torch" (evaluation, no DeepSpeed engine): torch's own, and none at
     all for a single process."""
     rank, world, local = world_info_from_env()
     if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
+        index = device_index(local, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     timeout = datetime.timedelta(minutes=timeout_min)
@@ -115,10 +134,47 @@ def print0(*args: object, **kwargs: object) -> None:
         print(*args, **kwargs, flush=True)  # type: ignore[call-overload]
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
+def comm_device() -> torch.device:
+    """Where the process group's collectives take their tensors: the current GPU under NCCL, else the CPU."""
+    if tdist.is_initialized() and tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
     """True on every rank if it is true on any rank (a collective: every rank must call it)."""
     if not tdist.is_initialized():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=device or comm_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank `src`'s `obj` on every rank (a collective; the others pass anything, e.g. None)."""
+    if not tdist.is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src, device=comm_device())
+    return box[0]
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def on_rank0(fn: Callable[[], T]) -> T:
+    """fn() run by rank 0 alone, its result on every rank (one broadcast). An input error it raises is raised on
+    every rank, so all of them print the same line and exit together instead of waiting for rank 0."""
+    if not tdist.is_initialized():
+        return fn()
+    outcome: tuple[bool, Any] = (True, None)
+    if tdist.get_rank() == 0:
+        try:
+            outcome = (True, fn())
+        except InputError as e:
+            outcome = (False, e)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value
+    return value

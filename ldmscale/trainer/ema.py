@@ -11,14 +11,22 @@ give bitwise the same average as averaging the gathered parameters.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import deepspeed
 import torch
 import torch.distributed as tdist
+
+
+class SliceReader(Protocol):
+    """Parts of a saved average, read on demand (ldmscale.checkpoint.slices.TensorSlices)."""
+
+    def keys(self) -> set[str]: ...
+
+    def flat_slice(self, name: str, start: int, numel: int) -> torch.Tensor: ...
 
 
 def _is_zero3_param(p: torch.nn.Parameter) -> bool:
@@ -169,14 +177,20 @@ class EMA:
         return out
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Every rank takes its shares from the full average (as `state_dict` wrote it)."""
-        missing = set(self.shapes) - set(state)
+    def load_state_dict(self, state: Mapping[str, torch.Tensor] | SliceReader) -> None:
+        """Every rank takes its shares of the full average: from a dict (as `state_dict` wrote it), or from a
+        reader of the saved file (ldmscale.checkpoint.slices.TensorSlices: `flat_slice(name, start, numel)`), which
+        reads only this rank's share instead of the whole average on every rank."""
+        missing = set(self.shapes) - set(state.keys())
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        if isinstance(state, Mapping):
+            def read(name: str, start: int, numel: int) -> torch.Tensor:
+                return state[name].reshape(-1)[start: start + numel]
+        else:
+            read = state.flat_slice
         # after a checkpoint load: resolve the master views again, in case the optimizer rebuilt its buffers
         self.shares = master_shares(self.named, self.optimizer, self.rank, self.world)
         self.masters = [s.master for s in self.shares]
         for share, shadow in zip(self.shares, self.shadows):
-            flat = state[share.name].reshape(-1)[share.start: share.start + shadow.numel()]
-            shadow.copy_(flat.view(shadow.shape))
+            shadow.copy_(read(share.name, share.start, shadow.numel()).view(shadow.shape))

@@ -1,15 +1,44 @@
-"""The DeepSpeed engine the trainer steps, built from the stage's module and our DeepSpeed config."""
+"""The DeepSpeed engine the trainer steps, built from the stage's module and our DeepSpeed config, and `Engine`:
+the part of DeepSpeed's engine the loop, the stages, the monitor, the EMA and the checkpointer rely on."""
 
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, Protocol
 
 import deepspeed
 import torch
 
+from ldmscale.checkpoint.store import CheckpointEngine
 from ldmscale.config import Config
 from ldmscale.style.install import is_new_in_step2
+
+
+class Engine(CheckpointEngine, Protocol):
+    """What ldmscale uses of `deepspeed.DeepSpeedEngine` (save_checkpoint / load_checkpoint / checkpoint_engine
+    come from the checkpoint layer's CheckpointEngine). A seam to read and to type against, not a second
+    implementation: build_engine returns DeepSpeed's own engine."""
+
+    module: torch.nn.Module  # the wrapped module (the stage's LatentDiffusion or AutoencoderObjective)
+    optimizer: Any  # DeepSpeed's optimizer wrapper: the EMA reads its fp32 master partition
+    dp_world_size: int
+    data_parallel_group: Any
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> Any: ...
+
+    def step(self) -> None: ...
+
+    def get_lr(self) -> list[float]: ...
+
+    def get_global_grad_norm(self) -> float | None: ...
+
+    def zero_optimization_stage(self) -> int: ...
+
+    def gradient_clipping(self) -> float: ...
+
+    def compile(self, backend: str = ..., compile_kwargs: dict[str, Any] = ...) -> None: ...
 
 
 def optimizer_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: Config) -> list[Any]:
@@ -25,7 +54,7 @@ def optimizer_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: Config) -
     return [{"params": rest}, {"params": new, "lr": cfg.optim.lr * scale}]
 
 
-def build_engine(module: torch.nn.Module, params: list[Any], ds_config: dict[str, Any]) -> Any:
+def build_engine(module: torch.nn.Module, params: list[Any], ds_config: dict[str, Any]) -> Engine:
     """`deepspeed.initialize` (params: tensors or optimizer groups), minus two costs of DeepSpeed's ZeRO-0 fp32
     path that buy nothing here.
 
@@ -47,7 +76,7 @@ def build_engine(module: torch.nn.Module, params: list[Any], ds_config: dict[str
     return engine
 
 
-def _clip_and_record_norm(engine: Any) -> None:
+def _clip_and_record_norm(engine: Engine) -> None:
     """ZeRO-0 fp32 clipping (called by DeepSpeed before the optimizer step), keeping the norm for the logs."""
     params = [p for p in engine.module.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])

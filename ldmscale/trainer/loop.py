@@ -1,8 +1,10 @@
 """The training loop, readable top to bottom in labelled paragraphs (the command line is trainer/cli.py).
 
-data check -> setup (process group, stage, DeepSpeed engine, EMA, data, checkpointer/resume) -> loop of
-[micro-batches -> backward -> step -> EMA -> one reduction + log -> preemption -> sample grid / checkpoint]
--> final save and the stage's finish (sample grid or VAE export).
+preemption handler -> resume and data checks -> setup (process group, stage, DeepSpeed engine, EMA, data,
+checkpointer/resume) -> loop of [micro-batches -> backward -> step -> EMA (+ post-hoc EMA snapshots) -> one
+reduction + log -> preemption -> sample grid / checkpoint] -> final save and the stage's finish (sample grid or VAE
+export). A preemption notice before the first step exits for requeue without saving; rank 0 keeps the run's state
+for the job script (ldmscale/runtime/status.py).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import IO
 
 import torch
 
-from ldmscale.checkpoint import CheckpointError, resolve_resume
 from ldmscale.checkpoint.checkpointer import Checkpointer, TrainState
-from ldmscale.checkpoint.elastic import prepare_elastic
-from ldmscale.checkpoint.store import ResumeError, read_rank_state, read_trainer_state
-from ldmscale.config import Config, dump_config, validate, world_size_from_env
+from ldmscale.checkpoint.elastic import prepare_elastic, saved_world_size
+from ldmscale.checkpoint.resume import check_same_model, resolve_resume, select_intact
+from ldmscale.checkpoint.store import read_rank_state, read_trainer_state, step_of
+from ldmscale.config import Config, dump_config, validate
 from ldmscale.data import ResumableLoader, shared_plan
 from ldmscale.data.position import check_saved_shards
 from ldmscale.data.shardlist import is_local
@@ -27,10 +29,14 @@ from ldmscale.data.sources import MixSource, check_splits, listed_without_store
 from ldmscale.eval.validation import build_validator, shared_validation_samples
 from ldmscale.latents.manifest import check_shard_format, shared_source_manifests
 from ldmscale.runtime import dist, preemption
+from ldmscale.runtime.atomic import atomic_write_text
+from ldmscale.runtime.status import RunStatus
 from ldmscale.trainer.ds_config import accumulation_steps, build_ds_config, precision_dtype
 from ldmscale.trainer.ema import EMA, warmup_decay
 from ldmscale.trainer.engine import build_engine, optimizer_groups
+from ldmscale.trainer.extensions import prepare_ops
 from ldmscale.trainer.monitor import Monitor, StepStats, StepTimer, peak_tflops, rank_keys_file
+from ldmscale.trainer.posthoc_ema import PostHocEMA, check_resumable
 from ldmscale.trainer.stages import build_stage
 
 
@@ -91,23 +97,59 @@ def saved_shard_check(cfg: Config, tag_dir: Path | None) -> Callable[[list[MixSo
     return check
 
 
-def main(cfg: Config, resume: str = "auto") -> TrainResult:
-    # Check what needs neither a process group nor the store: the resume folder, the shard split
-    out = Path(cfg.train.out_dir)
-    try:
-        tag_dir = resolve_resume(out / "checkpoints", resume)
-    except CheckpointError as e:
-        raise ResumeError(str(e)) from None
-    format_checked = check_data_early(cfg, world_size_from_env())
+def choose_checkpoint(tag_dir: Path | None, auto: bool, cfg: Config) -> tuple[Path | None, list[str], int]:
+    """Rank 0, once: the resolved checkpoint if intact (else, under --resume auto, the newest intact one before
+    it), checked against this config's model. (folder, warnings, the world size that saved it)."""
+    tag_dir, notes = select_intact(tag_dir, auto)
+    if tag_dir is None:
+        return None, notes, 0
+    check_same_model(tag_dir, cfg)
+    check_resumable(tag_dir, cfg.train.posthoc_ema.sigma_rels)  # an older fallback must hold the profiles too
+    return tag_dir, notes, saved_world_size(tag_dir)
 
-    # Setup: process group, the checks that need the world size and device, the run folder
+
+def stop_before_training(status: RunStatus, step: int, out: Path, monitor: Monitor | None = None) -> TrainResult:
+    """A preemption notice arrived before the first step: exit for requeue, saving nothing new (the checkpoint
+    this job started from is still the newest)."""
+    line = f"PREEMPTED step={step} before the first step (signals: {preemption.received() or 'requested'}): " \
+           f"nothing new saved"
+    if monitor is not None:
+        monitor.event(line)
+        monitor.finish()
+    else:
+        dist.print0(line)
+    status.write("preempted", step)
+    return TrainResult(status="preempted", step=step, out_dir=out)
+
+
+def main(cfg: Config, resume: str = "auto") -> TrainResult:
+    preemption.install()  # before any work: a notice during start-up sets the flag instead of killing the rank
+    rank, world, _ = dist.world_info_from_env()
+    out = Path(cfg.train.out_dir)
+    status = RunStatus.from_env(out / "checkpoints", is_main=rank == 0)
+
+    # Check what needs neither a process group nor the store: the resume folder and its model, the shard split.
+    # The run's config.yaml is written only once the resume is accepted.
+    absolutize_model_paths(cfg)
+    tag_dir, notes = resolve_resume(out / "checkpoints", resume)
+    if tag_dir is not None:
+        check_same_model(tag_dir, cfg)
+    check_resumable(tag_dir, cfg.train.posthoc_ema.sigma_rels)
+    format_checked = check_data_early(cfg, world)
+    status.resumed_from = tag_dir.name if tag_dir is not None else ""
+    status.write("running")
+
+    # Setup: process group, the checks that need the world size and device
     info = dist.init_distributed()
     validate(cfg, world_size=info.world_size, device_type=info.device.type)
-    absolutize_model_paths(cfg)
+    start_step = step_of(tag_dir.name) if tag_dir is not None else 0
+    if dist.any_rank(preemption.requested()):
+        return stop_before_training(status, start_step, out)
+    # rank 0 checks the checkpoint's files against its manifest (a damaged one under auto gives way to an older one)
+    tag_dir, more, saved_world = dist.on_rank0(lambda: choose_checkpoint(tag_dir, resume == "auto", cfg))
+    resume_warnings = notes + more  # logged once the monitor exists
+    status.resumed_from = tag_dir.name if tag_dir is not None else ""
     config_yaml = dump_config(cfg)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml)
 
     # Plan the data once: rank 0 lists, checks and sizes it (with retries), every rank gets the plan or its error.
     # A resume over another shard list than the checkpoint's is refused here, before any model is built. The latent
@@ -129,13 +171,18 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
     stage = build_stage(cfg, info.device, precision_dtype(cfg.deepspeed), fresh=tag_dir is None, manifest=manifest)
     trainable = [(n, p) for n, p in stage.module.named_parameters() if p.requires_grad]
     # another world size: DeepSpeed's universal checkpoint, converted once by rank 0 beside the original
-    universal, elastic_note = prepare_elastic(tag_dir, info.world_size, cfg.deepspeed.zero_stage)
+    universal, elastic_note = prepare_elastic(tag_dir, info.world_size, cfg.deepspeed.zero_stage, saved_world)
     ds_config = build_ds_config(cfg.deepspeed, cfg.optim, cfg.train, info.world_size)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    for op in prepare_ops(ds_config):  # JIT-built ops, one process at a time; a killed build's lock is cleared
+        dist.print0(f"removed the stale build lock of DeepSpeed's {op} op (a build was killed mid-way)")
     engine = build_engine(stage.module, optimizer_groups(trainable, cfg), ds_config)
+    stage.channels_last_weights()  # model.channels_last under ZeRO-0: the conv weights too
     # each rank averages its own share of the optimizer's fp32 masters: no communication per step
     ema = EMA(trainable, cfg.train.ema_decay, engine.optimizer) if cfg.train.ema_decay > 0 else None
+    ph = cfg.train.posthoc_ema  # EDM2's power-function EMAs, snapshotted for ldmscale-ema
+    posthoc = PostHocEMA(trainable, ph.sigma_rels, ph.every, out, engine.optimizer) if ph.sigma_rels else None
 
     # Setup data: every rank its own shards; every worker the same number of batches per epoch
     loader = ResumableLoader(
@@ -150,11 +197,14 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
 
     # Resume: the checkpointer holds everything a checkpoint restores (engine, EMA, data position, counters)
     state = TrainState()
-    ckpt = Checkpointer(out / "checkpoints", keep_last=cfg.train.keep_last, every=cfg.train.ckpt_every,
-                        engine=engine, ema=ema, loader=loader, train_state=state, config_yaml=config_yaml,
+    ckpt = Checkpointer(out / "checkpoints", {"engine": engine, "ema": ema, "data": loader, "train": state,
+                                              "posthoc_ema": posthoc},
+                        keep_last=cfg.train.keep_last, every=cfg.train.ckpt_every, config_yaml=config_yaml,
                         world_size=info.world_size)
     monitor = Monitor(cfg, out, info.is_main)
     monitor.record("data_plan", plan.describe())  # per source: shards, samples, pass rate, weight, passes an epoch
+    for line in resume_warnings:
+        monitor.event(line)
     if tag_dir is not None:
         note = "; ".join(filter(None, [elastic_note, ckpt.restore(tag_dir, universal=universal)]))
         monitor.event(f"resumed from {tag_dir} at step {state.step}")
@@ -163,6 +213,8 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
             print(note, flush=True)
     elif stage.init_note:
         monitor.event(f"style step 2: U-Net initialised from {stage.init_note}")
+    if info.is_main:  # the resume is accepted: this config is now the run's
+        atomic_write_text(out / "config.yaml", config_yaml)
     gas = accumulation_steps(cfg.train, info.world_size)
     keys_log = open_keys_log(out, info.rank) if cfg.train.log_sample_keys else None
     dist.print0(
@@ -172,15 +224,16 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         f"micro={cfg.train.micro_batch_size} accum={gas} batches/epoch/rank={loader.batches_per_epoch} "
         f"start_step={state.step} max_steps={cfg.train.max_steps}"
     )
-    preemption.install()
     timer, flops, peak = StepTimer(), stage.flops_per_sample(), peak_tflops(cfg.train.peak_tflops)
     if flops:  # MFU counts the U-Net; encoding latents on the fly costs extra, shown apart
         dist.print0(f"FLOPs per image: U-Net fwd+bwd {flops / 1e9:.3f} G, VAE encode "
                     f"{stage.encode_flops_per_sample() / 1e9:.3f} G")
-    stage.compile()  # model.compile, last: FLOPs were counted on an eager twin
+    stage.compile(engine)  # model.compile, last: FLOPs were counted on an eager twin
+    if dist.any_rank(preemption.requested()):  # a notice during start-up: nothing trained, nothing to save
+        return stop_before_training(status, state.step, out, monitor)
 
     # Training loop
-    status = "finished"
+    outcome = "finished"
     while state.step < cfg.train.max_steps:
         # single training step: gas micro-batches, each its own backward; DeepSpeed steps at the boundary
         stats, step_keys = StepStats(), []
@@ -201,6 +254,9 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         if ema is not None and state.step > cfg.train.ema_start_step:
             n = state.step - cfg.train.ema_start_step - 1  # a function of the step: resumes exactly
             ema.update(warmup_decay(cfg.train.ema_decay, n) if cfg.train.ema_warmup else None)
+        if posthoc is not None:  # snapshots before the preemption check: a stop at a snapshot step still writes it
+            posthoc.update(state.step)
+            posthoc.maybe_snapshot(state.step, last=state.step == cfg.train.max_steps)
 
         # logging: one reduction per step, which also tells every rank whether any was asked to stop
         if keys_log is not None:
@@ -215,7 +271,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         # preemption: all ranks save the same step together, then stop (the launcher requeues)
         if stop:
             ckpt.maybe_save(state.step, force=True)
-            status = "preempted"
+            outcome = "preempted"
             monitor.event(f"PREEMPTED step={state.step} (signals: {preemption.received() or 'requested'})")
             break
 
@@ -227,7 +283,7 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
             monitor.event(f"saved checkpoint step {state.step}")
 
     # The end: last checkpoint, then the stage's own finish (sample grid / VAE export)
-    if status == "finished":
+    if outcome == "finished":
         if ckpt.maybe_save(state.step, force=True):
             monitor.event(f"saved checkpoint step {state.step}")
         stage.finish(engine, ema, monitor, out, state.step, loader)
@@ -236,7 +292,8 @@ def main(cfg: Config, resume: str = "auto") -> TrainResult:
         keys_log.close()
     monitor.finish()
     dist.barrier()
-    return TrainResult(status=status, step=state.step, out_dir=out)
+    status.write(outcome, state.step)
+    return TrainResult(status=outcome, step=state.step, out_dir=out)
 
 
 def open_keys_log(out: Path, rank: int) -> IO[str]:

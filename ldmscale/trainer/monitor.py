@@ -12,6 +12,9 @@ import torch
 
 from ldmscale.config import Config, public_dict
 from ldmscale.models.size_conditioning import added_cond_kwargs, has_size_conditioning
+from ldmscale.trainer.engine import Engine
+
+TRAINER_STEP = "trainer/step"  # the x-axis of every W&B chart (define_metric)
 
 # dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, SXM parts)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -81,6 +84,24 @@ class Monitor:
                 tags=cfg.wandb.tags or None, id=run_id, resume="allow", mode=cfg.wandb.mode,
                 dir=str(out_dir), config=public_dict(cfg),
             )
+            # Charts are drawn against the trainer's step; W&B's own step only has to grow. A run resumed after a
+            # crash replays the steps after its checkpoint: logged at W&B steps past the last one used, they are
+            # kept (W&B drops a step that does not increase), so the curves have no hole. The last W&B step is kept
+            # in a file too: a resumed offline run starts counting at 0 again.
+            self.run.define_metric(TRAINER_STEP)
+            self.run.define_metric("*", step_metric=TRAINER_STEP)
+            self.wandb_step_file = out_dir / "wandb_step"
+            last = int(self.wandb_step_file.read_text()) if self.wandb_step_file.exists() else -1
+            self._next_wandb_step = max(int(self.run.step or 0), last + 1)
+            self._wandb_step, self._trainer_step = 0, -1
+
+    def _wandb_step_for(self, step: int) -> int:
+        """The W&B step of trainer step `step`: a new one for each trainer step logged, never one used before."""
+        if step != self._trainer_step:
+            self._wandb_step, self._trainer_step = self._next_wandb_step, step
+            self._next_wandb_step += 1
+            self.wandb_step_file.write_text(str(self._wandb_step))
+        return self._wandb_step
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.is_main:
@@ -88,8 +109,8 @@ class Monitor:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         if self.run is not None:
-            # explicit step: a resumed offline run would otherwise restart its step count at 0
-            self.run.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            self.run.log({**numbers, TRAINER_STEP: step}, step=self._wandb_step_for(step))
 
     def record(self, key: str, value: dict[str, Any]) -> None:
         """A description of the run made at start (the data plan): a log.jsonl line and a key of the W&B run config."""
@@ -104,7 +125,8 @@ class Monitor:
         if self.is_main and self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+            self.run.log({key: wandb.Image(str(path), caption=caption), TRAINER_STEP: step},
+                         step=self._wandb_step_for(step))
 
     def event(self, text: str) -> None:
         if self.is_main:
@@ -112,7 +134,7 @@ class Monitor:
             self.jsonl.write(json.dumps({"event": text, "time": time.time()}) + "\n")
             self.jsonl.flush()
 
-    def log_step(self, step: int, stats: StepStats, *, stop_requested: bool, engine: Any, loader: Any,
+    def log_step(self, step: int, stats: StepStats, *, stop_requested: bool, engine: Engine, loader: Any,
                  timer: StepTimer, samples_seen: int, max_steps: int, log_every: int, world: int,
                  flops_per_sample: float, peak: float) -> bool:
         """Every rank calls it once per step: one all-reduce carries the step's loss, its parts and this rank's

@@ -24,7 +24,7 @@ from ldmscale.data import ResumableLoader, normalize_pixels
 from ldmscale.data.buckets import bucket_set, grid_buckets
 from ldmscale.eval.grid import broadcast_weights, draw_shared, write_grid
 from ldmscale.latents.manifest import check_encoders
-from ldmscale.models import noise
+from ldmscale.models import immiscible, noise
 from ldmscale.models.autoencoder import AutoencoderObjective, measure_scaling_factor, save_vae
 from ldmscale.models.encoders import FrozenEncoders, load_vae, tokenize
 from ldmscale.models.networks import (
@@ -36,10 +36,11 @@ from ldmscale.models.networks import (
 )
 from ldmscale.models.objective import LatentDiffusion, build_noise_scheduler
 from ldmscale.models.size_conditioning import apply_size_config
-from ldmscale.runtime import dist
+from ldmscale.runtime import dist, preemption
 from ldmscale.style.encoder import beta_at, build_style, style_input
 from ldmscale.style.install import install_style_path
 from ldmscale.trainer.ema import EMA, gathered
+from ldmscale.trainer.engine import Engine
 from ldmscale.trainer.monitor import Monitor, encode_flops_per_sample, training_flops_per_sample
 
 
@@ -67,25 +68,46 @@ class Stage:
     def flops_per_sample(self) -> float:
         return 0.0
 
-    def compile(self) -> None:
-        """model.compile: torch.compile the trained network in place (names, hooks and state dict unchanged).
+    def compile(self, engine: Engine) -> None:
+        """model.compile. Under ZeRO-3 the parameters are gathered by hooks around every submodule: DeepSpeed's
+        `engine.compile` is the path it supports there (it compiles the module it wraps, hooks in place). Under
+        ZeRO 0-2 the trained network is compiled in place (names, hooks and state dict unchanged). Inductor's
+        compile workers are started first with the preemption signals blocked, so a notice does not kill them.
         Called last, once the engine exists and FLOPs were counted on an eager twin."""
         m = self.cfg.model
-        if m.compile:
-            mode = None if m.compile_mode == "default" else m.compile_mode
+        if not m.compile:
+            return
+        mode = None if m.compile_mode == "default" else m.compile_mode
+        if m.compile_backend == "inductor":
+            preemption.start_compile_workers()
+        if self.cfg.deepspeed.zero_stage == 3:
+            engine.compile(backend=m.compile_backend, compile_kwargs={"mode": mode} if mode else {})
+        else:
             self.trained.compile(backend=m.compile_backend, mode=mode)
+
+    def channels_last_weights(self) -> bool:
+        """model.channels_last under ZeRO-0: the conv weights go NHWC too (NHWC kernels then take both operands
+        as they are). Done after deepspeed.initialize, whose first broadcast views every parameter as bytes and
+        needs standard strides; ZeRO 1-3 keep parameters in flat buffers, so their weights stay NCHW (the
+        convolution converts them per call). Returns whether the weights were converted."""
+        if not (self.cfg.model.channels_last and self.cfg.deepspeed.zero_stage == 0):
+            return False
+        for p in self.trained.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        return True
 
     def encode_flops_per_sample(self) -> float:
         return 0.0
 
-    def periodic(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+    def periodic(self, engine: Engine, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
         """Once in a while during training (every train.sample_every steps)."""
 
-    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int,
+    def finish(self, engine: Engine, ema: EMA | None, monitor: Monitor, out: Path, step: int,
                loader: ResumableLoader) -> None:
         """After the last step."""
 
-    def trained_weights(self, engine: Any, ema: EMA | None) -> dict[str, torch.Tensor]:
+    def trained_weights(self, engine: Engine, ema: EMA | None) -> dict[str, torch.Tensor]:
         """Full fp32 weights of the trained network on rank 0 (EMA if kept). Collective: every rank calls it."""
         if ema is not None:
             return strip_prefix(ema.state_dict(), self.prefix)
@@ -159,7 +181,7 @@ class DiffusionStage(Stage):
         """The VAE encode that latents on the fly cost per image (reported apart from the U-Net's FLOPs)."""
         return encode_flops_per_sample(self.encoders.vae, self.cfg.data.resolution)
 
-    def loss(self, engine: Any, batch: dict[str, Any], ids: Sequence[int], step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, engine: Engine, batch: dict[str, Any], ids: Sequence[int], step: int) -> tuple[torch.Tensor, dict]:
         """One micro-batch -> (loss, parts). `ids` are the global sample indices, `step` the optimizer step."""
         seed, m = self.cfg.train.seed, self.cfg.model
         # No host sync in a micro-batch: every draw is made on the device, every copy from the (pinned) batch is
@@ -176,6 +198,13 @@ class DiffusionStage(Stage):
         else:
             latents = self.encoders.encode_images(normalize_pixels(batch["pixels"].to(self.device, non_blocking=True)),
                                                   post)
+        eps = noise.randn(seed, ids, shape, noise.Stream.NOISE, self.device)
+        if m.noise_offset:
+            offset = noise.randn(seed, ids, (shape[0], 1, 1), noise.Stream.NOISE_OFFSET, self.device)
+            eps = eps + m.noise_offset * offset
+        # model.immiscible: the latent-noise scores go to the host now; the assignment is awaited only after the
+        # text encoder and the other draws are queued, so the device has work while the host solves it
+        pending = immiscible.start(latents, eps) if m.immiscible else None
         # classifier-free guidance: a per-sample share of captions becomes ""
         drop = noise.rand(seed, ids, noise.Stream.CAPTION_DROP, self.device) < self.cfg.data.caption_dropout
         if "text_embeddings" in batch:  # stored by ldmscale-encode --text-embeddings
@@ -184,14 +213,12 @@ class DiffusionStage(Stage):
         else:
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
             context = self.encoders.encode_text(torch.where(drop[:, None], self.empty_ids, input_ids))
-        timesteps = noise.randint(seed, ids, m.num_train_timesteps, noise.Stream.TIMESTEP, self.device)
-        eps = noise.randn(seed, ids, shape, noise.Stream.NOISE, self.device)
-        if m.noise_offset:
-            offset = noise.randn(seed, ids, (shape[0], 1, 1), noise.Stream.NOISE_OFFSET, self.device)
-            eps = eps + m.noise_offset * offset
-        args = [latents, context, eps, timesteps]
-        if self.cfg.style.enabled:
-            args += self._style_args(batch, ids, step)
+        timesteps = noise.timesteps(seed, ids, m.num_train_timesteps, m.timestep_sampling, m.logit_mean, m.logit_std,
+                                    self.device)
+        extra = self._style_args(batch, ids, step) if self.cfg.style.enabled else []
+        if pending is not None:
+            eps = eps[immiscible.finish(pending)]
+        args = [latents, context, eps, timesteps, *extra]
         if m.size_conditioning:  # not dropped with the caption (SDXL's choice; docs/buckets.md)
             return engine(*args, size_cond=self._size_cond(batch, shape[1] * self.vae_factor,
                                                            shape[2] * self.vae_factor))
@@ -206,21 +233,23 @@ class DiffusionStage(Stage):
         keep = (noise.rand(seed, ids, noise.Stream.STYLE_DROP, self.device) >= s.dropout).float()
         return [refs, z, keep, beta_at(s, step)]
 
-    def periodic(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+    def periodic(self, engine: Engine, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
         if self.cfg.train.sample_every and step % self.cfg.train.sample_every == 0:
             self.sample_grid(engine, ema, monitor, out, step)
 
-    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int,
+    def finish(self, engine: Engine, ema: EMA | None, monitor: Monitor, out: Path, step: int,
                loader: ResumableLoader) -> None:
         every = self.cfg.train.sample_every
         if not (every and step % every == 0):  # else periodic() drew this step's grid already
             self.sample_grid(engine, ema, monitor, out, step)
 
-    def sample_grid(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
+    def sample_grid(self, engine: Engine, ema: EMA | None, monitor: Monitor, out: Path, step: int) -> None:
         """Every rank draws its share of the configured prompts with the EMA weights (broadcast from rank 0);
         rank 0 writes the grid (ldmscale.eval.grid). Nobody waits in a barrier for another's work."""
         t0 = time.perf_counter()
-        unet = UNet2DConditionModel.from_config(self.trained.config).to(self.device)
+        # in the training precision on a GPU (half the memory of an fp32 copy on every rank); fp32 on the CPU
+        dtype = self.dtype if self.device.type == "cuda" else torch.float32
+        unet = UNet2DConditionModel.from_config(self.trained.config).to(self.device, dtype)
         if self.cfg.style.enabled:  # grids during style training are text-only: the style path adds nothing
             install_style_path(unet, self.cfg.style, self.encoders.text_dim,
                                sdpa=self.cfg.model.attention == "sdpa")
@@ -271,14 +300,14 @@ class AutoencoderStage(Stage):
         self.trained = vae
         _prepare(vae, cfg)
 
-    def loss(self, engine: Any, batch: dict[str, Any], ids: Sequence[int], step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, engine: Engine, batch: dict[str, Any], ids: Sequence[int], step: int) -> tuple[torch.Tensor, dict]:
         pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True))
         # the posterior's shape is the batch's own (with aspect buckets, its bucket's)
         shape = (self.latent_shape[0], *(s // self.vae_factor for s in pixels.shape[-2:]))
         post = noise.randn(self.cfg.train.seed, ids, shape, noise.Stream.POSTERIOR, self.device)
         return engine(pixels, post)
 
-    def finish(self, engine: Any, ema: EMA | None, monitor: Monitor, out: Path, step: int,
+    def finish(self, engine: Engine, ema: EMA | None, monitor: Monitor, out: Path, step: int,
                loader: ResumableLoader) -> None:
         """Export the trained VAE as a diffusers folder with its measured latent scaling factor."""
         weights = self.trained_weights(engine, ema)

@@ -44,6 +44,7 @@ def rows(assets: Path, run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["ldmscale-encode", "--config", TINY, "--out", str(tmp / "lat"), *ov, f"data.shards=[{tmp / 'notatar.tar'}]"],
          "is not a tar file"),
         (["ldmscale-launch", "--config", TINY, *ov, "--nodes", "3"], "nothing submitted: config error: train.global_b"),
+        (["ldmscale-ema", str(run), "--sigma-rel", "0.1", "--out", str(tmp / "ema")], "no posthoc_ema/ folder"),
     ]
 
 

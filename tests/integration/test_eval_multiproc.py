@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ldmscale.eval.fid import GaussianStats
-from tests.conftest import REPO, free_port, tiny_overrides, train_env
+from tests.conftest import REPO, free_port, train_env
 from tests.eval_assets import write_tiny_clip
 
 GUIDANCE = "1,3"
@@ -27,13 +27,10 @@ NUM_IMAGES = 8
 
 
 @pytest.fixture(scope="module")
-def setup(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(assets: Path, trained_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
-    subprocess.run([sys.executable, "-m", "ldmscale.train", "--config", str(REPO / "configs/tiny.yaml"),
-                    *tiny_overrides(assets, root / "run", **{"train.max_steps": 2, "train.sample_every": 0})],
-                   env=train_env(), cwd=REPO, check=True, capture_output=True)
     (root / "prompts.txt").write_text("".join(f"a handwritten digit {d}\n" for d in range(4)))
-    return {"root": root, "run": root / "run", "prompts": root / "prompts.txt", "heldout": assets / "digits/heldout",
+    return {"root": root, "run": trained_tiny, "prompts": root / "prompts.txt", "heldout": assets / "digits/heldout",
             "clip": write_tiny_clip(root / "clip", assets / "models/tokenizer")}
 
 
@@ -108,11 +105,27 @@ def test_killed_eval_resumes_and_reuses_its_images(setup: dict[str, Path], one_r
                                                                                                    rel=1e-6)
 
 
-def test_images_drawn_with_other_settings_are_not_mixed_in(setup: dict[str, Path], one_rank: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ldmscale.eval.cli",
-                           *_args(setup, one_rank, setup["root"] / "ref_w1.npz", "--sampler", "euler")],
-                          env=train_env(), cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and "other settings" in proc.stderr and "sampler" in proc.stderr
+def test_images_drawn_with_other_settings_are_not_mixed_in(setup: dict[str, Path], one_rank: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """ldmscale-eval's entry function in this process: the check comes before any process group or image."""
+    from ldmscale.eval.cli import cli
+    from ldmscale.runtime import dist
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a process group was started before the settings were checked")
+
+    monkeypatch.setattr(dist, "init_distributed", refuse)
+    saved = dict(os.environ)  # reading the world from the environment fills in RANK, WORLD_SIZE, ...
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli(_args(setup, one_rank, setup["root"] / "ref_w1.npz", "--sampler", "euler"))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "other settings" in err and "sampler" in err, err
 
 
 def test_digit_sweep_reads_the_eval_folder(setup: dict[str, Path], one_rank: Path, assets: Path) -> None:

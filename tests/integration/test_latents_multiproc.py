@@ -1,6 +1,6 @@
 """Two processes: ldmscale-encode killed with SIGKILL mid-run and started again completes the latent set without
-rewriting a finished shard; the trainer reading those latent shards, killed and resumed, reproduces its
-uninterrupted run bitwise (losses and every rank's sample keys)."""
+rewriting a finished shard; the trainer reading those latent shards, resumed from a mid-run checkpoint, reproduces
+its uninterrupted run bitwise (losses and every rank's sample keys)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,18 @@ from ldmscale.data import decode_image, normalize_pixels, stack_uint8
 from ldmscale.data.latent_format import LATENT_EXT, decode_latent
 from ldmscale.data.shard_writer import iter_tar_samples
 from tests.conftest import REPO, free_port, tiny_overrides, train_env
-from tests.integration.test_multiproc import _command, _keys, _last_per_step, _steps, _wait, kill_after_step, kill_tree
+from tests.runs import (
+    finish,
+    kill_tree,
+    last_per_step,
+    sample_keys,
+    start_training,
+    step_rows,
+    wait_for_checkpoint,
+)
 
 MAX_STEPS = 10
+RESUME_AT = 4
 
 
 def encode_command(assets: Path, out: str, shards: str, *extra: str) -> list[str]:
@@ -50,7 +59,7 @@ def latent_set(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert not (out / "manifest.json").exists(), "the encoder finished before it could be killed"
     done = {p.name[: -len("_stats.json")] for p in out.glob("*_stats.json")}
     mtimes = {n: (out / f"{n}.tar").stat().st_mtime_ns for n in done}
-    _wait(_popen(cmd, log), root / "encode")
+    finish(_popen(cmd, log), root / "encode")
     return {"out": out, "done_before_kill": done, "mtimes": mtimes, "log": log.read_text()}
 
 
@@ -80,24 +89,24 @@ def test_encoder_killed_and_restarted_completes_without_rewriting_finished_shard
     torch.testing.assert_close(got, torch.cat([post.mean, post.logvar], 1), rtol=2e-3, atol=2e-3)  # fp16 storage
 
 
-def _train(assets: Path, shards: Path, out: Path) -> subprocess.Popen:
-    args = ["--config", str(REPO / "configs/tiny.yaml"), "--resume", "auto", *tiny_overrides(assets, out, **{
-        "data.shards": f"[{shards}]", "data.format": "latents", "train.max_steps": MAX_STEPS, "train.ckpt_every": 4,
-        "train.log_sample_keys": "true"})]
-    return _popen(_command("torchrun", free_port(), args), out.parent / f"{out.name}.log")
+def _train(assets: Path, shards: Path, out: Path, resume: str = "never") -> subprocess.Popen:
+    return start_training(assets, out, "torchrun", resume=resume, **{
+        "data.shards": f"[{shards}]", "data.format": "latents", "train.max_steps": MAX_STEPS,
+        "train.ckpt_every": RESUME_AT, "train.keep_last": 3, "train.log_sample_keys": "true"})
 
 
-def test_trainer_from_latents_killed_and_resumed_matches_the_uninterrupted_run(latent_set: dict, assets: Path,
-                                                                                tmp_path: Path) -> None:
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    _wait(_train(assets, latent_set["out"], reference), reference)
-    proc = _train(assets, latent_set["out"], killed)
-    kill_after_step(proc, killed, 5, timeout=300)
-    assert max(r["step"] for r in _steps(killed)) < MAX_STEPS
-    _wait(_train(assets, latent_set["out"], killed), killed)
-    events = [r.get("event", "") for r in map(json.loads, (killed / "log.jsonl").read_text().splitlines())]
-    assert sum(e.startswith("resumed from") for e in events) == 1
-    ref_loss, res_loss = _last_per_step(_steps(reference), "loss"), _last_per_step(_steps(killed), "loss")
-    assert sorted(res_loss) == list(range(1, MAX_STEPS + 1)) and res_loss == ref_loss  # bitwise
+def test_trainer_from_latents_resumed_matches_the_uninterrupted_run(latent_set: dict, assets: Path,
+                                                                     tmp_path: Path) -> None:
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    ref = _train(assets, latent_set["out"], reference)
+    checkpoint = wait_for_checkpoint(ref, reference, RESUME_AT)  # the resumed run goes on beside the reference
+    res = _train(assets, latent_set["out"], resumed, resume=str(checkpoint))
+    finish(ref, reference)
+    finish(res, resumed)
+    events = [r.get("event", "") for r in map(json.loads, (resumed / "log.jsonl").read_text().splitlines())]
+    assert sum(e.startswith(f"resumed from {checkpoint}") for e in events) == 1
+    ref_loss, res_loss = last_per_step(step_rows(reference), "loss"), last_per_step(step_rows(resumed), "loss")
+    assert sorted(ref_loss) == list(range(1, MAX_STEPS + 1))
+    assert res_loss == {s: v for s, v in ref_loss.items() if s > RESUME_AT}  # bitwise
     for rank in range(2):
-        assert _keys(killed, rank) == _keys(reference, rank)
+        assert sample_keys(resumed, rank) == {s: k for s, k in sample_keys(reference, rank).items() if s > RESUME_AT}

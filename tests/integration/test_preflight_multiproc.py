@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from ldmscale.config import DataConfig, FilterConfig
+from ldmscale.data import StorageError, preflight
 from tests.conftest import free_port
-from tests.unit.test_preflight import _rank, write_plan_shards
+from tests.unit.test_preflight import write_plan_shards
+
+
+def _crash(*args: object) -> tuple[float, int]:
+    raise ZeroDivisionError("a bug, not a storage error")
+
+
+def _rank(rank: int, port: int, cases: list[tuple[str, DataConfig, bool]], out: str) -> None:
+    """One process group, several plans: (name, config, whether rank 0 meets a bug) -> out/name/rank{r}.json."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a short timeout: a rank left waiting in the broadcast fails the test in seconds, not half an hour
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+    if rank == 1:  # the other ranks must not touch the store at all
+        preflight.expand_shard_urls = None  # type: ignore[assignment]
+        preflight.count_samples = None  # type: ignore[assignment]
+    estimate = preflight.estimate_pass_rate
+    for name, cfg, crash in cases:
+        if rank == 0:  # rank 0 meets something that is not a StorageError, or not
+            preflight.estimate_pass_rate = _crash if crash else estimate  # type: ignore[assignment]
+        try:
+            plan = preflight.shared_plan(cfg)
+            result = {"urls": plan.urls, "epoch": plan.samples_per_epoch}
+        except StorageError as e:
+            result = {"error": str(e)}
+        Path(out, name).mkdir(exist_ok=True)
+        Path(out, name, f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from ldmscale.config import load_config
 from ldmscale.data import ResumableLoader
 from ldmscale.data.shard_writer import iter_tar_samples
 from tests.conftest import REPO, free_port, tiny_overrides
+from tests.integration.test_latents_multiproc import encode_command
+from tests.runs import launch_command, sample_keys
 from tests.s3_fixtures import S3Server
-from tests.test_latents_multiproc import encode_command
-from tests.test_multiproc import _command, _keys
-from tests.test_s3_training import _s3_env
+from tests.system.test_s3_training import _s3_env
 
 pytestmark = pytest.mark.s3
 STEPS = 4
@@ -47,8 +47,8 @@ def test_encode_s3_to_s3_then_train_from_s3_latents(assets: Path, s3_server: S3S
     args = ["--config", str(REPO / "configs/tiny.yaml"), "--resume", "never", *tiny_overrides(assets, out, **{
         "data.shards": f"[s3://{s3_bucket}/latents/]", "data.format": "latents", "train.max_steps": STEPS,
         "train.log_sample_keys": "true"}), endpoint]
-    r = subprocess.run(_command("torchrun", free_port(), args), env=env, capture_output=True, text=True, timeout=400,
-                       cwd=REPO)
+    r = subprocess.run(launch_command("torchrun", free_port(), args), env=env, capture_output=True, text=True,
+                       timeout=400, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cfg = load_config(REPO / "configs/tiny.yaml", tiny_overrides(assets, out, **{
         "data.shards": f"[{local}]", "data.format": "latents"}))
@@ -57,4 +57,4 @@ def test_encode_s3_to_s3_then_train_from_s3_latents(assets: Path, s3_server: S3S
                                  micro_batch=cfg.train.micro_batch_size, samples_per_epoch=cfg.data.samples_per_epoch,
                                  global_batch=cfg.train.global_batch_size)
         want = {step: next(loader)["keys"] for step in range(1, STEPS + 1)}
-        assert _keys(out, rank) == want
+        assert sample_keys(out, rank) == want

@@ -1,4 +1,4 @@
-"""The input-error contract of the six console scripts, as one table: each row feeds one CLI a bad input, in
+"""The input-error contract of the console scripts, as one table: each row feeds one CLI a bad input, in
 process (`cli(argv)`), and asserts exit code 2, exactly one line on stderr that names the command, no traceback,
 and a keyword of the fix. A tripwire on every place where work starts (a model loading, the process group, the
 latent encoder, a Slurm submission) fails a row whose check comes too late.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldmscale.config import dump_config, load_config
@@ -33,6 +34,8 @@ CLIS = {
     "eval": ("ldmscale-eval", "ldmscale.eval.cli"),
     "encode": ("ldmscale-encode", "ldmscale.latents.encode"),
     "launch": ("ldmscale-launch", "ldmscale.launch"),
+    "ema": ("ldmscale-ema", "ldmscale.checkpoint.posthoc_cli"),
+    "universal": ("ldmscale-universal", "ldmscale.checkpoint.universal_cli"),
 }
 
 
@@ -72,6 +75,21 @@ def ctx(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
     both = fake_run(t / "both", assets)
     (both / "model_index.json").write_text("{}")  # an export written into the run folder by an older version
     c["both"] = str(both)
+    # a run with post-hoc EMA snapshots (train.posthoc_ema) at steps 2 and 4: tiny weights, real headers
+    from ldmscale.checkpoint.posthoc_ema import SNAPSHOT_DIR, write_snapshot
+    ema_run = fake_run(t / "ema_run", assets)
+    (ema_run / "config.yaml").write_text((ema_run / "checkpoints/step_00000004/config.yaml").read_text())
+    for step in (2, 4):
+        for sigma_rel in (0.05, 0.10):
+            write_snapshot(ema_run / SNAPSHOT_DIR, step, sigma_rel, {"unet.w": torch.zeros(2)})
+    c["ema_run"] = str(ema_run)
+    recon = t / "ema_0.10"  # what ldmscale-ema writes: EMA weights only, no DeepSpeed files
+    recon.mkdir()
+    (recon / "config.yaml").write_text((ema_run / "config.yaml").read_text())
+    (recon / "trainer_state.json").write_text(json.dumps({"step": 4, "posthoc_ema": {"sigma_rel": 0.1}}))
+    (recon / "ema.safetensors").write_bytes(b"")
+    (recon / "COMPLETE").write_text("")
+    c["recon"] = str(recon)
     export = t / "export"
     for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
         (export / part).mkdir(parents=True)
@@ -138,6 +156,8 @@ def tripwires(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return trip
 
     import ldmscale.checkpoint
+    import ldmscale.checkpoint.posthoc_ema
+    import ldmscale.checkpoint.universal_cli
     import ldmscale.eval.cli
     import ldmscale.inference.export
     import ldmscale.latents.encode
@@ -147,8 +167,10 @@ def tripwires(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for module in (ldmscale.checkpoint, ldmscale.eval.cli, ldmscale.inference.export):
         monkeypatch.setattr(module, "load_trained", tripped("a model loaded"))
     monkeypatch.setattr(dist, "init_distributed", tripped("the process group started"))
+    monkeypatch.setattr(ldmscale.checkpoint.posthoc_ema, "reconstruct", tripped("the snapshots' weights were read"))
     monkeypatch.setattr(ldmscale.latents.encode, "Encoder", tripped("the VAE loaded"))
     monkeypatch.setattr(ldmscale.launch, "build_executor", tripped("a Slurm submission started"))
+    monkeypatch.setattr(ldmscale.checkpoint.universal_cli, "convert_to_universal", tripped("a conversion started"))
     saved = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
@@ -167,6 +189,7 @@ E = ["{run}", "--prompts", "{tmp}/p.txt", "--features", "pixels:4", "--num-image
 R = ["--reference", "{heldout}"]
 ENC = ["--config", "{tiny}", "--out", "{tmp}/latents", *OV()]
 L = ["--config", "{tiny}", *OV()]
+EMA = ["{ema_run}", "--sigma-rel", "0.1", "--out"]  # a valid ldmscale-ema command line, less its output folder
 
 # (cli, argv, keyword of the fix); item numbers are those of the bad-input list in docs/errors.md
 ROWS: list[tuple[str, list[str], str]] = [
@@ -197,6 +220,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("sample", [*S, "--style-image", "{tmp}/img.png", "--style-scale", "inf"], "not a finite number"),
     ("sample", [*S, "--sampler", "dim"], "invalid choice: 'dim'"),
     ("sample", [*S, "--weights", "best"], "invalid choice: 'best'"),
+    ("sample", [*S, "--dtype", "fp64"], "invalid choice: 'fp64'"),
     ("sample", ["--prompt", "a digit"], "the following arguments are required: checkpoint"),
     ("sample", ["{run}"], "give --prompt TEXT"),
     ("sample", ["{run}", "--prompts-file", "{tmp}/empty.txt"], "holds no prompts"),
@@ -225,6 +249,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("sample", ["{ae_run}", "--prompt", "a"], "autoencoder-stage checkpoint"),
     ("sample", ["{noema_run}", "--prompt", "a"], "pass --weights raw"),
     ("sample", ["{export}", "--prompt", "a", "--weights", "raw"], "export of the ema weights"),
+    ("sample", ["{recon}", "--prompt", "a", "--weights", "raw"], "holds EMA weights only"),
     ("sample", ["{both}", "--prompt", "a"], "holds both checkpoints/ and a diffusers export"),
     # ldmscale-export (6)
     ("export", ["{run}", "{run}"], "the run's own folder"),
@@ -236,6 +261,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("export", ["{style_run}", "{tmp}/pipe"], "style.backbone=conv"),
     ("export", ["{export}", "{tmp}/pipe"], "already an exported diffusers folder"),
     ("export", ["{noema_run}", "{tmp}/pipe"], "pass --weights raw"),
+    ("export", ["{recon}", "{tmp}/pipe", "--weights", "raw"], "holds EMA weights only"),
     ("export", ["{run}"], "the following arguments are required: out"),
     ("export", ["{run}", "{tmp}/pipe", "--weights", "fp16"], "invalid choice: 'fp16'"),
     ("export", ["{run}", "{tmp}/pipe", "--original-size", "64", "64"], "trained without model.size_conditioning"),
@@ -278,6 +304,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval", [*E, *R, "--prompts", "{tmp}/rows.json", "--caption-column", "caption"], "pass --caption-column"),
     ("eval", [*E, *R, "--sampler", "plms"], "invalid choice: 'plms'"),
     ("eval", [*E, *R, "--weights", "x"], "invalid choice: 'x'"),
+    ("eval", [*E, *R, "--dtype", "half"], "invalid choice: 'half'"),
     ("eval", [*E, *R, "--wandb-mode", "on"], "invalid choice: 'on'"),
     ("eval", [*E, *R, "--out", "{tmp}/file"], "is a file"),
     ("eval", [*E, *R, "--save-reference-stats", "{tmp}/file/r.npz"], "file is a file, not a folder"),
@@ -334,6 +361,29 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("launch", [*OV()], "the following arguments are required: --config"),
     ("launch", [*L, "--no-such-option"], "unrecognized arguments"),
     ("launch", L, "sbatch is not on PATH"),
+    # ldmscale-ema
+    ("ema", [*EMA[:2], "0.4", "--out", "{tmp}/ema"], "0.4 is out of range: give a value in (0, 0.28]"),
+    ("ema", [*EMA[:2], "nan", "--out", "{tmp}/ema"], "--sigma-rel: 'nan' is not a finite number"),
+    ("ema", ["{ema_run}", "--out", "{tmp}/ema"], "the following arguments are required: --sigma-rel"),
+    ("ema", [*EMA, "{tmp}/ema", "--step", "0"], "--step: 0 is too small"),
+    ("ema", [*EMA, "{tmp}/ema", "--step", "3"], "no snapshot at that step; snapshots exist at steps 2, 4"),
+    ("ema", EMA, "--out: expected one argument"),
+    ("ema", [*EMA, "{tmp}/file"], "is a file, not a folder"),
+    ("ema", [*EMA, "{tmp}/file/ema"], "is a file, so"),
+    ("ema", [*EMA, "{ema_run}/checkpoints/ema"], "the run's own folder or inside its checkpoints/"),
+    ("ema", [*EMA, "{other}"], "give a new or empty folder"),
+    ("ema", ["{tmp}/nothing", "--sigma-rel", "0.1", "--out", "{tmp}/ema"], "no such run folder"),
+    ("ema", ["{run}", "--sigma-rel", "0.1", "--out", "{tmp}/ema"], "no posthoc_ema/ folder"),
+    ("ema", ["{ema_run}/checkpoints", "--sigma-rel", "0.1", "--out", "{tmp}/ema"], "give the run's train.out_dir"),
+    # train resumed with profiles its checkpoint does not hold (train.posthoc_ema)
+    ("train", ["--config", "{tiny}", "--resume", "{ckpt}", *OV(**{"train.posthoc_ema.sigma_rels": "[0.05,0.1]"})],
+     "saved without train.posthoc_ema"),
+    # ldmscale-universal
+    ("universal", ["{run}", "--workers", "-1"], "--workers: -1 is too small"),
+    ("universal", ["{run}", "--workers", "x"], "--workers: 'x' is not a whole number"),
+    ("universal", [], "the following arguments are required: checkpoint"),
+    ("universal", ["{tmp}/nothing"], "no such checkpoint"),
+    ("universal", ["{partial}"], "partial checkpoint"),
 ]
 
 

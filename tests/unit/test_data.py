@@ -55,12 +55,26 @@ def test_every_rank_gets_the_same_number_of_batches(uneven_shards: Path) -> None
     assert not first & second  # ranks read disjoint shards
 
 
-@pytest.mark.parametrize("stop_at", [3, 7, 12])
-def test_resume_continues_with_the_same_keys_in_the_same_order(uneven_shards: Path, stop_at: int) -> None:
-    reference = _keys(_loader(uneven_shards), 20)
-    first = _loader(uneven_shards)
-    assert _keys(first, stop_at) == reference[:stop_at]
-    saved = json.loads(json.dumps(first.state_dict()))  # as it travels through a checkpoint
+STOPS = (3, 7, 12)
+
+
+@pytest.fixture(scope="module")
+def reference_run(uneven_shards: Path) -> tuple[list[list[str]], dict[int, dict]]:
+    """20 batches of an uninterrupted run, and its position saved after each of STOPS batches on the way (as the
+    trainer saves one and goes on), each as it travels through a checkpoint."""
+    loader, batches, saved = _loader(uneven_shards), [], {}
+    for i in range(20):
+        if i in STOPS:
+            saved[i] = json.loads(json.dumps(loader.state_dict()))
+        batches.append(next(loader)["keys"])
+    return batches, saved
+
+
+@pytest.mark.parametrize("stop_at", STOPS)
+def test_resume_continues_with_the_same_keys_in_the_same_order(uneven_shards: Path, reference_run: tuple,
+                                                               stop_at: int) -> None:
+    reference, states = reference_run
+    saved = states[stop_at]
     resumed = _loader(uneven_shards)
     resumed.load_state_dict(saved)
     assert _keys(resumed, 20 - stop_at) == reference[stop_at:]

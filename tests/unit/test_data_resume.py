@@ -175,36 +175,56 @@ def test_malformed_json_and_oversized_members_are_counted_not_fatal(tmp_path: Pa
     assert loader.dropped_counts() == {"bad_json": 2, "too_large": 1}
 
 
-def _run_keys(urls: list[str], world: int, workers: int, batches: int, start: list[dict] | None = None
-              ) -> tuple[list[list[str]], list[dict]]:
-    """Keys each rank sees in `batches` micro-batches, and every rank's position after them."""
+def _run_keys(urls: list[str], world: int, workers: int, batches: int, start: list[dict] | None = None,
+              save_at: int | None = None) -> tuple[list[list[str]], list[dict]]:
+    """Keys each rank sees in `batches` micro-batches, and every rank's position after them (after `save_at` batches
+    if given: a position saved mid-run, as the trainer saves one and goes on)."""
     keys, states = [], []
     for rank in range(world):
         loader = _loader(urls, rank=rank, world=world, workers=workers)
         if start is not None:
             loader.load_state_dict(json.loads(json.dumps(start)))
-        keys.append([k for b in _keys(loader, batches) for k in b])
-        states.append(loader.state_dict())
+        rank_keys: list[str] = []
+        for i in range(batches):
+            if i == save_at:
+                states.append(json.loads(json.dumps(loader.state_dict())))
+            rank_keys += next(loader)["keys"]
+        keys.append(rank_keys)
+        if save_at is None:
+            states.append(loader.state_dict())
     return keys, states
 
 
-@pytest.mark.parametrize(("before", "after"), [((2, 2), (1, 2)), ((1, 2), (2, 2)), ((2, 1), (2, 3))],
-                         ids=["2x2->1x2", "1x2->2x2", "workers1->3"])
+FRESH: dict[tuple, list[list[str]]] = {}  # (world, workers, batches) -> keys of a fresh run; cases share them
+
+
+def _fresh_keys(urls: list[str], world: int, workers: int, batches: int) -> list[list[str]]:
+    """The keys of a fresh run's first `batches` micro-batches per rank (a longer run's prefix when there is one)."""
+    for (w, k, n), keys in FRESH.items():
+        if (w, k) == (world, workers) and n >= batches:
+            return [r[: 4 * batches] for r in keys]
+    FRESH[(world, workers, batches)] = _run_keys(urls, world, workers, batches)[0]
+    return FRESH[(world, workers, batches)]
+
+
+@pytest.mark.parametrize(("before", "after"), [((1, 2), (2, 2)), ((2, 2), (1, 2)), ((2, 1), (2, 3))],
+                         ids=["1x2->2x2", "2x2->1x2", "workers1->3"])
 def test_the_rest_of_an_epoch_is_re_divided_each_sample_once(shards: list[Path], before: tuple, after: tuple) -> None:
     urls = [str(p) for p in shards]
     (w0, k0), (w1, k1) = before, after
     per_rank = 160 // 4 // w0  # batches of 4 per rank in the 10-step epoch (global batch 16)
-    reference, _ = _run_keys(urls, w0, k0, per_rank)
+    stop = per_rank * 3 // 10  # 3 of 10 steps
+    # the uninterrupted epoch and the next one's first batch, each rank's position saved after `stop` batches
+    reference, states = _run_keys(urls, w0, k0, per_rank + 1, save_at=stop)
+    FRESH.setdefault((w0, k0, per_rank + 1), reference)  # the next case's fresh run on these ranks and workers
+    reference = [r[: 4 * per_rank] for r in reference]
     epoch = Counter(k for r in reference for k in r)
     assert len(epoch) == 160 and set(epoch.values()) == {1}  # the uninterrupted epoch: every sample once
-    stop = per_rank * 3 // 10  # 3 of 10 steps
-    seen, states = _run_keys(urls, w0, k0, stop)
+    seen = [r[: 4 * stop] for r in reference]
     rest, after_states = _run_keys(urls, w1, k1, 160 // 4 // w1 - stop * w0 // w1, start=states)
     got = Counter(k for r in seen + rest for k in r)
     assert got == epoch  # no repeat, no skip
     assert {s["epoch"] for s in after_states} == {0} and all(s["given"] == s["epoch_samples"] for s in after_states)
     nxt, _ = _run_keys(urls, w1, k1, 1, start=after_states)  # then the next epoch starts as a fresh run's does
-    fresh, _ = _run_keys(urls, w1, k1, 160 // 4 // w1 + 1)
+    fresh = _fresh_keys(urls, w1, k1, 160 // 4 // w1 + 1)
     assert nxt == [r[-4:] for r in fresh]
-
-

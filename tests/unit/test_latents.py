@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -50,19 +51,38 @@ def test_latent_member_round_trip(dtype: str, tol: float) -> None:
     assert "text_embeddings" not in decode_latent(encode_latent(mean, logvar, ids, None, dtype))
 
 
+def copy_shard_head(tar: Path, out: Path, samples: int) -> None:
+    """The shard's first `samples` samples (every member of each), in their order."""
+    keys: list[str] = []
+    with tarfile.open(tar) as tin, tarfile.open(out, "w") as tout:
+        for m in tin:
+            key = m.name.split(".", 1)[0]
+            if key not in keys:
+                keys.append(key)
+            if len(keys) > samples:
+                break
+            tout.addfile(m, tin.extractfile(m))
+
+
 @pytest.fixture(scope="module")
 def encoded(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("latents") / "set"
-    cfg = encode_cfg(assets, assets / "digits/train")
-    res = run_encode(cfg, out, dtype="fp32", batch_size=32)
-    return {"out": out, "res": res, "cfg": cfg}
+    """The first 64 samples of three digit shards encoded: three shards for the rerun's skip-and-redo, more than one
+    32-image batch each; every property below holds on them, at an eighth of the three whole shards' time."""
+    root = tmp_path_factory.mktemp("latents")
+    src = root / "images"
+    src.mkdir()
+    for tar in sorted((assets / "digits/train").glob("*.tar"))[:3]:
+        copy_shard_head(tar, src / tar.name, 64)
+    cfg = encode_cfg(assets, src)
+    res = run_encode(cfg, root / "set", dtype="fp32", batch_size=32)
+    return {"out": root / "set", "src": src, "res": res, "cfg": cfg}
 
 
-def test_one_latent_shard_per_image_shard_with_the_same_samples(encoded: dict, assets: Path) -> None:
+def test_one_latent_shard_per_image_shard_with_the_same_samples(encoded: dict) -> None:
     from ldmscale.models.encoders import load_vae
 
     out, cfg = encoded["out"], encoded["cfg"]
-    sources = sorted((assets / "digits/train").glob("*.tar"))
+    sources = sorted(encoded["src"].glob("*.tar"))
     assert sorted(p.name for p in out.glob("*.tar")) == [p.name for p in sources]
     vae = load_vae(cfg.model).eval()
     for src in sources[:2]:
@@ -78,31 +98,29 @@ def test_one_latent_shard_per_image_shard_with_the_same_samples(encoded: dict, a
         assert stats["successes"] == len(want) and stats["dropped"] == {}
 
 
-def test_manifest_describes_the_set(encoded: dict, assets: Path) -> None:
+def test_manifest_describes_the_set(encoded: dict) -> None:
     from ldmscale.models.encoders import VAE_ENCODER_PARTS, load_vae, weights_hash
 
     m = json.loads((encoded["out"] / "manifest.json").read_text())
-    n_src = sum(1 for p in (assets / "digits/train").glob("*.tar") for _ in latent_samples(p))
+    n_src = sum(1 for p in encoded["src"].glob("*.tar") for _ in latent_samples(p))
     assert m["counts"]["samples"] == n_src == encoded["res"].samples
     assert m["resolution"] == 32 and m["dtype"] == "fp32" and m["vae"]["scaling_factor"] == 0.18215
     assert m["vae"]["encoder_hash"] == weights_hash(load_vae(encoded["cfg"].model), VAE_ENCODER_PARTS)
-    assert len(m["source_shards"]) == len(m["shards"]) == 8
+    assert len(m["source_shards"]) == len(m["shards"]) == 3
 
 
 def test_rerun_skips_complete_shards_and_redoes_an_incomplete_one(encoded: dict,
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "set"
-    import shutil
-
     shutil.copytree(encoded["out"], out)
-    (out / "00003_stats.json").unlink()  # killed between the tar's commit and its stats: not complete
+    (out / "00001_stats.json").unlink()  # killed between the tar's commit and its stats: not complete
     (out / "manifest.json").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     res = run_encode(encoded["cfg"], out, dtype="fp32", batch_size=32)
-    assert res.written == ["00003"] and len(res.skipped) == 7
+    assert res.written == ["00001"] and len(res.skipped) == 2
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    assert {k for k in after if after[k] != before[k]} == {"00003.tar"}
-    assert (out / "00003.tar").read_bytes() == (encoded["out"] / "00003.tar").read_bytes()  # deterministic bytes
+    assert {k for k in after if after[k] != before[k]} == {"00001.tar"}
+    assert (out / "00001.tar").read_bytes() == (encoded["out"] / "00001.tar").read_bytes()  # deterministic bytes
     assert json.loads((out / "manifest.json").read_text()) == json.loads((encoded["out"] / "manifest.json").read_text())
 
 
@@ -152,10 +170,6 @@ def test_cli_bad_input_is_one_line_and_exit_2(assets: Path, tmp_path: Path, caps
 # ---------------------------------------------------------------- training from latent shards
 
 
-
-
-
-
 def test_latent_mode_loads_no_vae_encoder(assets: Path) -> None:
     from ldmscale.models.encoders import FrozenEncoders
 
@@ -165,8 +179,6 @@ def test_latent_mode_loads_no_vae_encoder(assets: Path) -> None:
 
 
 def test_manifest_mismatches_are_config_errors(encoded: dict, assets: Path, tmp_path: Path) -> None:
-    import shutil
-
     from ldmscale.latents.manifest import check_encoders, check_shard_format, read_manifest
 
     out = encoded["out"]
@@ -188,6 +200,26 @@ def test_manifest_mismatches_are_config_errors(encoded: dict, assets: Path, tmp_
                            sorted(str(p) for p in (assets / "digits/train").glob("*.tar")))
     with pytest.raises(ConfigError, match="encoder weights differ"):
         check_encoders(read_manifest(urls, {}), "0" * 64, "")
+
+
+def test_train_cli_stops_on_a_mismatched_latent_set_with_exit_2(encoded: dict, assets: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from ldmscale.runtime import dist
+    from ldmscale.trainer.cli import cli
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a process group was started before the latent set was checked")
+
+    monkeypatch.setattr(dist, "init_distributed", refuse)
+    args = ["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides(assets, tmp_path / "run", **{
+        "data.shards": f"[{encoded['out']}]", "data.format": "latents", "data.resolution": 64})]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "ldmscale-train: config error: latent shards were encoded at" in err, err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()  # before any process group or output
 
 
 def test_style_and_autoencoder_stage_refuse_latents() -> None:

@@ -28,6 +28,8 @@ LAYERS: list[set[str]] = [
 CLI_MODULES = {
     "ldmscale.train", "ldmscale.launch", "ldmscale.trainer.cli", "ldmscale.inference.sample",
     "ldmscale.inference.export", "ldmscale.eval.cli", "ldmscale.eval.curves", "ldmscale.latents.encode",
+    "ldmscale.checkpoint.posthoc_cli",
+    "ldmscale.checkpoint.universal_cli",
 }
 ENTRY_IMPORTS = {("ldmscale.train", "ldmscale.trainer.cli")}  # `python -m ldmscale.train` is the trainer's CLI
 

@@ -54,7 +54,7 @@ def test_loss_is_mse_to_target_and_trains() -> None:
     assert torch.allclose(loss, ((pred - eps) ** 2).mean(), rtol=1e-5)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     first = loss.item()
-    for _ in range(30):
+    for _ in range(8):  # the loss falls below 0.4x within 5 steps
         opt.zero_grad()
         loss, _ = m(x0, ctx, eps, t)
         loss.backward()

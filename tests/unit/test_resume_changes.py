@@ -51,10 +51,23 @@ def _run(urls: list[str], world: int, micro: int, batches: int, start: list[dict
     return keys, states
 
 
-def _epoch(urls: list[str], world: int, micro: int, **kw: Any) -> Counter[str]:
-    keys, _ = _run(urls, world, micro, SAMPLES // (world * micro), **kw)
+def _epoch(urls: list[str], world: int, micro: int, save_at: int, **kw: Any
+           ) -> tuple[Counter[str], Counter[str], list[dict]]:
+    """An uninterrupted epoch (every sample once): its keys, those of its first `save_at` micro-batches per rank, and
+    every rank's position saved there on the way (as the trainer saves one and goes on)."""
+    keys: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    states = []
+    for rank in range(world):
+        loader = _loader(urls, rank, world, micro, **kw)
+        for i in range(SAMPLES // (world * micro)):
+            if i == save_at:
+                states.append(json.loads(json.dumps(loader.state_dict())))
+            batch = next(loader)["keys"]
+            keys.update(batch)
+            seen.update(batch if i < save_at else [])
     assert len(keys) == SAMPLES and set(keys.values()) == {1}
-    return keys
+    return keys, seen, states
 
 
 @pytest.mark.parametrize(("before", "after"), [((2, 4), (4, 2)), ((2, 4), (1, 8)), ((1, 2), (2, 8))],
@@ -62,8 +75,7 @@ def _epoch(urls: list[str], world: int, micro: int, **kw: Any) -> Counter[str]:
 def test_a_micro_batch_change_gives_the_rest_of_the_epoch_once(shards: list[str], before: tuple, after: tuple) -> None:
     """The global batch stays 16; ranks x micro-batch change: 3 of the epoch's 10 steps before, 7 after."""
     (w0, m0), (w1, m1) = before, after
-    epoch = _epoch(shards, w0, m0)
-    seen, states = _run(shards, w0, m0, 3 * 16 // (w0 * m0))
+    epoch, seen, states = _epoch(shards, w0, m0, save_at=3 * 16 // (w0 * m0))
     rest, after_states = _run(shards, w1, m1, 7 * 16 // (w1 * m1), start=states)
     assert seen + rest == epoch  # nothing repeated, nothing left out
     assert all(s["given"] == s["epoch_samples"] for s in after_states)  # and the epoch ends exactly there

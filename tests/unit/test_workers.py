@@ -1,34 +1,7 @@
-"""Loader workers and the cluster's preemption signals: slurmstepd signals every process of the step, so a
-worker (fork or spawn) must outlive SIGUSR1/SIGUSR2/SIGTERM sent to its whole process group, even one sent
-while the workers are still starting, and the trainer's handler must still see the signal."""
+"""The loader workers' start method: spawn where CUDA runs, fork on the CPU. (Workers outliving the cluster's
+preemption signals, in child processes: tests/integration/test_workers_signals.py.)"""
 
 from __future__ import annotations
-
-# Runs in a session of its own (start_new_session), so killpg(0) reaches exactly it and its workers.
-PROBE = r"""
-import json, os, signal, sys, threading
-from ldmscale.runtime import preemption
-from ldmscale.config import DataConfig
-from ldmscale.data import ResumableLoader
-
-shards, method = sys.argv[1], sys.argv[2]
-cfg = DataConfig(shards=[shards], resolution=16, num_workers=2, shuffle_buffer=8, start_method=method)
-preemption.install()
-loader = ResumableLoader(cfg, None, seed=0, rank=0, world=1, micro_batch=4, samples_per_epoch=64)
-# one signal of each kind while the workers start (a spawned worker imports torch for ~1 s first) ...
-timers = [threading.Timer(0.2 * (i + 1), os.killpg, (0, s)) for i, s in enumerate(preemption.PREEMPT_SIGNALS)]
-for t in timers:
-    t.start()
-batches = [next(loader)]
-for t in timers:
-    t.join()
-for s in preemption.PREEMPT_SIGNALS:  # ... and one of each while they work
-    os.killpg(0, s)
-batches += [next(loader) for _ in range(2 * loader.batches_per_epoch)]  # through an epoch change (new workers)
-print(json.dumps({"batches": len(batches), "received": sorted(set(preemption.received()))}))
-"""
-
-
 
 
 def test_auto_start_method_is_spawn_on_cuda_and_fork_on_cpu() -> None:
