@@ -4,6 +4,7 @@ of the run that was never killed, and every logged micro-batch holds one shape."
 from __future__ import annotations
 
 import io
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -11,8 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ldmscale.data.shard_writer import ShardSample, write_laion_shards
-from tests.integration.test_multiproc import _keys, kill_after_step
-from tests.integration.test_resume_multiproc import _finish, _launch
+from tests.runs import finish, kill_after_step, sample_keys, start_training
 
 SIZES = [(48, 24), (32, 32), (24, 48)]  # (width, height): wide, square, tall
 
@@ -33,6 +33,11 @@ def _aspect_shards(root: Path) -> dict[str, tuple[int, int]]:
     return sizes
 
 
+def _start(assets: Path, out: Path, extra: dict[str, object]) -> subprocess.Popen:
+    return start_training(assets, out, "torchrun", 2, **{"train.log_sample_keys": "true", "train.sample_every": 0,
+                                                         **extra})
+
+
 def test_bucketed_kill_and_resume_gives_the_same_keys(assets: Path, tmp_path: Path) -> None:
     sizes = _aspect_shards(tmp_path / "aspects")
     extra: dict[str, object] = {"data.shards": f"[{tmp_path / 'aspects'}]", "data.samples_per_epoch": 80,
@@ -40,15 +45,15 @@ def test_bucketed_kill_and_resume_gives_the_same_keys(assets: Path, tmp_path: Pa
                                 "model.size_conditioning": "true", "train.max_steps": 16, "train.ckpt_every": 4,
                                 "train.keep_last": 1}
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    ref = _launch(assets, reference, 2, extra)
-    proc = _launch(assets, killed, 2, extra)  # the two runs share the two cores
+    ref = _start(assets, reference, extra)
+    proc = _start(assets, killed, extra)  # the two runs share the two cores
     kill_after_step(proc, killed, 9)  # after the step-8 checkpoint, inside the read-ahead at epoch 0's end
-    _finish(ref, reference)
-    text = _finish(_launch(assets, killed, 2, extra), killed)
+    finish(ref, reference)
+    text = finish(_start(assets, killed, extra), killed)
     assert "rank 1 data resume:" in text
     for rank in range(2):
-        keys = _keys(killed, rank)
-        assert keys == _keys(reference, rank), rank
+        keys = sample_keys(killed, rank)
+        assert keys == sample_keys(reference, rank), rank
         assert sorted(keys) == list(range(1, 17))
         for step_keys in keys.values():  # micro-batches of 4, each of one shape
             assert all(len({sizes[k] for k in step_keys[i : i + 4]}) == 1 for i in range(0, len(step_keys), 4))
