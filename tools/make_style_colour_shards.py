@@ -15,64 +15,15 @@ ink hue in the unseen band); json: label, ink, bg (RGB), ink_hue, style (a name 
 from __future__ import annotations
 
 import argparse
-import colorsys
 import random
 import sys
 from pathlib import Path
 
-import numpy as np
 from sklearn.datasets import load_digits
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_style_digit_shards import render_styled, split_indices  # noqa: E402
-
-from ldmscale.data.shard_writer import ShardSample, write_laion_shards  # noqa: E402
-
-UNSEEN_HUES = (0.40, 0.50)  # hue in [0, 1): 144-180 degrees (green to cyan), never in training
-
-
-def in_band(hue: float) -> bool:
-    return UNSEEN_HUES[0] <= hue < UNSEEN_HUES[1]
-
-
-def seen_hue(rng: random.Random) -> float:
-    """Uniform over the hue circle minus the unseen band."""
-    width = 1.0 - (UNSEEN_HUES[1] - UNSEEN_HUES[0])
-    h = rng.uniform(0.0, width)
-    return h if h < UNSEEN_HUES[0] else h + (UNSEEN_HUES[1] - UNSEEN_HUES[0])
-
-
-def colour_pair(rng: random.Random, unseen: bool) -> tuple[tuple[int, ...], tuple[int, ...], float]:
-    """(ink RGB, background RGB, ink hue): one dark and one light colour; the ink hue from the band if unseen."""
-    ink_hue = rng.uniform(*UNSEEN_HUES) if unseen else seen_hue(rng)
-    hues = (ink_hue, seen_hue(rng))
-    dark_first = rng.random() < 0.5
-    out = []
-    for k, h in enumerate(hues):
-        dark = (k == 0) == dark_first
-        v = rng.uniform(0.15, 0.45) if dark else rng.uniform(0.75, 1.0)
-        s = rng.uniform(0.4, 1.0)
-        out.append(tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v)))
-    return out[0], out[1], ink_hue
-
-
-def colour_samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, per_digit: int, unseen: bool,
-                   rng: random.Random) -> list[ShardSample]:
-    out = []
-    for i in indices:
-        for _ in range(per_digit):
-            ink, bg, hue = colour_pair(rng, unseen)
-            name = "ink{:02x}{:02x}{:02x}_bg{:02x}{:02x}{:02x}".format(*ink, *bg)
-            out.append(ShardSample(
-                image=render_styled(images[i], ink, bg),
-                caption=f"a handwritten digit {int(labels[i])}",
-                url=f"sklearn://load_digits/{int(i)}#{name}",
-                extra={"label": int(labels[i]), "style": name, "ink": list(ink), "bg": list(bg),
-                       "ink_hue": round(hue, 4)},
-            ))
-    rng.shuffle(out)
-    return out
+from ldmscale.data.shard_writer import write_laion_shards
+from ldmscale.demo.colour_pairs import colour_samples
+from ldmscale.demo.digits import split_indices
 
 
 def main(argv: list[str] | None = None) -> int:

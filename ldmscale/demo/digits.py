@@ -51,6 +51,18 @@ def digit_samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
     ]
 
 
+def split_indices(seed: int, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """load_digits() indices: (train, held-out), seeded; stratified so every digit is in the held-out set in its
+    natural proportion. Every digit demo (plain, palettes, colour pairs) splits this way."""
+    from sklearn.datasets import load_digits  # the dev extra: only the demo and the tests need it
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    indices = np.arange(len(digits.target))
+    train, heldout = train_test_split(indices, test_size=heldout_fraction, random_state=seed, stratify=digits.target)
+    return train, heldout
+
+
 def write_digit_shards(
     out_dir: str | Path, seed: int = 0, samples_per_shard: int = 400, heldout_fraction: float = 0.15,
     aspects: bool = False,
@@ -58,14 +70,9 @@ def write_digit_shards(
     """Split load_digits (stratified, seeded) and write train/ and heldout/ shards; returns tar paths. `aspects`:
     wide, square and tall canvases in turn (the module docstring)."""
     from sklearn.datasets import load_digits  # the dev extra: only the demo and the tests need it
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    indices = np.arange(len(digits.target))
-    # Stratified so every digit is in the held-out set in its natural proportion.
-    train_idx, heldout_idx = train_test_split(
-        indices, test_size=heldout_fraction, random_state=seed, stratify=digits.target
-    )
+    train_idx, heldout_idx = split_indices(seed, heldout_fraction)
     out = Path(out_dir)
     written = {}
     for split, idx in (("train", train_idx), ("heldout", heldout_idx)):

@@ -7,6 +7,7 @@ world size or the point of interruption, and only the cross-rank summation order
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -130,8 +131,11 @@ def test_images_drawn_with_other_settings_are_not_mixed_in(setup: dict[str, Path
 
 def test_digit_sweep_reads_the_eval_folder(setup: dict[str, Path], one_rank: Path, assets: Path) -> None:
     """The demo's reading of an eval: digit accuracy per guidance scale beside FID, and the real-vs-real floor."""
-    sys.path.insert(0, str(REPO / "tools" / "bench"))
-    from digit_accuracy import run_sweep
+    spec = importlib.util.spec_from_file_location("digit_accuracy", REPO / "tools/bench/digit_accuracy.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run_sweep = bench.run_sweep
 
     sweep = run_sweep(one_rank, assets / "digits/heldout", assets / "digits/train", folds=3, seed=0)
     assert [r["guidance"] for r in sweep["results"]] == [1.0, 3.0]

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from ldmscale.data.shard_writer import iter_tar_samples
+from ldmscale.demo.digit_features import parse_digit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,7 +90,6 @@ def test_cli_prints_side_by_side_and_writes_json(
 
 
 def test_parse_digit() -> None:
-    bench = load_tool("tools/bench/digit_accuracy.py")
-    assert bench.parse_digit("a handwritten digit 7") == 7
-    assert bench.parse_digit("digit: 3, neat") == 3
-    assert bench.parse_digit("a handwritten digit") is None
+    assert parse_digit("a handwritten digit 7") == 7
+    assert parse_digit("digit: 3, neat") == 3
+    assert parse_digit("a handwritten digit") is None

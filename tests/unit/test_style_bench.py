@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 from sklearn.datasets import load_digits
 
-from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO / "tools"))
-from bench.style_follow import content_features, nearest_palette  # noqa: E402
-from make_style_digit_shards import PALETTES, render_styled  # noqa: E402
+from ldmscale.demo.styled_digits import PALETTES, render_styled
+from ldmscale.eval.style_follow import content_features, nearest_palette
 
 
 def test_palette_and_ink_are_recovered_from_rendered_digits() -> None:

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import colorsys
 import random
-import sys
 
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
 from ldmscale.config import StyleConfig
+from ldmscale.demo.colour_pairs import UNSEEN_HUES, colour_pair, in_band
+from ldmscale.demo.styled_digits import render_styled
+from ldmscale.eval.style_follow import colour_error, probe_error
 from ldmscale.style.encoder import COLOUR_STATS_DIM, StyleEncoder, colour_statistics
-from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO / "tools"))
-from bench.style_colour import colour_error, probe_error  # noqa: E402
-from make_style_colour_shards import UNSEEN_HUES, colour_pair, in_band  # noqa: E402
-from make_style_digit_shards import render_styled  # noqa: E402
 
 
 def _hue(rgb: tuple[int, ...]) -> float:

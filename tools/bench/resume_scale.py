@@ -24,20 +24,17 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from ldmscale.config import DataConfig  # noqa: E402
-from ldmscale.data import preflight  # noqa: E402
-from ldmscale.data.loader import ResumableLoader, failed_shard_budget  # noqa: E402
-from ldmscale.data.mixture import Deal  # noqa: E402
-from ldmscale.data.position import (  # noqa: E402
+from ldmscale.config import DataConfig
+from ldmscale.data import preflight
+from ldmscale.data.loader import ResumableLoader, failed_shard_budget
+from ldmscale.data.mixture import Deal
+from ldmscale.data.position import (
     DataPosition,
     RolePlan,
     Segment,
@@ -49,8 +46,8 @@ from ldmscale.data.position import (  # noqa: E402
     role_batches,
     saved_ranks_needed,
 )
-from ldmscale.data.storage import DEFAULT_BLOCK_SIZE  # noqa: E402
-from ldmscale.data.stream import StreamCursor, StreamState, seeded, source_shards  # noqa: E402
+from ldmscale.data.storage import DEFAULT_BLOCK_SIZE
+from ldmscale.data.stream import StreamCursor, StreamState, seeded, source_shards
 
 LIST_PAGE = 1000  # S3 ListObjectsV2 keys per page
 

@@ -36,25 +36,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
-from sklearn.linear_model import Ridge
 from sklearn.svm import SVC
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-from bench.style_follow import add_sampling_args, bench_main, colours, content_features, draw  # noqa: E402
-from make_style_digit_shards import render_styled  # noqa: E402
-
-from ldmscale.data.shard_writer import iter_tar_samples  # noqa: E402
+from ldmscale.data.shard_writer import iter_tar_samples
+from ldmscale.demo.styled_digits import render_styled
+from ldmscale.eval.style_follow import add_sampling_args, bench_main, colour_error, content_features, draw, probe_error
 
 SETS = ("seen", "unseen")
 FOLDERS = {"seen": "heldout", "unseen": "heldout_unseen"}
-
-
-def colour_error(rgb: np.ndarray, ink: np.ndarray, bg: np.ndarray) -> float:
-    """Mean of the ink and background colour distances of an image to the given true colours."""
-    g_bg, g_ink, _ = colours(rgb)
-    return 0.5 * float(np.linalg.norm(g_ink - ink) + np.linalg.norm(g_bg - bg))
 
 
 def load_set(folder: Path) -> list[dict[str, Any]]:
@@ -98,20 +87,6 @@ def logged_kl(run: Path) -> float | None:
             rows = [r for r in rows if "step" in r and (step is None or r["step"] <= step)]
             return float(np.mean([r["kl"] for r in rows[-5:]])) if rows else None
     return None
-
-
-def probe_error(tokens: dict[str, np.ndarray], refs: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
-    """Colour error of a ridge regression from flattened tokens to (ink, bg) RGB: fit on the first half of the
-    seen images, scored on the other half and on all the unseen ones."""
-    half = len(refs["seen"]) // 2
-    y = {k: np.stack([np.concatenate([r["ink"], r["bg"]]) for r in refs[k]]) for k in SETS}
-    model = Ridge(alpha=1.0).fit(tokens["seen"][:half], y["seen"][:half])
-    out = {}
-    for k, sl in (("seen", slice(half, None)), ("unseen", slice(None))):
-        p = model.predict(tokens[k][sl])
-        out[k] = float(np.mean(0.5 * (np.linalg.norm(p[:, :3] - y[k][sl, :3], axis=1)
-                                      + np.linalg.norm(p[:, 3:] - y[k][sl, 3:], axis=1))))
-    return out
 
 
 def score(images: list[np.ndarray], refs: list[dict[str, Any]], digits: list[int], clf: SVC) -> dict[str, float]:

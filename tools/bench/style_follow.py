@@ -21,48 +21,16 @@ import io
 import json
 import random
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from sklearn.svm import SVC
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-from bench.digit_accuracy import digit_features  # noqa: E402
-from make_style_digit_shards import PALETTES  # noqa: E402
-
-from ldmscale.data.shard_writer import iter_tar_samples  # noqa: E402
-from ldmscale.style.attention import parse_block_scales  # noqa: E402
-
-
-def colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 HWC -> (background colour, ink colour, ink intensity map in [0, 1])."""
-    x = rgb.astype(np.float64)
-    border = np.concatenate([x[:2].reshape(-1, 3), x[-2:].reshape(-1, 3), x[:, :2].reshape(-1, 3),
-                             x[:, -2:].reshape(-1, 3)])
-    bg = np.median(border, axis=0)
-    dist = np.linalg.norm(x - bg, axis=-1)
-    far = dist >= np.quantile(dist, 0.9)
-    ink = x[far].mean(axis=0)
-    scale = max(float(np.linalg.norm(ink - bg)), 1e-6)
-    return bg, ink, np.clip(dist / scale, 0.0, 1.0)
-
-
-def content_features(rgb: np.ndarray) -> np.ndarray:
-    """Coloured digit -> load_digits-style 8x8 features via a black-on-white rendering of its ink."""
-    _, _, t = colours(rgb)
-    return digit_features(Image.fromarray((255.0 * (1.0 - t)).round().astype(np.uint8), mode="L"))
-
-
-def nearest_palette(rgb: np.ndarray) -> int:
-    bg, ink, _ = colours(rgb)
-    d = [np.sum((ink - np.array(pi)) ** 2) + np.sum((bg - np.array(pb)) ** 2) for _, pi, pb in PALETTES]
-    return int(np.argmin(d))
+from ldmscale.data.shard_writer import iter_tar_samples
+from ldmscale.demo.styled_digits import PALETTES
+from ldmscale.eval.style_follow import add_sampling_args, bench_main, content_features, draw, nearest_palette
 
 
 def load_heldout(folder: Path) -> list[dict[str, Any]]:
@@ -76,26 +44,6 @@ def load_heldout(folder: Path) -> list[dict[str, Any]]:
     if not out:
         raise SystemExit(f"no palette digit shards in {folder}; write them with tools/make_style_digit_shards.py")
     return out
-
-
-def draw(run: Path, prompts: list[str], refs: list[np.ndarray] | None, args: argparse.Namespace) -> list[np.ndarray]:
-    from ldmscale.checkpoint import load_trained
-    from ldmscale.data import to_tensor
-    from ldmscale.inference.generate import generate
-    from ldmscale.style.attention import set_style_scales
-
-    m = load_trained(run, args.weights if refs is not None else "ema", args.device)  # the text run: its EMA
-    res = m.cfg.data.resolution if m.cfg else None
-    set_style_scales(m.unet, args.style_scale_blocks)
-    tokens = None
-    if refs is not None:
-        assert m.style is not None, f"{run} is not a style-conditioned run"
-        pix = to_tensor([np.asarray(Image.fromarray(r).resize((res, res), Image.Resampling.BICUBIC)) for r in refs])
-        tokens = m.style.tokens(pix)
-    images = generate(m.unet, m.encoders, m.scheduler_config, prompts, seed=args.seed, steps=args.steps,
-                      guidance_scale=args.guidance_scale, sampler="dpmsolver++", resolution=res, batch_size=60,
-                      style_tokens=tokens, style_scale=args.style_scale)
-    return list((images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,33 +101,6 @@ def save_grid(r: dict[str, Any], path: Path, per_row: int = 20) -> None:
             rows.append(np.concatenate(ims[i : i + per_row], axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).resize((rows[0].shape[1] * 2, len(rows) * rows[0].shape[0] * 2),
                                                          Image.Resampling.NEAREST).save(path)
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """The sampling settings both style benchmarks share (draw() reads them), and --json."""
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=4.0)
-    p.add_argument("--style-scale", type=float, default=3.0)
-    p.add_argument("--style-scale-blocks", type=parse_block_scales, default=None, metavar="down=S,mid=S,up=S",
-                   help="style attention weight per block group (ldmscale-sample's flag)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the style runs' weights")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", type=Path)
-
-
-def bench_main(p: argparse.ArgumentParser, argv: list[str] | None, run: Callable[[argparse.Namespace], dict[str, Any]],
-               report: Callable[[dict[str, Any], argparse.Namespace], None],
-               grid: Callable[[dict[str, Any], Path], None]) -> int:
-    """Parse, run, print, save the grid (--grid) and the numbers (--json: every key but the *_images)."""
-    args = p.parse_args(argv)
-    r = run(args)
-    report(r, args)
-    if args.grid:
-        grid(r, args.grid)
-    if args.json:
-        args.json.write_text(json.dumps({k: v for k, v in r.items() if not k.endswith("_images")}, indent=2))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
