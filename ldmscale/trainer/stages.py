@@ -293,7 +293,8 @@ class AutoencoderStage(Stage):
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True) -> None:
         super().__init__(cfg, device, dtype)
         vae = load_vae(cfg.model) if cfg.model.vae else build_vae(cfg.model.vae_preset, cfg.data.resolution)
-        size = cfg.data.resolution // vae_downsample_factor(vae.config)
+        self.vae_factor = vae_downsample_factor(vae.config)
+        size = cfg.data.resolution // self.vae_factor
         self.latent_shape = (int(vae.config.latent_channels), size, size)
         self.module = AutoencoderObjective(vae, cfg.autoencoder)
         self.trained = vae
@@ -301,7 +302,9 @@ class AutoencoderStage(Stage):
 
     def loss(self, engine: Engine, batch: dict[str, Any], ids: Sequence[int], step: int) -> tuple[torch.Tensor, dict]:
         pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True))
-        post = noise.randn(self.cfg.train.seed, ids, self.latent_shape, noise.Stream.POSTERIOR, self.device)
+        # the posterior's shape is the batch's own (with aspect buckets, its bucket's)
+        shape = (self.latent_shape[0], *(s // self.vae_factor for s in pixels.shape[-2:]))
+        post = noise.randn(self.cfg.train.seed, ids, shape, noise.Stream.POSTERIOR, self.device)
         return engine(pixels, post)
 
     def finish(self, engine: Engine, ema: EMA | None, monitor: Monitor, out: Path, step: int,
