@@ -246,7 +246,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
     ) -> None:
         super().__init__()
         if sources and isinstance(sources[0], str):  # one source's shard list
-            sources = [MixSource(SHORTHAND, 1.0, cfg, list(sources))]  # type: ignore[arg-type]
+            sources = [MixSource(SHORTHAND, 1.0, cfg, list(sources))]
         self.cfg, self.sources, self.tokenizer, self.style = cfg, sources, tokenizer, style
         self.seed, self.epoch, self.micro_batch = seed, epoch, micro_batch
         self.roles, self.first_batch, self.deal = roles, first_batch, deal

@@ -45,8 +45,9 @@ def reject_reason(sample: dict[str, Any], f: FilterConfig, caption_key: CaptionK
     meta = _meta(sample)
     if meta is None:
         return "no_json"
-    w = meta.get("original_width") or meta.get("width")
-    h = meta.get("original_height") or meta.get("height")
+    # as the json has them: a size that is not a number fails the comparison below and counts as bad_json
+    w: Any = meta.get("original_width") or meta.get("width")
+    h: Any = meta.get("original_height") or meta.get("height")
     if (f.min_width or f.min_height or f.min_aspect or f.max_aspect) and not (w and h):
         return "no_size"
     if f.min_width and w < f.min_width:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -252,7 +252,7 @@ class ResumableLoader:
         if isinstance(positions, list):
             raw = dict(enumerate(positions))
         elif "format" in positions or "epoch" in positions:
-            raw = {self.rank: positions}
+            raw = {self.rank: cast(dict[str, Any], positions)}  # one position: its own keys, not ranks
         else:
             raw = {int(k): v for k, v in positions.items()}
         saved_world = saved_world if saved_world is not None else (len(raw) if isinstance(positions, list) else None)

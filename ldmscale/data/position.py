@@ -515,7 +515,7 @@ def check_saved_shards(saved: dict[str, Any], sources: list[SourceId] | list[str
     PositionError saying what changed (data.on_shard_list_change=refuse), or the warning line (new_epoch).
     `sources` may be a plain shard list (the one-source shorthand); `urls`: each source's URLs."""
     if sources and isinstance(sources[0], str):
-        urls = [list(sources)]  # type: ignore[list-item]
+        urls = [list(sources)]
         sources = [SourceId(SHORTHAND, 1.0, ShardListId.of(urls[0]))]
     assert urls is not None
     try:

@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import fsspec
@@ -209,7 +210,7 @@ def check_reachable(urls: list[str], storage_options: dict | None) -> None:
             raise
         for url in (urls[len(urls) // 2], urls[-1]):
             try:
-                with_retries(lambda u=url: check_shards_reachable([u], storage_options), storage.scrub(url))
+                with_retries(partial(check_shards_reachable, [url], storage_options), storage.scrub(url))
             except StorageError:
                 raise first from None
         log.warning("%s does not exist; the loader will skip it (data.max_failed_shards counts it)",
@@ -241,7 +242,7 @@ def plan_data(cfg: DataConfig, on_urls: Callable[[list[MixSource]], Any] | None 
         for name, weight, view in views:
             with _source_errors(name if mixture else ""):
                 what = f"listing data.sources[{name}].shards" if mixture else "listing data.shards"
-                urls = with_retries(lambda v=view: expand_shard_urls(v.shards, v.storage_options), what)
+                urls = with_retries(partial(expand_shard_urls, view.shards, view.storage_options), what)
             listed.append(MixSource(name, weight, view, urls))
         note = on_urls(listed) if on_urls is not None else None
         if not mixture and cfg.samples_per_epoch:  # one source, sized by the user: nothing to count

@@ -70,10 +70,10 @@ def resolve_sources(cfg: DataConfig, urls: list[list[str]] | list[str] | None = 
     the one-source shorthand), else listed here (no retries: the trainer lists through rank 0's plan)."""
     views = source_views(cfg)
     if urls is not None and urls and isinstance(urls[0], str):
-        urls = [urls]  # type: ignore[list-item]
+        urls = [urls]
     if urls is not None and len(urls) != len(views):
         raise ValueError(f"{len(urls)} shard lists for {len(views)} sources")
-    return [MixSource(name, weight, view, list(urls[i]) if urls is not None else  # type: ignore[arg-type]
+    return [MixSource(name, weight, view, list(urls[i]) if urls is not None else
                       expand_shard_urls(view.shards, view.storage_options))
             for i, (name, weight, view) in enumerate(views)]
 

@@ -179,7 +179,8 @@ def tar_members(stream: Any, url: str, max_bytes: int) -> Iterator[dict[str, Any
         big = max_bytes > 0 and info.size > max_bytes
         data = OVERSIZE if big else tar.extractfile(info).read()  # type: ignore[union-attr]
         yield {"fname": info.name, "data": data, "__url__": url}
-        tar.members = []  # a 10,000-member shard would otherwise keep every TarInfo
+        # a 10,000-member shard would otherwise keep every TarInfo (members: real, but not in typeshed's TarFile)
+        tar.members = []  # type: ignore[attr-defined]
 
 
 def sample_reason(sample: dict[str, Any], cfg: DataConfig, seed: int = 0) -> str | None:
@@ -207,7 +208,8 @@ class SourceStream:
         cursor: StreamCursor | None = None,
         style: StyleConfig | None = None,
     ) -> None:
-        self.cfg, self.urls, self.seed, self.epoch, self.src = cfg, urls, seed, epoch, tuple(src)
+        self.cfg, self.urls, self.seed, self.epoch = cfg, urls, seed, epoch
+        self.src: Split = (src[0], src[1], src[2], src[3])  # a list when it comes from JSON
         self.style = style if style is not None and style.enabled and style.reference == "metadata" else None
         self.max_member_bytes = cfg.max_member_bytes
         self.stride = shard_stride(len(urls), self.src)
