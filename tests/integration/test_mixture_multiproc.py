@@ -17,8 +17,8 @@ from ldmscale.config import load_config
 from ldmscale.data import ResumableLoader
 from ldmscale.data.shard_writer import ShardSample, write_laion_shards
 from tests.conftest import REPO, tiny_overrides
-from tests.integration.test_multiproc import _keys, _steps, kill_after_step
-from tests.integration.test_resume_multiproc import _finish, _launch
+from tests.integration.test_resume_multiproc import _start
+from tests.runs import finish, kill_after_step, sample_keys, step_rows
 
 TINY = REPO / "configs/tiny.yaml"
 
@@ -54,32 +54,32 @@ def test_a_mixture_resumes_exactly_after_kill_9_and_elastically_on_fewer_ranks(a
                                 "train.ckpt_every": 4, "train.max_steps": 12, "train.log_every": 4,
                                 "train.keep_last": 3}
     killed = tmp_path / "killed"
-    kill_after_step(_launch(assets, killed, 2, extra), killed, 6)  # SIGKILL after step 6: step 4 was saved
+    kill_after_step(_start(assets, killed, 2, extra), killed, 6)  # SIGKILL after step 6: step 4 was saved
     text = (tmp_path / "killed.log").read_text()
     assert "data: a mixture of 2 sources, epoch = 128 samples drawn by weight" in text
     assert "data:   small: 2 shards, 16 samples in the shards" in text and "passes an epoch" in text
 
     # the same world: every rank's keys, step by step, are those of the run that was never killed
-    text = _finish(_launch(assets, killed, 2, {**extra, "train.max_steps": 8}), killed)
+    text = finish(_start(assets, killed, 2, {**extra, "train.max_steps": 8}), killed)
     assert "rank 1 data resume:" in text and "rank 0 data resume:" in text
     reference = _uninterrupted(assets, extra, 2)
     for rank in range(2):
-        got = _keys(killed, rank)
+        got = sample_keys(killed, rank)
         assert {s: got[s] for s in range(1, 9)} == {s: reference[rank][s] for s in range(1, 9)}, rank
 
     # 1 rank, micro-batch 8, to the epoch's end (16 steps of 8): the epoch's draws once each
-    text = _finish(_launch(assets, killed, 1, {**extra, "train.max_steps": 16, "train.micro_batch_size": 8}), killed)
+    text = finish(_start(assets, killed, 1, {**extra, "train.max_steps": 16, "train.micro_batch_size": 8}), killed)
     assert "epoch 0 continues with 64 samples left" in text, text[-3000:]
     seen: Counter[str] = Counter()
     for rank in range(2):
-        for step, keys in _keys(killed, rank).items():
+        for step, keys in sample_keys(killed, rank).items():
             seen.update(keys if step <= 16 else [])
     epoch = Counter(k for run in reference for keys in run.values() for k in keys)
     assert seen == epoch
     assert sum(n for k, n in epoch.items() if k.startswith("005")) > 16  # the small set repeated
 
     # the accounting: the job's draws per source, summed over ranks in the step's reduction
-    logged = {r["step"]: r for r in _steps(killed)}  # the last run's rows: 1 rank, steps 9-16
+    logged = {r["step"]: r for r in step_rows(killed)}  # the last run's rows: 1 rank, steps 9-16
     row = logged[12]
     assert row["data/digits/samples"] + row["data/small/samples"] == 12 * 8
     assert row["data/digits/share"] + row["data/small/share"] == pytest.approx(1.0)

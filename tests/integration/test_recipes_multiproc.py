@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, SAMPLE_CLI, free_port, tiny_overrides, train_env
-from tests.integration.test_multiproc import _steps, _wait, kill_after_step
+from tests.runs import finish, kill_after_step, step_rows
 
 MAX_STEPS = 12
 RECIPE = {"model.timestep_sampling": "logit_normal", "model.immiscible": "true",
@@ -40,14 +40,14 @@ def runs(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     ref = _start(assets, reference)
     proc = _start(assets, killed)  # the two runs share the cores
     kill_after_step(proc, killed, 6)  # after the step-4 checkpoint and snapshot, before the next ones
-    _wait(ref, reference)
-    _wait(_start(assets, killed), killed)
+    finish(ref, reference)
+    finish(_start(assets, killed), killed)
     return {"reference": reference, "killed": killed, "root": root}
 
 
 def test_a_resumed_run_is_bitwise_the_uninterrupted_one_with_every_recipe_on(runs: dict[str, Path]) -> None:
     ref, resumed = runs["reference"], runs["killed"]
-    assert {r["step"]: r["loss"] for r in _steps(resumed)} == {r["step"]: r["loss"] for r in _steps(ref)}
+    assert {r["step"]: r["loss"] for r in step_rows(resumed)} == {r["step"]: r["loss"] for r in step_rows(ref)}
     tag = f"checkpoints/step_{MAX_STEPS:08d}"
     for name in ("ema.safetensors", "posthoc_ema.safetensors"):
         a, b = load_file(str(ref / tag / name)), load_file(str(resumed / tag / name))

@@ -405,7 +405,7 @@ def test_faults_in_one_source_resume_as_they_were_decided(sets: dict[str, Path],
     and each fault is counted for its own source."""
     import shutil
 
-    from tests.integration.test_resume_multiproc import _corrupt_every_fifth_jpeg
+    from tests.integration.test_multiproc import _corrupt_every_fifth_jpeg
 
     big, small = tmp_path / "big", tmp_path / "small"
     shutil.copytree(sets["big"], big)
