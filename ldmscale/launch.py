@@ -326,13 +326,14 @@ def run(args: argparse.Namespace) -> int:
             )
             return 3
         _print_wandb(out_dir)
-        status = (report.outcome or {}).get("status")
+        outcome = report.outcome or {}
+        status = outcome.get("status")
         print(
             f"job {report.job_id}: state={report.state} restarts={report.restarts} outcome={report.outcome}",
             flush=True,
         )
         if status == "finished":
-            print(f"FINISHED step={report.outcome.get('step')}", flush=True)
+            print(f"FINISHED step={outcome.get('step')}", flush=True)
             return 0
         print(f"job {report.job_id} ended without finishing; see {job.paths.stdout}", file=sys.stderr)
     print(f"ldmscale-launch: gave up after {args.max_submissions} submissions", file=sys.stderr)

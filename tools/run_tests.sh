@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README's test command: install what the tests need, check the code (ruff, the generated config reference), then
+# README's test command: install what the tests need, check the code (ruff, mypy, the generated config reference), then
 # run the test tiers in order, fastest first (a failing tier stops the run):
 #   tests/unit         in-process, seconds each
 #   tests/integration  several DeepSpeed processes, CLIs in child processes, the strict docs build
@@ -23,6 +23,7 @@ bash tools/setup_env.sh
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 ruff check ldmscale tools tests
+mypy  # ldmscale/ ([tool.mypy] in pyproject.toml)
 python tools/gen_config_reference.py --check   # docs/reference/config.md matches ldmscale/config/schema.py
 
 servers_pid=""

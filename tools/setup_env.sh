@@ -8,13 +8,14 @@ PY=${PYTHON:-python3}
 TORCH_SPEC=${LDMSCALE_TORCH:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-if ! python -c "import torch, deepspeed, diffusers, transformers, webdataset, s3fs, submitit, sklearn, torchmetrics, matplotlib, mkdocs, material, xdist" 2>/dev/null \
+if ! python -c "import torch, deepspeed, diffusers, transformers, webdataset, s3fs, submitit, sklearn, torchmetrics, matplotlib, mkdocs, material, xdist, mypy" 2>/dev/null \
    || ! pip show ldmscale >/dev/null 2>&1 || ! command -v ldmscale-ema >/dev/null; then
   pip install -q --upgrade pip
   pip install -q "$TORCH_SPEC"
   pip install -q "diffusers==0.42.1" "transformers==5.24.0" "webdataset==1.0.2" tokenizers safetensors braceexpand \
     fsspec s3fs wandb submitit pyyaml pillow numpy pyarrow tqdm pytest pytest-xdist ruff scikit-learn boto3 ninja \
-    "torchmetrics==1.9.0" matplotlib "mkdocs==1.6.1" "mkdocs-material==9.8.2"
+    "torchmetrics==1.9.0" matplotlib "mkdocs==1.6.1" "mkdocs-material==9.8.2" \
+    "mypy==2.4.1"  # pinned: another mypy version may report other errors
   pip install -q --no-build-isolation "deepspeed==0.19.8"
   pip install -q --no-deps --no-build-isolation -e .
 fi

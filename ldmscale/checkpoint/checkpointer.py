@@ -78,6 +78,7 @@ class Checkpointer:
         """Everything from tag_dir (its universal conversion for the engine when `universal`). Returns the data's
         resume note."""
         summary = dist.broadcast_object(read_trainer_state(tag_dir) if dist.rank() == 0 else None)
+        assert summary is not None  # rank 0 sent the state it read
         self.store.load(self.engine, tag_dir, universal=universal)
         self.train.load_state_dict(summary)
         if self.ema is not None:

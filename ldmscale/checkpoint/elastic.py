@@ -100,7 +100,9 @@ def prepare_universal(tag_dir: Path, poll_s: float | None = None) -> float:
         poll_s = poll_s or max(0.5, min(5.0, world / 200))  # ~200 stats/s on the filesystem at most
         while not marker.exists():
             time.sleep(poll_s)
-    error, seconds = dist.broadcast_object((error, seconds) if dist.rank() == 0 else None)
+    outcome = dist.broadcast_object((error, seconds) if dist.rank() == 0 else None)
+    assert outcome is not None  # rank 0 sent its (error, seconds)
+    error, seconds = outcome
     if dist.rank() == 0:
         marker.unlink(missing_ok=True)
     if error:

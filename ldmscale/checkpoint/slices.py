@@ -29,7 +29,7 @@ class TensorSlices:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._file = None
+        del self._file  # drops the only reference to the open file, which closes it
 
     def keys(self) -> set[str]:
         return self._names

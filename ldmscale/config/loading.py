@@ -20,7 +20,7 @@ from ldmscale.runtime.redact import redact
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or fail naming the key."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # (an annotation: a class, never an instance)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _from_dict(tp, value, key + ".")

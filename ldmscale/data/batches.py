@@ -36,11 +36,13 @@ import torch
 
 from ldmscale.config import DataConfig, StyleConfig
 from ldmscale.data import storage
-from ldmscale.data.decode import decode_image, stack_uint8
+from ldmscale.data.bucket_fill import BucketFill, Entry
+from ldmscale.data.buckets import Bucket, bucket_set
+from ldmscale.data.decode import decode_image, decode_sample_to_bucket, image_bucket, sample_meta, stack_uint8
 from ldmscale.data.filters import IMAGE_EXTS
-from ldmscale.data.latent_format import LATENT_EXT, collate_latents, decode_latent
+from ldmscale.data.latent_format import LATENT_EXT, collate_latents, decode_latent, peek_size_cond
 from ldmscale.data.mixture import Deal, role_sources
-from ldmscale.data.position import SHORTHAND, RolePlan, Segment, StreamPos
+from ldmscale.data.position import SHORTHAND, Pending, PositionError, RolePlan, Segment, StreamPos
 from ldmscale.data.sources import MixSource, mixture_of, stream_seed
 from ldmscale.data.stream import SourceStream, StreamCursor
 from ldmscale.data.tokens import tokenize
@@ -65,7 +67,9 @@ def flipped(seed: int, epoch: int, key: str) -> bool:
 
 
 class ImageDecoder:
-    """JPEG/PNG/WebP -> uint8 HWC at the training resolution (+ the style reference when style is on).
+    """JPEG/PNG/WebP -> uint8 HWC at the training resolution (+ the style reference when style is on); with
+    aspect buckets (data.buckets) on the sample's bucket, with its size conditioning ("size_cond", SDXL's six
+    numbers; the crop drawn from the seed and the key, as ldmscale-encode cuts it).
     data.random_flip mirrors half the images of each epoch left-right (which half: seed, epoch and key); a
     style reference is never mirrored with its image (style has no left and right; augment references flip
     on their own)."""
@@ -73,11 +77,24 @@ class ImageDecoder:
     def __init__(self, cfg: DataConfig, seed: int, style: StyleConfig | None, epoch: int = 0) -> None:
         self.cfg, self.seed, self.epoch = cfg, seed, epoch
         self.style = style if style is not None and style.enabled else None
+        b = cfg.buckets
+        self.buckets = bucket_set(cfg.resolution, b.step, b.max_aspect) if b.enabled else None
+
+    def bucket(self, sample: dict[str, Any]) -> Bucket:
+        """The sample's bucket without decoding its pixels (the json's original size, else the image header)."""
+        assert self.buckets is not None
+        ext = next(e for e in IMAGE_EXTS if e in sample)
+        return image_bucket(sample[ext], self.buckets, sample_meta(sample))[0]
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, np.ndarray]:
         ext = next(e for e in IMAGE_EXTS if e in sample)
-        image = decode_image(sample[ext], self.cfg.resolution, self.cfg.center_crop)
-        out = {"pixels": image}
+        out: dict[str, np.ndarray] = {}
+        if self.buckets is None:
+            image = decode_image(sample[ext], self.cfg.resolution, self.cfg.center_crop)
+        else:
+            image, cond = decode_sample_to_bucket(sample, ext, self.buckets, self.cfg.center_crop, self.seed)
+            out["size_cond"] = np.asarray(cond.as_list(), dtype=np.int64)
+        out["pixels"] = image
         if self.cfg.random_flip and flipped(self.seed, self.epoch, sample["__key__"]):
             out["pixels"] = np.ascontiguousarray(image[:, ::-1])
         if self.style is not None:
@@ -85,7 +102,8 @@ class ImageDecoder:
         return out
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {name: stack_uint8([e[name] for e in examples]) for name in examples[0]}
+        return {name: torch.from_numpy(np.stack([e[name] for e in examples])) if name == "size_cond"
+                else stack_uint8([e[name] for e in examples]) for name in examples[0]}
 
     def _reference(self, sample: dict[str, Any], image: np.ndarray) -> np.ndarray:
         """The style reference of a sample: its metadata partner, else an augmented view of itself."""
@@ -102,6 +120,13 @@ class LatentDecoder:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         return decode_latent(sample[LATENT_EXT])
+
+    def bucket(self, sample: dict[str, Any]) -> Bucket:
+        """The bucket ldmscale-encode cut the sample into, from the member's header alone."""
+        cond = peek_size_cond(sample[LATENT_EXT])
+        if cond is None:
+            raise ValueError("the latent sample holds no size conditioning (a set encoded without data.buckets)")
+        return Bucket(height=int(cond[4]), width=int(cond[5]))
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate_latents(examples)
@@ -195,7 +220,11 @@ class RoleSamples:
 
 class EpochBatches(torch.utils.data.IterableDataset):
     """One epoch of one rank: DataLoader worker j plays role (first_batch + j) % workers. `sources`: the mixture's
-    sources (or one source's shard URLs); `deal`: how the epoch's slots were dealt (the mixture draw's slots)."""
+    sources (or one source's shard URLs); `deal`: how the epoch's slots were dealt (the mixture draw's slots).
+
+    With aspect buckets (data.buckets.enabled) role j gives `role_left[j]` batches, each of one bucket
+    (bucket_fill.py), reading into its slots of the next epoch (`next_roles`, dealt by `next_deal`) when its own
+    run out; its pending samples are read again from their shards first."""
 
     def __init__(
         self,
@@ -211,6 +240,9 @@ class EpochBatches(torch.utils.data.IterableDataset):
         style: StyleConfig | None = None,
         decoder: SampleDecoder | None = None,
         deal: Deal | None = None,
+        role_left: list[int] | None = None,
+        next_roles: list[RolePlan] | None = None,
+        next_deal: Deal | None = None,
     ) -> None:
         super().__init__()
         if sources and isinstance(sources[0], str):  # one source's shard list
@@ -218,27 +250,43 @@ class EpochBatches(torch.utils.data.IterableDataset):
         self.cfg, self.sources, self.tokenizer, self.style = cfg, sources, tokenizer, style
         self.seed, self.epoch, self.micro_batch = seed, epoch, micro_batch
         self.roles, self.first_batch, self.deal = roles, first_batch, deal
+        self.role_left, self.next_roles, self.next_deal = role_left, next_roles, next_deal
         self.mixture = mixture_of(self.sources, seed)  # type: ignore[arg-type]
-        self.decoder = decoder or (LatentDecoder() if cfg.format == "latents"
-                                   else ImageDecoder(cfg, seed, style, epoch))
+        self.custom_decoder = decoder
+        self.decoder = decoder or self._decoder_of(epoch)
+        self.bucketed = cfg.buckets.enabled
 
-    def _open(self, seg: Segment, k: int) -> SourceStream:
+    def _decoder_of(self, epoch: int) -> SampleDecoder:
+        """The decoder of a sample of `epoch` (random flips differ per epoch; carried samples keep theirs)."""
+        if self.custom_decoder is not None:
+            return self.custom_decoder
+        return LatentDecoder() if self.cfg.format == "latents" else ImageDecoder(self.cfg, self.seed, self.style, epoch)
+
+    def _stream(self, k: int, epoch: int, src: Any, cursor: StreamCursor | None) -> SourceStream:
         source: MixSource = self.sources[k]  # type: ignore[assignment]
-        return SourceStream(source.cfg, source.urls, seed=stream_seed(self.seed, k), epoch=self.epoch, src=seg.src,
-                            cursor=seg.streams[k].cursor, style=self.style)
+        return SourceStream(source.cfg, source.urls, seed=stream_seed(self.seed, k), epoch=epoch, src=src,
+                            cursor=cursor, style=self.style)
 
-    def _slot_sources(self, seg: Segment) -> Iterator[int]:
+    def _open(self, seg: Segment, k: int, epoch: int | None = None) -> SourceStream:
+        return self._stream(k, self.epoch if epoch is None else epoch, seg.src, seg.streams[k].cursor)
+
+    def _slot_sources(self, seg: Segment, epoch: int | None = None, deal: Deal | None = None) -> Iterator[int]:
         if len(self.sources) == 1:
             return itertools.repeat(0, seg.samples)
-        assert self.deal is not None, "a mixture needs the epoch's deal"
+        deal = deal or self.deal
+        assert deal is not None, "a mixture needs the epoch's deal"
         rank, _, role, _ = seg.src
-        return role_sources(self.mixture, self.epoch, self.deal, rank, role, seg.start, seg.samples)
+        return role_sources(self.mixture, self.epoch if epoch is None else epoch, deal, rank, role, seg.start,
+                            seg.samples)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # spawned workers (the GPU default) start without the parent's registered openers and options
         storage.register_gopen_schemes(self.cfg.storage_options)
         info = torch.utils.data.get_worker_info()
         role = (self.first_batch + (info.id if info is not None else 0)) % len(self.roles)
+        if self.bucketed:
+            yield from self._bucket_batches(role)
+            return
         samples = RoleSamples(self.roles[role], self._open, self._slot_sources)
         batches, rest = divmod(samples.plan.samples, self.micro_batch)
         assert rest == 0, f"role {role} holds {samples.plan.samples} samples, not whole micro-batches"
@@ -288,3 +336,100 @@ class EpochBatches(torch.utils.data.IterableDataset):
         if self.tokenizer is not None:  # the autoencoder stage has no text
             batch["input_ids"] = tokenize(self.tokenizer, captions)
         return batch
+
+    # ------------------------------------------------------------ aspect buckets
+
+    def _bucket_batches(self, role: int) -> Iterator[dict[str, Any]]:
+        """Role `role`'s batches, each of one bucket (bucket_fill.py), each with the role's position after it."""
+        plan = self.roles[role]
+        assert self.role_left is not None, "bucket batching needs each role's batches left"
+        samples = RoleSamples(plan, self._open, self._slot_sources)
+        nxt = self.epoch + 1
+
+        def ahead() -> RoleSamples:
+            if plan.ahead is not None:
+                start = plan.ahead
+            else:
+                assert self.next_roles is not None, "bucket batching needs the next epoch's roles"
+                start = self.next_roles[role]
+            return RoleSamples(start, lambda seg, k: self._open(seg, k, nxt),
+                               lambda seg: self._slot_sources(seg, nxt, self.next_deal or self.deal))
+
+        fill = BucketFill(self.micro_batch, self.epoch, samples, ahead, self._assign, plan.ahead is not None)
+        fill.restore(self._reread(plan.pending))
+        left = self.role_left[role]
+        for n in range(left):
+            batch = self._collate_bucket(fill, samples)
+            if n == left - 1:
+                fill.drain()
+            batch.update(role=role, state=fill.snapshot())
+            yield batch
+
+    def _assign(self, item: _Item, samples: Any) -> Bucket | None:
+        """The item's bucket from its undecoded sample; None (counted as decode_error) when it has none."""
+        try:
+            return self.decoder.bucket(item.sample)  # type: ignore[attr-defined]
+        except Exception as exc:  # an unreadable header is data, not a bug: the sample is not given
+            counts = samples.counts[item.source]
+            counts["decode_error"] += 1
+            if counts["decode_error"] in (1, 10, 100, 1000):
+                log.warning("skipping bad data (decode_error, %d so far on this worker role): %s: %r",
+                            counts["decode_error"], item.key, exc)
+            item.sample = None
+            return None
+
+    def _reread(self, pending: list[Pending]) -> list[tuple[Pending, _Item]]:
+        """The pending samples of a saved position, read again from their shards: one stream per shuffle block
+        they lie in, opened right before the first of them (the samples between are read, not decoded)."""
+        groups: dict[str, list[Pending]] = {}
+        for p in pending:
+            block = StreamCursor(p.cursor.start, 0, p.cursor.failures).to_dict()
+            groups.setdefault(repr((p.epoch, p.source, p.src, block)), []).append(p)
+        found: dict[int, _Item] = {}
+        for group in groups.values():
+            group = sorted(group, key=lambda p: p.cursor.taken)
+            first = group[0]
+            c = first.cursor
+            stream = self._stream(first.source, first.epoch, first.src,
+                                  StreamCursor(c.start, c.taken - 1, c.failures))
+            taken = c.taken - 1
+            for p in group:
+                while taken < p.cursor.taken:
+                    sample, taken = next(stream), taken + 1
+                if sample["__key__"] != p.key:
+                    raise PositionError(f"a pending sample of the saved data position is {p.key}, its shard now "
+                                        f"gives {sample['__key__']} there: the shards changed since the checkpoint; "
+                                        f"restore them, or set data.on_shard_list_change=new_epoch")
+                found[id(p)] = _Item(sample, p.key, stream.caption(sample), 0, p.source, p.cursor,
+                                     dict(stream.block_counts))
+        return [(p, found[id(p)]) for p in pending]
+
+    def _collate_bucket(self, fill: BucketFill, samples: RoleSamples) -> dict[str, Any]:
+        """One bucket's micro-batch: a failed decode takes the place of the next sample of the batch that decoded;
+        a batch none of whose samples decoded is counted and replaced by the next batch."""
+        while True:
+            entries: list[Entry] = fill.next_batch()
+            decoded = [self._decoded_in(e, samples.counts) for e in entries]
+            good = [i for i, d in enumerate(decoded) if d is not FAILED]
+            if good:
+                break
+        chosen = [entries[i] if decoded[i] is not FAILED else entries[good[bisect.bisect(good, i) % len(good)]]
+                  for i in range(len(entries))]
+        batch: dict[str, Any] = self.decoder.collate([e.item.example for e in chosen])
+        captions = [e.item.caption for e in chosen]
+        batch.update(captions=captions, keys=[e.item.key for e in chosen],
+                     epochs=[e.epoch for e in chosen],  # the epoch whose slot each fills (carried: an earlier one)
+                     sources=[e.item.source for e in entries])
+        if self.tokenizer is not None:
+            batch["input_ids"] = tokenize(self.tokenizer, captions)
+        return batch
+
+    def _decoded_in(self, entry: Entry, counts: list[Counter[str]]) -> Any:
+        """_decoded with the decoder of the entry's epoch."""
+        if entry.item.example is None and entry.epoch != self.epoch and self.custom_decoder is None:
+            saved, self.decoder = self.decoder, self._decoder_of(entry.epoch)
+            try:
+                return self._decoded(entry.item, counts)
+            finally:
+                self.decoder = saved
+        return self._decoded(entry.item, counts)

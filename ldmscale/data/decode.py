@@ -62,6 +62,27 @@ def decode_image(data: bytes, resolution: int, center_crop: bool) -> np.ndarray:
     return _resize_crop(img, new, left, top, (resolution, resolution))
 
 
+def image_bucket(data: bytes, buckets: Sequence[Bucket], original: tuple[int, int] | None = None
+                 ) -> tuple[Bucket, tuple[int, int]]:
+    """The bucket of an image and the (height, width) it was chosen from: `original` (from the json) when given,
+    else the size in the file's header (read without decoding pixels)."""
+    if original is None:
+        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            fw, fh = probe.size
+        original = (fh, fw)
+    oh, ow = original
+    return nearest_bucket(buckets, ow, oh), (oh, ow)
+
+
+def sample_meta(sample: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The original (height, width) in a shard sample's json, or None (no json, a broken one, no sizes)."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else None
+    except ValueError:  # a broken json is only missing metadata here
+        meta = None
+    return original_size(meta)
+
+
 def decode_to_bucket(data: bytes, buckets: Sequence[Bucket], center_crop: bool, crop_seed: int, key: str,
                      original: tuple[int, int] | None = None) -> tuple[np.ndarray, SizeCond]:
     """An image into its aspect bucket: the bucket nearest the aspect of `original` ((height, width) from the
@@ -69,10 +90,7 @@ def decode_to_bucket(data: bytes, buckets: Sequence[Bucket], center_crop: bool, 
     and cropped to it, at the centre or, with center_crop false, at an offset drawn from (crop_seed, key) alone,
     so a resumed run, another world size and ldmscale-encode all cut the same crop. Returns uint8 HWC and the
     sample's size conditioning (original size, crop offset in the resized image, bucket)."""
-    with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-        fw, fh = probe.size
-    oh, ow = original if original is not None else (fh, fw)
-    b = nearest_bucket(buckets, ow, oh)
+    b, (oh, ow) = image_bucket(data, buckets, original)
     img, _ = _open_reduced(data, (b.width, b.height))
     w, h = img.size
     scale = max(b.width / w, b.height / h)
@@ -91,11 +109,7 @@ def decode_sample_to_bucket(sample: Mapping[str, Any], ext: str, buckets: Sequen
                             crop_seed: int) -> tuple[np.ndarray, SizeCond]:
     """A shard sample (members by extension, `__key__`) into its bucket: decode_to_bucket with the original size
     from its json when it has a readable one."""
-    try:
-        meta = json.loads(sample["json"]) if "json" in sample else None
-    except ValueError:  # a broken json is only missing metadata here
-        meta = None
-    return decode_to_bucket(sample[ext], buckets, center_crop, crop_seed, sample["__key__"], original_size(meta))
+    return decode_to_bucket(sample[ext], buckets, center_crop, crop_seed, sample["__key__"], sample_meta(sample))
 
 
 def stack_uint8(images: list[np.ndarray]) -> torch.Tensor:

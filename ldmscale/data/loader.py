@@ -19,12 +19,15 @@ from ldmscale.data.position import (
     FORMAT,
     DataPosition,
     PositionError,
+    RolePlan,
     Segment,
     check_whole_steps,
     fresh_roles,
     mixture_change,
     pack_urls,
     resplit,
+    resplit_buckets,
+    role_batches,
     saved_ranks_needed,
 )
 from ldmscale.data.sources import MixSource, check_splits, mixture_of, resolve_sources, stream_seed
@@ -109,10 +112,14 @@ class ResumableLoader:
         )
 
     def _epoch_iter(self) -> Iterator[dict[str, Any]]:
+        bucketed: dict[str, Any] = {}
+        if self.cfg.buckets.enabled:  # each role's batches left, and its slots of the next epoch to read ahead into
+            nxt = self._fresh(self.position.epoch + 1, self.position.drawn)
+            bucketed = {"role_left": self._role_left(), "next_roles": nxt.roles, "next_deal": nxt.deal}
         ds = EpochBatches(
             self.cfg, self.sources, self.tokenizer, seed=self.seed, epoch=self.position.epoch,
             micro_batch=self.micro_batch, roles=self.position.roles, first_batch=self.position.batches,
-            style=self.style, decoder=self.decoder, deal=self.position.deal,
+            style=self.style, decoder=self.decoder, deal=self.position.deal, **bucketed,
         )
         if self.cfg.num_workers == 0:
             return iter(ds)
@@ -122,12 +129,27 @@ class ResumableLoader:
         with preemption_signals_blocked(options["multiprocessing_context"]):  # the workers start here
             return iter(loader)
 
+    def _role_left(self) -> list[int]:
+        """Batches each role still gives this epoch (the rank's batch b comes from role b % workers)."""
+        total, given = self.position.epoch_samples // self.micro_batch, self.position.batches
+        return [role_batches(total, self.workers, j) - len(range(j, given, self.workers)) for j in range(self.workers)]
+
+    def _next_epoch(self) -> DataPosition:
+        """The next epoch's position; with aspect buckets each role carries its pending samples into it and
+        starts where it stands in it (after the samples it read ahead)."""
+        position = self._fresh(self.position.epoch + 1, self.position.drawn)
+        if self.cfg.buckets.enabled:
+            for j, (old, new) in enumerate(zip(self.position.roles, position.roles)):
+                start = old.ahead if old.ahead is not None else new
+                position.roles[j] = RolePlan(start.segments, start.counts, old.pending)
+        return position
+
     def __iter__(self) -> ResumableLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
         if self.position.given >= self.position.epoch_samples:
-            self.position = self._fresh(self.position.epoch + 1, self.position.drawn)
+            self.position = self._next_epoch()
             self._it = None
         if self._it is None:
             self._it = self._epoch_iter()
@@ -242,6 +264,13 @@ class ResumableLoader:
                 raise
             return self._new_epoch(int(epoch), "the saved data position was written by an older ldmscale")
         some = next(iter(saved.values()))
+        if not self.cfg.buckets.enabled and any(role.pending or role.ahead for p in saved.values() for role in p.roles):
+            why = "the saved data position batches by aspect bucket and holds samples waiting in their buckets' queues"
+            if self.cfg.on_shard_list_change == "new_epoch":
+                return self._new_epoch(some.epoch, why)
+            raise PositionError(f"{why}, data.buckets.enabled is false now: resume with data.buckets.enabled=true to "
+                                f"finish epoch {some.epoch}, or set data.on_shard_list_change=new_epoch to start the "
+                                f"next epoch with square batches")
         packed = next((p.shard_urls for p in saved.values() if p.shard_urls), None)
         change = mixture_change(some, self.identities, [s.urls for s in self.sources], packed)
         if change is not None:
@@ -260,9 +289,10 @@ class ResumableLoader:
             self.position.global_batch = self.global_batch
             note = ""
         else:
-            self.position = resplit(saved, saved_world, world=self.world, workers=self.workers, rank=self.rank,
-                                    micro_batch=self.micro_batch, global_batch=self.global_batch,
-                                    count_slots=self._slot_counter(some))
+            divide = resplit_buckets if self.cfg.buckets.enabled else resplit
+            self.position = divide(saved, saved_world, world=self.world, workers=self.workers, rank=self.rank,
+                                   micro_batch=self.micro_batch, global_batch=self.global_batch,
+                                   count_slots=self._slot_counter(some))
             note = (f"resuming a {saved_world}-rank x {some.workers}-worker x micro-batch {some.micro_batch} data "
                     f"position on {self.world} ranks x {self.workers} workers x micro-batch {self.micro_batch}: "
                     f"epoch {self.position.epoch} continues with {self.position.epoch_samples * self.world} "

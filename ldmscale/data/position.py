@@ -23,6 +23,7 @@ import base64
 import copy
 import gzip
 import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,23 +138,74 @@ class Segment:
 
 
 @dataclass
+class Pending:
+    """A sample a role read but has not given yet (aspect buckets: it waits in its bucket's queue), as its address
+    in the streams, not its pixels: the epoch and source stream it came from, the stream's cursor right after it,
+    its key (checked when it is read again) and its bucket ("WxH", to deal it on an elastic resume unread)."""
+
+    epoch: int
+    source: int
+    src: Split
+    cursor: StreamCursor
+    key: str
+    bucket: str
+
+
+def _pending_to_dict(items: list[Pending]) -> dict[str, Any]:
+    """Pending samples of one role, the cursors' shared parts (a block's start: the same for most) stored once."""
+    table: dict[str, int] = {}
+    blocks: list[dict[str, Any]] = []
+    rows = []
+    for p in items:
+        block = StreamCursor(p.cursor.start, 0, p.cursor.failures).to_dict()
+        text = json.dumps(block, sort_keys=True)
+        if text not in table:
+            table[text] = len(blocks)
+            blocks.append(block)
+        rows.append([p.epoch, p.source, *p.src, table[text], p.cursor.taken, p.key, p.bucket])
+    return {"blocks": blocks, "items": rows}
+
+
+def _pending_from_dict(d: dict[str, Any]) -> list[Pending]:
+    blocks = [StreamCursor.from_dict(b) for b in d["blocks"]]
+    out = []
+    for epoch, source, r, w, j, n, block, taken, key, bucket in d["items"]:
+        c = blocks[int(block)]
+        out.append(Pending(int(epoch), int(source), (int(r), int(w), int(j), int(n)),
+                           StreamCursor(c.start, int(taken), c.failures), str(key), str(bucket)))
+    return out
+
+
+@dataclass
 class RolePlan:
-    """What one loader worker role still gives this epoch, and what it dropped so far (by source, by reason)."""
+    """What one loader worker role still gives this epoch, and what it dropped so far (by source, by reason).
+    With aspect buckets also the samples it read and has not given (`pending`, in arrival order) and, once it read
+    into the next epoch's samples to fill its last batches, what it still gives of that epoch (`ahead`)."""
 
     segments: list[Segment] = field(default_factory=list)
     counts: list[dict[str, int]] = field(default_factory=lambda: [{}])
+    pending: list[Pending] = field(default_factory=list)
+    ahead: RolePlan | None = None
 
     @property
     def samples(self) -> int:
         return sum(s.samples for s in self.segments)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"segments": [s.to_dict() for s in self.segments], "counts": [dict(c) for c in self.counts]}
+        d: dict[str, Any] = {"segments": [s.to_dict() for s in self.segments],
+                             "counts": [dict(c) for c in self.counts]}
+        if self.pending:  # square batching never has any: its positions stay as they were
+            d["pending"] = _pending_to_dict(self.pending)
+        if self.ahead is not None:
+            d["ahead"] = self.ahead.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RolePlan:
         counts = d["counts"] if isinstance(d["counts"], list) else [d["counts"]]  # format 3: one source
-        return cls([Segment.from_dict(s) for s in d["segments"]], [{k: int(v) for k, v in c.items()} for c in counts])
+        return cls([Segment.from_dict(s) for s in d["segments"]], [{k: int(v) for k, v in c.items()} for c in counts],
+                   _pending_from_dict(d["pending"]) if "pending" in d else [],
+                   cls.from_dict(d["ahead"]) if d.get("ahead") is not None else None)
 
 
 def role_batches(total: int, workers: int, role: int) -> int:
@@ -285,13 +337,7 @@ def resplit(saved: dict[int, DataPosition], saved_world: int, *, world: int, wor
     if missing:
         raise PositionError(f"the data positions of saved rank(s) {missing[:5]} are needed to resume rank {rank}")
     mine = [saved[r] for r in needed]
-    first = mine[0]
-    if {p.epoch for p in mine} != {first.epoch} or {p.remaining for p in mine} != {first.remaining}:
-        raise PositionError("the saved ranks' data positions disagree (epochs or samples left): the checkpoint mixes "
-                            "ranks from different saves; resume from another step")
-    if any(p.world != saved_world for p in mine):
-        raise PositionError(f"the saved data positions were made for {first.world} ranks, the checkpoint says "
-                            f"{saved_world}: resume from another step")
+    first = _agreeing(mine, saved_world)
     for p in mine:
         if sum(role.samples for role in p.roles) != p.remaining:
             raise PositionError(f"a saved data position of epoch {p.epoch} is inconsistent (its roles hold "
@@ -317,14 +363,100 @@ def resplit(saved: dict[int, DataPosition], saved_world: int, *, world: int, wor
         cut = _cut(pieces, lo, lo + n, count_slots)
         roles.append(RolePlan(sorted(cut, key=lambda s: s.skip), [{} for _ in range(n_sources)]))  # the cheapest first
         lo += n
+    drawn = _take_counters(saved, needed, world, saved_world, rank, roles, n_sources)
+    return DataPosition(epoch=first.epoch, given=0, epoch_samples=per_rank, micro_batch=micro_batch,
+                        global_batch=global_batch, world=world, workers=workers, sources=list(first.sources),
+                        deal=first.deal, roles=roles, drawn=drawn)
+
+
+def _take_counters(saved: dict[int, DataPosition], needed: range, world: int, saved_world: int, rank: int,
+                   roles: list[RolePlan], n_sources: int) -> list[int]:
+    """Saved rank r's counters (drops into roles[0], draws returned) go to the new rank whose share starts in it,
+    so the job's sums stay."""
     drawn = [0] * n_sources
-    for r in needed:  # saved rank r's counters go to the new rank whose share starts in it
+    for r in needed:
         if r * world // saved_world == rank:
             drawn = [a + b for a, b in zip(drawn, saved[r].drawn)]
             for role in saved[r].roles:
                 for k, counts in enumerate(role.counts):
                     for reason, v in counts.items():
                         roles[0].counts[k][reason] = roles[0].counts[k].get(reason, 0) + v
+    return drawn
+
+
+def _agreeing(mine: list[DataPosition], saved_world: int) -> DataPosition:
+    """The first of saved ranks' positions, once checked to be of one save (epoch, samples left, world)."""
+    first = mine[0]
+    if {p.epoch for p in mine} != {first.epoch} or {p.remaining for p in mine} != {first.remaining}:
+        raise PositionError("the saved ranks' data positions disagree (epochs or samples left): the checkpoint mixes "
+                            "ranks from different saves; resume from another step")
+    if any(p.world != saved_world for p in mine):
+        raise PositionError(f"the saved data positions were made for {first.world} ranks, the checkpoint says "
+                            f"{saved_world}: resume from another step")
+    return first
+
+
+def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: int, workers: int, rank: int,
+                    micro_batch: int, global_batch: int, count_slots: SlotCounter) -> DataPosition:
+    """resplit() for aspect-bucket batching (bucket_fill.py), from the same O(1) saved ranks' positions.
+
+    The rank gives the same number of batches as resplit(), and takes the same share of the saved ranks: each saved
+    rank stands for `remaining` samples, of which this rank takes units a .. b; it takes the same fraction of that
+    saved rank's unread slots (in role, segment order) and of each bucket's waiting samples of this epoch or
+    earlier ones (in their saved order). Its slots are cut into contiguous runs, one per role, in proportion to the
+    role's batches, and its waiting samples are dealt bucket by bucket, round-robin over the roles that give
+    batches. Samples a saved role had read ahead into the next epoch and not given go back to that epoch, which the
+    new ranks start fresh. Each sample left is thus given once; the samples a saved role had read ahead *and given*
+    (at most its last batches' worth, only near an epoch's end) come again in the next epoch."""
+    needed = saved_ranks_needed(rank, world, saved_world)
+    missing = [r for r in needed if r not in saved]
+    if missing:
+        raise PositionError(f"the data positions of saved rank(s) {missing[:5]} are needed to resume rank {rank}")
+    mine = [saved[r] for r in needed]
+    first = _agreeing(mine, saved_world)
+    left = saved_world * first.remaining
+    check_whole_steps(left, first.epoch, first.global_batch, global_batch, world * micro_batch)
+    per_rank, rem = left // world, first.remaining
+    pieces: list[tuple[int, Segment]] = []  # this rank's slots, as cut from the saved ranks
+    waiting: dict[str, list[Pending]] = {}  # this rank's waiting samples, by bucket
+    for r, p in zip(needed, mine):
+        if rem == 0:  # saved at an epoch's very end: only waiting samples, to the rank its counters go to
+            a, b, rem_r = (0, 1, 1) if r * world // saved_world == rank else (0, 0, 1)
+        else:
+            a, b, rem_r = max(rank * per_rank - r * rem, 0), min((rank + 1) * per_rank - r * rem, rem), rem
+        if a >= b:
+            continue
+        own: list[tuple[int, Segment]] = []
+        total = 0
+        for role in p.roles:
+            for seg in role.segments:
+                if seg.samples > 0:
+                    own.append((total, seg))
+                    total += seg.samples
+        for seg in _cut(own, a * total // rem_r, b * total // rem_r, count_slots):
+            pieces.append((sum(x.samples for _, x in pieces), seg))
+        by_bucket: dict[str, list[Pending]] = {}
+        for role in p.roles:
+            for item in role.pending:
+                if item.epoch <= first.epoch:
+                    by_bucket.setdefault(item.bucket, []).append(item)
+        for bucket, items in by_bucket.items():
+            waiting.setdefault(bucket, []).extend(items[a * len(items) // rem_r : b * len(items) // rem_r])
+    batches = [role_batches(per_rank // micro_batch, workers, j) for j in range(workers)]
+    givers = [j for j, n in enumerate(batches) if n > 0] or list(range(workers))
+    dealt: list[list[Pending]] = [[] for _ in range(workers)]
+    for items in waiting.values():
+        for n, item in enumerate(items):
+            dealt[givers[n % len(givers)]].append(item)
+    slots = sum(seg.samples for _, seg in pieces)
+    n_sources = len(first.sources)
+    roles = []
+    for j in range(workers):
+        whole = max(1, sum(batches))
+        lo, hi = slots * sum(batches[:j]) // whole, slots * sum(batches[: j + 1]) // whole
+        cut = sorted(_cut(pieces, lo, hi, count_slots), key=lambda seg: seg.skip)
+        roles.append(RolePlan(cut, [{} for _ in range(n_sources)], dealt[j]))
+    drawn = _take_counters(saved, needed, world, saved_world, rank, roles, n_sources)
     return DataPosition(epoch=first.epoch, given=0, epoch_samples=per_rank, micro_batch=micro_batch,
                         global_batch=global_batch, world=world, workers=workers, sources=list(first.sources),
                         deal=first.deal, roles=roles, drawn=drawn)

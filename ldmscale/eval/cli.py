@@ -153,12 +153,12 @@ def run(p: Plan, rank: int, world: int, device: torch.device) -> dict[str, Any] 
     """The distributed part: reference features, then per guidance scale draw the missing images, score."""
     a, out = p.args, Path(p.args.out)
     fid = build_fid(a.features, device)
-    canvas = (p.settings.height, p.settings.width) if p.settings else reference_canvas(a)
-    assert p.reference is not None and None not in canvas  # plan() checked both
+    height, width = (p.settings.height, p.settings.width) if p.settings else reference_canvas(a)
+    assert p.reference is not None and height is not None and width is not None  # plan() checked both
     if p.reference.kind == "stats":
         load_stats(fid, GaussianStats.load(a.reference), real=True, owner=rank == 0)
     else:
-        for batch in rank_batches(p.reference, canvas, rank, world, a.batch_size, a.num_reference):
+        for batch in rank_batches(p.reference, (height, width), rank, world, a.batch_size, a.num_reference):
             fid.update(batch.to(device), real=True)
     if a.save_reference_stats:
         ref = stats_of(fid, real=True)  # collective

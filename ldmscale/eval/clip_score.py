@@ -63,7 +63,7 @@ class TensorFeatures(nn.Module):
         return embedding(self.model.get_text_features(*args, **kwargs))
 
 
-def build_clip_score(name_or_path: str, device: torch.device) -> object:
+def build_clip_score(name_or_path: str, device: torch.device) -> CLIPScore:
     def load() -> tuple[TensorFeatures, CLIPProcessor]:
         model = CLIPModel.from_pretrained(name_or_path).eval().requires_grad_(False)
         return TensorFeatures(model), CLIPProcessor.from_pretrained(name_or_path)

@@ -136,7 +136,7 @@ class CLIPImageFeatures(nn.Module):
         return embedding(self.model.get_image_features(pixel_values=(x - self.mean) / self.std))
 
 
-def build_fid(spec: str, device: torch.device) -> object:
+def build_fid(spec: str, device: torch.device) -> FrechetInceptionDistance:
     """A FrechetInceptionDistance that keeps its reference (real) statistics across reset(): one per eval,
     reset between guidance scales."""
     kind, arg = parse_features(spec)
@@ -178,10 +178,10 @@ class GaussianStats:
                        features)
 
 
-def stats_of(metric: object, real: bool) -> GaussianStats:
+def stats_of(metric: FrechetInceptionDistance, real: bool) -> GaussianStats:
     """Mean and covariance of the features seen so far on all ranks (a collective when distributed)."""
     prefix = "real" if real else "fake"
-    with metric.sync_context():  # type: ignore[attr-defined]
+    with metric.sync_context():
         n = int(getattr(metric, f"{prefix}_features_num_samples"))
         total = getattr(metric, f"{prefix}_features_sum").double()
         cov_sum = getattr(metric, f"{prefix}_features_cov_sum").double()
@@ -190,7 +190,7 @@ def stats_of(metric: object, real: bool) -> GaussianStats:
     return GaussianStats(mu.cpu().numpy(), sigma.cpu().numpy(), n, "")
 
 
-def load_stats(metric: object, stats: GaussianStats, real: bool, owner: bool) -> None:
+def load_stats(metric: FrechetInceptionDistance, stats: GaussianStats, real: bool, owner: bool) -> None:
     """Write statistics back as the sums torchmetrics accumulates; only on the owner rank (the sync adds ranks)."""
     prefix = "real" if real else "fake"
     ref = getattr(metric, f"{prefix}_features_sum")

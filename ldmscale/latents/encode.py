@@ -280,7 +280,7 @@ def encode_set(cfg: Config, out: str, enc: Encoder, caption_seed: int, *, batch_
     by_name = dict(zip(names, sources))
     mine = shards_for(names, cfg.train.seed, 0, rank, world, 0, 1)  # the trainer's per-rank split
     res = EncodeResult()
-    todo = []
+    todo: list[str] = []
     for name in mine:
         (res.skipped if is_complete(out, name, so) else todo).append(name)
     # what a rerun must agree with (the weights' hashes are known only now: before any shard is written)

@@ -86,6 +86,7 @@ class LatentDiffusion(torch.nn.Module):
             kwargs["added_cond_kwargs"] = added_cond_kwargs(size_cond)
         kl = None
         if style_input is not None:
+            assert style_noise is not None and style_keep is not None  # a style batch carries all three
             mu, logvar = self.style(style_input.to(dtype))
             mu, logvar = mu.float(), logvar.float()
             keep = style_keep.to(mu).view(-1, 1, 1)

@@ -23,6 +23,8 @@ class Engine(CheckpointEngine, Protocol):
     optimizer: Any  # DeepSpeed's optimizer wrapper: the EMA reads its fp32 master partition
     dp_world_size: int
     data_parallel_group: Any
+    # what get_global_grad_norm returns: set by DeepSpeed's step, and by _clip_and_record_norm on the ZeRO-0 fp32 path
+    _global_grad_norm: torch.Tensor | float | None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
@@ -79,7 +81,7 @@ def build_engine(module: torch.nn.Module, params: list[Any], ds_config: dict[str
 def _clip_and_record_norm(engine: Engine) -> None:
     """ZeRO-0 fp32 clipping (called by DeepSpeed before the optimizer step), keeping the norm for the logs."""
     params = [p for p in engine.module.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # (all: types it)
     if engine.dp_world_size > 1:
         # the gradients are averaged already; averaging the norm too makes every replica use one coefficient
         # even if a reduction left its last bits different

@@ -6,13 +6,16 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ldmscale.config import Config, public_dict
 from ldmscale.models.size_conditioning import added_cond_kwargs, has_size_conditioning
 from ldmscale.trainer.engine import Engine
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
 
 TRAINER_STEP = "trainer/step"  # the x-axis of every W&B chart (define_metric)
 
@@ -29,7 +32,7 @@ def peak_tflops(configured: float) -> float:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
 
 
-def _meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+def _meta_twin(model: ModelMixin) -> ModelMixin:
     """The same architecture on the meta device (shapes only, no memory): FLOPs are counted where no input
     and no weight can sit on the wrong device, whether the real model is still on the CPU (before DeepSpeed
     moved it), on a GPU, or partitioned by ZeRO-3."""
@@ -37,7 +40,7 @@ def _meta_twin(model: torch.nn.Module) -> torch.nn.Module:
         return type(model).from_config(model.config)
 
 
-def training_flops_per_sample(unet: torch.nn.Module, latent_shape: tuple[int, ...],
+def training_flops_per_sample(unet: ModelMixin, latent_shape: tuple[int, ...],
                               context_shape: tuple[int, ...]) -> float:
     """Forward FLOPs of the U-Net on one sample, counted by torch, times 3 (forward + backward)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -51,7 +54,7 @@ def training_flops_per_sample(unet: torch.nn.Module, latent_shape: tuple[int, ..
     return 3.0 * counter.get_total_flops()
 
 
-def encode_flops_per_sample(vae: torch.nn.Module, resolution: int) -> float:
+def encode_flops_per_sample(vae: ModelMixin, resolution: int) -> float:
     """FLOPs of the frozen VAE encoding one image (latents computed on the fly; no backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 

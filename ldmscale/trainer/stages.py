@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 
 from ldmscale.checkpoint.warm_start import init_from_step1
@@ -44,7 +44,7 @@ from ldmscale.trainer.engine import Engine
 from ldmscale.trainer.monitor import Monitor, encode_flops_per_sample, training_flops_per_sample
 
 
-def _prepare(trained: torch.nn.Module, cfg: Config) -> None:
+def _prepare(trained: ModelMixin, cfg: Config) -> None:
     """Options that apply to whichever network is trained."""
     if cfg.model.gradient_checkpointing:
         trained.enable_gradient_checkpointing()
@@ -58,7 +58,7 @@ class Stage:
 
     prefix = ""
     module: torch.nn.Module
-    trained: torch.nn.Module
+    trained: ModelMixin  # a diffusers network (its config rebuilds it for sampling and export)
     tokenizer: Any = None
     init_note = ""
 
@@ -122,6 +122,7 @@ class Stage:
 
 class DiffusionStage(Stage):
     prefix = "unet."
+    module: LatentDiffusion
 
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True,
                  manifest: dict | None = None) -> None:
@@ -152,7 +153,7 @@ class DiffusionStage(Stage):
             # last: after step 1's weights are in (to_k_style copies to_k) and the attention kind is chosen
             install_style_path(unet, cfg.style, self.encoders.text_dim, sdpa=cfg.model.attention == "sdpa")
         self.empty_ids = tokenize(self.tokenizer, [""]).to(device)
-        self._empty = None
+        self._empty: torch.Tensor | None = None
         self._default_size_cond: dict[tuple[int, int], torch.Tensor] = {}
 
     def _empty_context(self) -> torch.Tensor:
@@ -289,11 +290,13 @@ def check_canvas_step(cfg: Config, vae_factor: int, unet_factor: int) -> None:
 
 class AutoencoderStage(Stage):
     prefix = "vae."
+    module: AutoencoderObjective
 
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, fresh: bool = True) -> None:
         super().__init__(cfg, device, dtype)
         vae = load_vae(cfg.model) if cfg.model.vae else build_vae(cfg.model.vae_preset, cfg.data.resolution)
-        size = cfg.data.resolution // vae_downsample_factor(vae.config)
+        self.vae_factor = vae_downsample_factor(vae.config)
+        size = cfg.data.resolution // self.vae_factor
         self.latent_shape = (int(vae.config.latent_channels), size, size)
         self.module = AutoencoderObjective(vae, cfg.autoencoder)
         self.trained = vae
@@ -301,7 +304,9 @@ class AutoencoderStage(Stage):
 
     def loss(self, engine: Engine, batch: dict[str, Any], ids: Sequence[int], step: int) -> tuple[torch.Tensor, dict]:
         pixels = normalize_pixels(batch["pixels"].to(self.device, non_blocking=True))
-        post = noise.randn(self.cfg.train.seed, ids, self.latent_shape, noise.Stream.POSTERIOR, self.device)
+        # the posterior's shape is the batch's own (with aspect buckets, its bucket's)
+        shape = (self.latent_shape[0], *(s // self.vae_factor for s in pixels.shape[-2:]))
+        post = noise.randn(self.cfg.train.seed, ids, shape, noise.Stream.POSTERIOR, self.device)
         return engine(pixels, post)
 
     def finish(self, engine: Engine, ema: EMA | None, monitor: Monitor, out: Path, step: int,

@@ -6,6 +6,7 @@ printed per source and log.jsonl carries the per-source share, samples and passe
 from __future__ import annotations
 
 import json
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -17,10 +18,15 @@ from ldmscale.config import load_config
 from ldmscale.data import ResumableLoader
 from ldmscale.data.shard_writer import ShardSample, write_laion_shards
 from tests.conftest import REPO, tiny_overrides
-from tests.integration.test_resume_multiproc import _start
-from tests.runs import finish, kill_after_step, sample_keys, step_rows
+from tests.runs import finish, kill_after_step, sample_keys, start_training, step_rows
 
 TINY = REPO / "configs/tiny.yaml"
+
+
+def _launch(assets: Path, out: Path, nproc: int, extra: dict[str, object]) -> subprocess.Popen:
+    """The trainer on `nproc` ranks (torchrun), logging every rank's sample keys, without sample grids."""
+    return start_training(assets, out, "torchrun", nproc, **{"train.log_sample_keys": "true", "train.sample_every": 0,
+                                                             **extra})
 
 
 def _small_set(root: Path) -> Path:
@@ -54,13 +60,13 @@ def test_a_mixture_resumes_exactly_after_kill_9_and_elastically_on_fewer_ranks(a
                                 "train.ckpt_every": 4, "train.max_steps": 12, "train.log_every": 4,
                                 "train.keep_last": 3}
     killed = tmp_path / "killed"
-    kill_after_step(_start(assets, killed, 2, extra), killed, 6)  # SIGKILL after step 6: step 4 was saved
+    kill_after_step(_launch(assets, killed, 2, extra), killed, 6)  # SIGKILL after step 6: step 4 was saved
     text = (tmp_path / "killed.log").read_text()
     assert "data: a mixture of 2 sources, epoch = 128 samples drawn by weight" in text
     assert "data:   small: 2 shards, 16 samples in the shards" in text and "passes an epoch" in text
 
     # the same world: every rank's keys, step by step, are those of the run that was never killed
-    text = finish(_start(assets, killed, 2, {**extra, "train.max_steps": 8}), killed)
+    text = finish(_launch(assets, killed, 2, {**extra, "train.max_steps": 8}), killed)
     assert "rank 1 data resume:" in text and "rank 0 data resume:" in text
     reference = _uninterrupted(assets, extra, 2)
     for rank in range(2):
@@ -68,7 +74,7 @@ def test_a_mixture_resumes_exactly_after_kill_9_and_elastically_on_fewer_ranks(a
         assert {s: got[s] for s in range(1, 9)} == {s: reference[rank][s] for s in range(1, 9)}, rank
 
     # 1 rank, micro-batch 8, to the epoch's end (16 steps of 8): the epoch's draws once each
-    text = finish(_start(assets, killed, 1, {**extra, "train.max_steps": 16, "train.micro_batch_size": 8}), killed)
+    text = finish(_launch(assets, killed, 1, {**extra, "train.max_steps": 16, "train.micro_batch_size": 8}), killed)
     assert "epoch 0 continues with 64 samples left" in text, text[-3000:]
     seen: Counter[str] = Counter()
     for rank in range(2):

@@ -19,7 +19,8 @@ ldmscale's S3 opener (so only what happens after the bytes arrive differs):
 
 --buckets instead compares two decodes of the same local photo shards, side by side in this process: today's square
 crop (ldmscale.data.decode_image) against the cover-crop into aspect buckets (decode_sample_to_bucket, data.buckets:
-nearest bucket from the json's original size, resize to cover, centre or random crop) at the same resolution. The
+nearest bucket from the json's original size, resize to cover, centre or random crop) at the same resolution; then
+the whole loader (ResumableLoader, no workers) over one epoch with square batches against per-bucket batches. The
 budget: bucketing may cost at most 10% of samples/s. No S3 server is needed for it.
 
     python tools/bench/loader_bench.py --buckets [--resolution 256] [--bucket-step 32] [--repeats 7]
@@ -324,6 +325,38 @@ def bucket_table(tars: list[Path], resolution: int, step: int, max_aspect: float
             "bucket_use": {f"{w}x{h}": n for (h, w), n in sorted(used.items())}}
 
 
+def bucket_loader_table(tars: list[Path], resolution: int, step: int, max_aspect: float, batch: int,
+                        repeats: int, seed: int) -> dict[str, Any]:
+    """CPU ms per sample of the whole loader (ldmscale.data.ResumableLoader in this process, no workers: reading,
+    filters, per-bucket queues, decode, collation) over one epoch of the shards, square crops against aspect-bucket
+    batches (random crops both), alternating ABBA over `repeats` rounds after a warm-up; medians and the ratio."""
+    from ldmscale.config import BucketConfig
+    from ldmscale.data.shard_writer import iter_tar_samples
+
+    urls = [str(t) for t in tars]
+    n = sum(1 for t in tars for _ in iter_tar_samples(t))
+
+    def epoch(bucketed: bool) -> float:
+        dc = DataConfig(shards=urls, resolution=resolution, num_workers=0, shuffle_buffer=64, center_crop=False,
+                        buckets=BucketConfig(enabled=bucketed, step=step, max_aspect=max_aspect))
+        loader = ResumableLoader(dc, None, seed=seed, rank=0, world=1, micro_batch=batch, samples_per_epoch=n,
+                                 urls=urls)
+        t0 = time.process_time()
+        for _ in range(loader.batches_per_epoch):
+            next(loader)
+        return (time.process_time() - t0) * 1000 / (loader.batches_per_epoch * batch)
+
+    times: dict[str, list[float]] = {"square": [], "buckets": []}
+    for r in range(repeats + 1):
+        for name in (list(times) if r % 2 == 0 else list(reversed(times))):
+            ms = epoch(name == "buckets")
+            if r > 0:
+                times[name].append(ms)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    return {"samples": n, "batch": batch, "ms_per_sample": ms, "rounds_ms": times,
+            "ratio": ms["square"] / ms["buckets"]}
+
+
 def run_buckets(a: argparse.Namespace) -> dict[str, Any]:
     tars = build_shards(a.work, a.images, a.per_shard, a.seed, (a.min_side, a.max_side))
     r = bucket_table(tars, a.resolution, a.bucket_step, a.max_aspect, a.images, a.repeats, a.seed)
@@ -333,6 +366,11 @@ def run_buckets(a: argparse.Namespace) -> dict[str, Any]:
         print(f"  {name:15s}: {ms:6.2f} CPU-ms per image   {1000 / ms:7.1f} samples/s per core")
     print(f"  buckets / square samples/s: centre crop {r['ratio_centre']:.3f}x, random crop {r['ratio_random']:.3f}x "
           f"(budget: >= 0.90x; median of {a.repeats} ABBA rounds)")
+    r["loader"] = lo = bucket_loader_table(tars, a.resolution, a.bucket_step, a.max_aspect, a.batch, a.repeats, a.seed)
+    print(f"whole loader, one epoch of {lo['samples']} samples, micro-batch {lo['batch']}, random crops, in process:")
+    for name, ms in lo["ms_per_sample"].items():
+        print(f"  {name:15s}: {ms:6.2f} CPU-ms per sample  {1000 / ms:7.1f} samples/s per core")
+    print(f"  per-bucket batches / square batches samples/s: {lo['ratio']:.3f}x (median of {a.repeats} ABBA rounds)")
     out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, **r,
            "cpus": os.cpu_count(), "run_id": uuid.uuid4().hex[:8]}
     if a.json:
