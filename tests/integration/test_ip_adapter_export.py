@@ -3,6 +3,7 @@ own `load_ip_adapter`: the same noise prediction for the same reference, and a p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,9 @@ def _vision_model(folder: Path) -> Path:
 
 
 def _style_checkpoint(assets: Path, run: Path, **style: object) -> Path:
-    """A step-2 checkpoint folder as the trainer leaves it (config.yaml, ema.safetensors, COMPLETE, latest), with
-    style weights drawn at random so that the style path is far from its zero initialisation."""
+    """A step-2 checkpoint folder as the trainer leaves it (config.yaml, trainer_state.json, ema.safetensors,
+    COMPLETE, latest), with style weights drawn at random so that the style path is far from its zero
+    initialisation."""
     cfg = load_config(REPO / "configs/tiny.yaml", tiny_overrides(assets, run, **{"style.enabled": "true", **style}))
     enc = FrozenEncoders.load(cfg.model, torch.device("cpu"), torch.float32)
     torch.manual_seed(1)
@@ -50,6 +52,7 @@ def _style_checkpoint(assets: Path, run: Path, **style: object) -> Path:
     tag = run / "checkpoints" / "step_00000001"
     tag.mkdir(parents=True)
     (tag / "config.yaml").write_text(dump_config(cfg))
+    (tag / "trainer_state.json").write_text(json.dumps({"step": 1}))
     save_file({k: v.contiguous() for k, v in state.items()}, str(tag / "ema.safetensors"))
     (tag / COMPLETE).write_text("")
     (run / "checkpoints" / "latest").write_text(tag.name)
