@@ -25,7 +25,7 @@ import gzip
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -333,10 +333,7 @@ def resplit(saved: dict[int, DataPosition], saved_world: int, *, world: int, wor
     costs only the reopened shards. Each saved rank's counters go to exactly one new rank, so the job's sums stay.
     """
     needed = saved_ranks_needed(rank, world, saved_world)
-    missing = [r for r in needed if r not in saved]
-    if missing:
-        raise PositionError(f"the data positions of saved rank(s) {missing[:5]} are needed to resume rank {rank}")
-    mine = [saved[r] for r in needed]
+    mine = _needed_positions(saved, needed, rank)
     first = _agreeing(mine, saved_world)
     for p in mine:
         if sum(role.samples for role in p.roles) != p.remaining:
@@ -396,6 +393,14 @@ def _agreeing(mine: list[DataPosition], saved_world: int) -> DataPosition:
     return first
 
 
+def _needed_positions(saved: dict[int, DataPosition], needed: Sequence[int], rank: int) -> list[DataPosition]:
+    """The saved positions a new rank's share comes from, in rank order; a missing one is a PositionError."""
+    missing = [r for r in needed if r not in saved]
+    if missing:
+        raise PositionError(f"the data positions of saved rank(s) {missing[:5]} are needed to resume rank {rank}")
+    return [saved[r] for r in needed]
+
+
 def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: int, workers: int, rank: int,
                     micro_batch: int, global_batch: int, count_slots: SlotCounter) -> DataPosition:
     """resplit() for aspect-bucket batching (bucket_fill.py), from the same O(1) saved ranks' positions.
@@ -409,10 +414,7 @@ def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: 
     new ranks start fresh. Each sample left is thus given once; the samples a saved role had read ahead *and given*
     (at most its last batches' worth, only near an epoch's end) come again in the next epoch."""
     needed = saved_ranks_needed(rank, world, saved_world)
-    missing = [r for r in needed if r not in saved]
-    if missing:
-        raise PositionError(f"the data positions of saved rank(s) {missing[:5]} are needed to resume rank {rank}")
-    mine = [saved[r] for r in needed]
+    mine = _needed_positions(saved, needed, rank)
     first = _agreeing(mine, saved_world)
     left = saved_world * first.remaining
     check_whole_steps(left, first.epoch, first.global_batch, global_batch, world * micro_batch)
