@@ -14,9 +14,9 @@ Each object is kept as what it is (ema and data may be None):
           another world, worker count or micro-batch) and load_state_dict({saved rank: position}, saved_world)
           takes them
   posthoc_ema  the post-hoc EMA profiles (train.posthoc_ema): state_dict() collective, full on rank 0 ->
-          posthoc_ema.safetensors; load_state_dict(dict) on every rank
-Reads at resume are O(1) files per rank: the rank files it needs, its slices of the EMA; rank 0 reads the summary
-(trainer_state.json) and broadcasts it.
+          posthoc_ema.safetensors; load_state_dict(TensorSlices): each rank reads only its share of every profile
+Reads at resume are O(1) files per rank: the rank files it needs, its slices of the EMA and post-hoc profiles;
+rank 0 reads the summary (trainer_state.json) and broadcasts it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from safetensors.torch import load_file
 
 from ldmscale.checkpoint.slices import TensorSlices
 from ldmscale.checkpoint.store import (
@@ -89,7 +87,8 @@ class Checkpointer:
             with TensorSlices(f) as slices:
                 self.ema.load_state_dict(slices)  # every rank reads its own share
         if self.posthoc_ema is not None:  # its presence was checked before the process group (check_resumable)
-            self.posthoc_ema.load_state_dict(load_file(str(tag_dir / self.posthoc_ema.STATE_FILE)))
+            with TensorSlices(tag_dir / self.posthoc_ema.STATE_FILE) as slices:
+                self.posthoc_ema.load_state_dict(slices)  # every rank reads its own share of every profile
         note = self._restore_data(tag_dir, int(summary.get("world_size", self.world_size)))
         self.saved_step = self.train.step  # that step is on disk already
         return note

@@ -5,6 +5,7 @@ resumed run continues every profile bitwise."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from safetensors import safe_open
 from ldmscale.checkpoint.posthoc_ema import SNAPSHOT_DIR, beta, sigma_rel_to_exp, write_snapshot
 from ldmscale.checkpoint.store import CheckpointError
 from ldmscale.runtime import dist
-from ldmscale.trainer.ema import EMA
+from ldmscale.trainer.ema import EMA, SliceReader
 
 STATE_FILE = "posthoc_ema.safetensors"  # in each checkpoint folder
 
@@ -70,8 +71,25 @@ class PostHocEMA:
             out.update({f"{sigma_rel!r}/{k}": v for k, v in ema.state_dict().items()})
         return out
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Every rank takes its shares of every profile (keys as `state_dict` wrote them)."""
+    def load_state_dict(self, state: Mapping[str, torch.Tensor] | SliceReader) -> None:
+        """Every rank takes its shares of every profile (keys as `state_dict` wrote them), from a dict or from a
+        reader of the saved file (ldmscale.checkpoint.slices.TensorSlices), which reads only this rank's share."""
         for sigma_rel, ema in zip(self.sigma_rels, self.profiles):
             prefix = f"{sigma_rel!r}/"
-            ema.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            if isinstance(state, Mapping):
+                ema.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            else:
+                ema.load_state_dict(_Profile(state, prefix))
+
+
+class _Profile:
+    """One profile of a post-hoc EMA file, read as slices: the keys and reads of `reader` under `prefix`."""
+
+    def __init__(self, reader: SliceReader, prefix: str) -> None:
+        self.reader, self.prefix = reader, prefix
+
+    def keys(self) -> set[str]:
+        return {k[len(self.prefix):] for k in self.reader.keys() if k.startswith(self.prefix)}
+
+    def flat_slice(self, name: str, start: int, numel: int) -> torch.Tensor:
+        return self.reader.flat_slice(self.prefix + name, start, numel)

@@ -110,6 +110,23 @@ def test_profiles_resume_bitwise_from_their_state(tmp_path: Path) -> None:
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
+def test_profiles_resume_bitwise_from_slices_of_the_saved_file(tmp_path: Path) -> None:
+    """A resume reads each rank's share of every profile from posthoc_ema.safetensors as slices (TensorSlices), not
+    the whole file on every rank: the profiles then continue as from the full state."""
+    from ldmscale.checkpoint.slices import TensorSlices
+    from ldmscale.runtime.atomic import atomic_save_tensors
+
+    whole, _ = _train(tmp_path / "a", [0.05, 0.10], steps=60, snapshots=False)
+    first, p = _train(tmp_path / "b", [0.05, 0.10], steps=30, snapshots=False)
+    atomic_save_tensors(tmp_path / STATE_FILE, first.state_dict())
+    resumed = PostHocEMA([("unet.w", p)], [0.05, 0.10], EVERY, tmp_path / "b")
+    with TensorSlices(tmp_path / STATE_FILE) as slices:
+        resumed.load_state_dict(slices)
+    resumed, _ = _train(tmp_path / "b", [0.05, 0.10], steps=60, snapshots=False, resume=(resumed, p), first=31)
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
 def test_a_resume_without_the_same_profiles_is_refused(tmp_path: Path) -> None:
     tag = tmp_path / "step_00000010"
     tag.mkdir()
