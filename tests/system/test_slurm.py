@@ -295,9 +295,6 @@ def sbatch_rank_pid(job_id: str, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.xfail(strict=False, reason="on the local 2-node cluster the job resumes from step 10 inside the same "
-                   "allocation (restart=0, srun rc=0) instead of the script's requeue; the run ends correct, the "
-                   "requeue path is unconfirmed")
 def test_sbatch_requeues_a_failed_step_that_saved_progress(
     slurm_cluster: SlurmCluster, assets: Path, reference: dict[int, float], tmp_path: Path, jobs: list[str]
 ) -> None:
@@ -314,7 +311,10 @@ def test_sbatch_requeues_a_failed_step_that_saved_progress(
     text = slurm_text(job_out)
 
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text)
-    assert "before it stopped" in text and "requeueing job" in text and "PREEMPTED" not in text, text
+    assert "before it stopped" in text and "requeueing job" in text, text
+    # the trainer's own line, not a traceback that quotes the source comment naming it
+    assert not re.search(r"^PREEMPTED step=", text, re.M), text
+    assert "restart=0" in text and "restart=1" in text, text
     resumed = [e for e in events(out) if e.startswith("resumed from")]
     assert len(resumed) == 1 and re.search(r"step_000000(10|20) at step", resumed[0]), resumed
     after = steps_after_event(out, "resumed from")
