@@ -9,7 +9,8 @@
 #
 # The unit tier runs on LDMSCALE_UNIT_WORKERS (default 2) pytest-xdist workers, a test file each at a time, one
 # thread each: no test file shares state with another, so two cores halve its wall time (0: one process). The
-# other tiers run one test at a time: each of their tests starts several processes of its own.
+# other tiers run one test at a time: each of their tests starts several processes of its own. The system tier
+# runs beside the integration tier (below).
 #
 # When the system tier is to run, its two servers are installed and started in the background while the other
 # tiers run (the unit tier leaves a core idle; a clean machine spends ~30 s in apt-get), and stopped at the end.
@@ -48,16 +49,60 @@ if [[ " ${tiers[*]} " == *" system "* && $(id -u) == 0 ]]; then
   servers_pid=$!
 fi
 
-for tier in "${tiers[@]}"; do
-  if [[ $tier == system && -n $servers_pid ]]; then
-    # a failed start is reported by the fixtures, which try again and show the script's own error
-    wait "$servers_pid" || echo "starting the servers in the background failed (.cache/servers.log)"
-  fi
-  echo "== tests/$tier"
+run_tier() {  # run_tier TIER [pytest args]
+  local tier=$1; shift
   if [[ $tier == unit && ${LDMSCALE_UNIT_WORKERS:-2} != 0 ]]; then
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m pytest -ra -n "${LDMSCALE_UNIT_WORKERS:-2}" --dist loadfile \
       "tests/$tier" "$@"
   else
     python -m pytest -ra "tests/$tier" "$@"
+  fi
+}
+
+wait_for_servers() {
+  if [[ -n $servers_pid ]]; then
+    # a failed start is reported by the fixtures, which try again and show the script's own error
+    wait "$servers_pid" || echo "starting the servers in the background failed (.cache/servers.log)"
+    servers_pid=""
+  fi
+}
+
+# The system tier mostly waits (Slurm scheduling, job start-up, S3 round trips) while the integration tier leaves
+# part of the second core idle (its launches start, import and synchronise one after the other): when both are to
+# run they run side by side, the system tier's output kept in .cache/system-tier.log and printed after the
+# integration tier's. LDMSCALE_SERIAL_TIERS=1 runs them one after the other.
+overlap=0
+if [[ " ${tiers[*]} " == *" integration "* && " ${tiers[*]} " == *" system "* && ${LDMSCALE_SERIAL_TIERS:-0} != 1 ]]
+then overlap=1; fi
+
+system_pid="" system_log=.cache/system-tier.log
+for tier in "${tiers[@]}"; do
+  if [[ $tier == system ]]; then
+    if [[ -n $system_pid ]]; then
+      system_rc=0
+      wait "$system_pid" || system_rc=$?
+      echo "== tests/system (ran beside tests/integration)"
+      cat "$system_log"
+      exit "$system_rc"
+    fi
+    wait_for_servers
+  fi
+  if [[ $tier == integration && $overlap == 1 ]]; then
+    wait_for_servers
+    mkdir -p .cache
+    run_tier system "$@" >"$system_log" 2>&1 &
+    system_pid=$!
+    echo "== tests/system started beside tests/integration (output: $system_log)"
+  fi
+  echo "== tests/$tier"
+  rc=0
+  run_tier "$tier" "$@" || rc=$?
+  if ((rc)); then
+    if [[ -n $system_pid ]]; then
+      wait "$system_pid" || true
+      echo "== tests/system (ran beside tests/integration)"
+      cat "$system_log"
+    fi
+    exit "$rc"
   fi
 done
