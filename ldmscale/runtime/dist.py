@@ -73,10 +73,18 @@ def world_info_from_env() -> tuple[int, int, int]:
 def _skip_cpu_shm_op() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce on every rank at start-up (45-100 s on a
     fresh machine, and concurrent jobs sharing an extension cache rebuild it under each other). It only speeds
-    up CPU inference all-reduce; gloo's collectives are all CPU training needs, so mark the op unavailable."""
+    up CPU inference all-reduce; gloo's collectives are all CPU training needs, so mark the op unavailable.
+
+    `deepspeed.ops.__compatible_ops__` is computed on first access by probing every op builder (a C compile and link
+    of a libaio test program among them: six programs per rank). Its only reader at run time is DeepSpeed's
+    shared-memory all-reduce (deepspeed.comm.torch.build_shm_op, `.get(name, False)`), so when nothing has probed
+    yet the answer is given without the probe."""
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if "__compatible_ops__" in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
 def device_index(local_rank: int, visible: int) -> int:
