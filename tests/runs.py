@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,11 @@ def train_args(assets: Path, out: Path, resume: str = "auto", **overrides: objec
 
 
 def launch_command(launcher: str, port: int, args: list[str], nproc: int = 2) -> list[str]:
-    """`python -m ldmscale.train ARGS` on `nproc` ranks, started by torchrun or by the deepspeed launcher."""
+    """`python -m ldmscale.train ARGS` on `nproc` ranks, started by torchrun or by the deepspeed launcher; launcher
+    "python": one process without a launcher (the trainer picks its own free port), a Python start-up less."""
+    if launcher == "python":
+        assert nproc == 1, "launcher 'python' starts one rank"
+        return [sys.executable, "-m", "ldmscale.train", *args]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
                 "-m", "ldmscale.train", *args]
@@ -142,11 +147,11 @@ def sample_keys(out: Path, rank: int) -> dict[int, list[str]]:
     return {r["step"]: r["keys"] for r in map(json.loads, lines)}
 
 
-def sample_in_process(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    """ldmscale-sample's entry function in this process, one thread as the ranks run: (exit code, stderr). Saves the
-    child process's ~10 s of imports; `python -m ldmscale.inference.sample` itself runs in test_style_multiproc."""
-    from ldmscale.inference.sample import cli
-
+def cli_in_process(cli: Callable[[list[str]], None], argv: list[str], capsys: pytest.CaptureFixture
+                   ) -> tuple[int, str, str]:
+    """A console script's entry function (`cli(argv)`, which always ends in SystemExit) in this process, one thread
+    as the ranks run: (exit code, stdout, stderr). Saves a child process's ~10 s of imports; test_cli_inputs runs
+    every console script in a child process."""
     capsys.readouterr()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # OMP_NUM_THREADS=1 in the ranks and child processes: the same roundings
@@ -155,4 +160,14 @@ def sample_in_process(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[i
             cli(argv)
     finally:
         torch.set_num_threads(threads)
-    return int(exit_info.value.code or 0), capsys.readouterr().err
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out, captured.err
+
+
+def sample_in_process(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """ldmscale-sample's entry function in this process: (exit code, stderr). `python -m ldmscale.inference.sample`
+    itself runs in test_style_multiproc."""
+    from ldmscale.inference.sample import cli
+
+    code, _, err = cli_in_process(cli, argv, capsys)
+    return code, err

@@ -24,9 +24,11 @@ TINY = REPO / "configs/tiny.yaml"
 
 
 def _launch(assets: Path, out: Path, nproc: int, extra: dict[str, object]) -> subprocess.Popen:
-    """The trainer on `nproc` ranks (torchrun), logging every rank's sample keys, without sample grids."""
-    return start_training(assets, out, "torchrun", nproc, **{"train.log_sample_keys": "true", "train.sample_every": 0,
-                                                             **extra})
+    """The trainer on `nproc` ranks (torchrun; one rank: a plain process), logging every rank's sample keys, with
+    the one sample grid at the end."""
+    launcher = "torchrun" if nproc > 1 else "python"
+    return start_training(assets, out, launcher, nproc, **{"train.log_sample_keys": "true", "train.sample_every": 0,
+                                                           **extra})
 
 
 def _small_set(root: Path) -> Path:

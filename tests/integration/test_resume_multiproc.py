@@ -17,8 +17,8 @@ from tests.runs import TINY, finish, log_file, sample_keys, start_training, step
 
 
 def _start(assets: Path, out: Path, nproc: int, extra: dict[str, object]) -> subprocess.Popen:
-    """A torchrun run of `nproc` ranks, resumed from `out` if it holds a checkpoint."""
-    return start_training(assets, out, "torchrun", nproc, **{
+    """A torchrun run of `nproc` ranks (one rank: a plain process), resumed from `out` if it holds a checkpoint."""
+    return start_training(assets, out, "torchrun" if nproc > 1 else "python", nproc, **{
         "train.log_sample_keys": "true", "train.sample_every": 0, **extra})
 
 

@@ -22,7 +22,9 @@ import torch
 from ldmscale.checkpoint import CheckpointStore, universal_dir
 from ldmscale.checkpoint.elastic import is_converted, prepare_universal
 from ldmscale.checkpoint.integrity import read_manifest, save_id
+from ldmscale.checkpoint.universal_cli import cli as universal_cli
 from tests.conftest import REPO, train_env
+from tests.runs import cli_in_process
 
 DS = {"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}},
       "zero_optimization": {"stage": 2}}
@@ -110,7 +112,8 @@ def test_conversion_survives_signals_loads_is_made_once_and_is_pruned(engine: ob
     assert not tag_dir.exists() and not universal_dir(tag_dir).exists()  # pruned with its checkpoint
 
 
-def test_offline_conversion_is_tied_to_the_save_it_came_from(engine: object, tmp_path: Path) -> None:
+def test_offline_conversion_is_tied_to_the_save_it_came_from(engine: object, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
     """`ldmscale-universal RUN` converts the latest save. A rolled-back run re-saves that step: the conversion goes
     with the old save, and a stale copy put back by hand is not taken for a conversion of the new one."""
     run = tmp_path / "run"
@@ -132,6 +135,5 @@ def test_offline_conversion_is_tied_to_the_save_it_came_from(engine: object, tmp
     assert save_id(tag_dir) != first_id and not universal_dir(tag_dir).exists()
     os.rename(stale, universal_dir(tag_dir))  # as an older ldmscale, or a copy from elsewhere, would leave it
     assert not is_converted(tag_dir)  # so a resume converts the new save again
-    bad = subprocess.run([*cmd[:3], str(tmp_path / "nothing")], env=train_env(), capture_output=True, text=True,
-                         timeout=300, cwd=REPO)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no such checkpoint" in bad.stderr
+    code, _, err = cli_in_process(universal_cli, [str(tmp_path / "nothing")], capsys)  # the same entry function
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no such checkpoint" in err
