@@ -25,7 +25,7 @@ import pytest
 from ldmscale.checkpoint import latest_tag, read_trainer_state
 from ldmscale.launch import slurm_job_fields
 from tests.conftest import tiny_overrides
-from tests.slurm_fixtures import SlurmCluster
+from tests.slurm_fixtures import SlurmCluster, run_launch_cli
 
 pytestmark = pytest.mark.slurm
 
@@ -468,18 +468,12 @@ def test_launch_time_limit_signal_requeues_and_resumes(
     assert len(steps_logged) > preempted
 
 
-def run_launch_cli(cluster: SlurmCluster, args: list[str]) -> subprocess.CompletedProcess:
-    """`ldmscale-launch ARGS` to completion: for the cases that fail before or at submission."""
-    return subprocess.run([sys.executable, "-m", "ldmscale.launch", *args], cwd=REPO, env=cluster.env(),
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_launch_config_error_is_reported_before_submission(
     slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
     before = slurm_last_job_id()
-    proc = run_launch_cli(slurm_cluster, launch_args(assets, out, "train.bogus_key=1"))
+    proc = run_launch_cli(launch_args(assets, out, "train.bogus_key=1"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "nothing submitted: config error" in proc.stderr and "bogus_key" in proc.stderr, proc.stderr
     assert slurm_last_job_id() == before and not (out / "slurm").exists()
@@ -489,7 +483,7 @@ def test_launch_missing_partition_passes_slurms_message(
     slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = run_launch_cli(slurm_cluster, launch_args(assets, out, "--partition", "nosuch"))
+    proc = run_launch_cli(launch_args(assets, out, "--partition", "nosuch"))
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Slurm rejected the job" in proc.stderr and "invalid partition specified: nosuch" in proc.stderr, (
         proc.stderr
@@ -501,7 +495,7 @@ def test_launch_impossible_node_count_passes_slurms_message(
 ) -> None:
     out = tmp_path / "run"
     # a batch 3 ranks divide, so that the node count is the one thing wrong and Slurm is who says so
-    proc = run_launch_cli(slurm_cluster, [*launch_args(assets, out, **{"train.global_batch_size": 12}), "--nodes", "3"])
+    proc = run_launch_cli([*launch_args(assets, out, **{"train.global_batch_size": 12}), "--nodes", "3"])
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Node count specification invalid" in proc.stderr, proc.stderr
 

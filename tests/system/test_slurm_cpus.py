@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from ldmscale.launch import slurm_job_fields
 from tests.conftest import tiny_overrides
-from tests.slurm_fixtures import SlurmCluster
+from tests.slurm_fixtures import SlurmCluster, run_launch_cli
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
@@ -63,8 +62,7 @@ def test_launcher_passes_cpus_per_task_to_srun(slurm_cluster: SlurmCluster, asse
     out = tmp_path / "run"
     args = ["--config", "configs/tiny.yaml", *tiny_overrides(assets, out), "--nodes", "2", "--cpus-per-task", "2",
             "--no-wait"]
-    proc = subprocess.run([sys.executable, "-m", "ldmscale.launch", *args], cwd=REPO, env=slurm_cluster.env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_launch_cli(args)
     job_id = re.search(r"submitted job (\d+)", proc.stdout)
     assert proc.returncode == 0 and job_id, proc.stdout + proc.stderr
     subprocess.run(["scancel", job_id.group(1)], check=False, timeout=30)
