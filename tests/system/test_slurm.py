@@ -25,14 +25,18 @@ import pytest
 from ldmscale.checkpoint import latest_tag, read_trainer_state
 from ldmscale.launch import slurm_job_fields
 from tests.conftest import tiny_overrides
-from tests.slurm_fixtures import SlurmCluster
+from tests.slurm_fixtures import SlurmCluster, run_launch_cli
 
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
-MAX_STEPS = 60
-# Only the preemption save may make a checkpoint, so "resumed at the PREEMPTED step" proves that save worked.
+# A signal at step 10 stops the run one or two steps later (the ranks agree at the next step boundary); 40 steps
+# leave room for that, a periodic checkpoint after the resume and a kill two steps after it.
+MAX_STEPS = 40
+# Without periodic checkpoints only a preemption save makes one, so "resumed at the PREEMPTED step" proves that
+# save worked. Tests that also need periodic ones (a killed rank) check instead that no periodic save wrote it.
 NO_PERIODIC = {"train.max_steps": MAX_STEPS, "train.ckpt_every": 1000}
+CKPT_EVERY = 5
 JOB_TIMEOUT_S = 300  # one job incl. requeues; a tiny run needs ~20-60 s on 2 loaded cores
 
 
@@ -65,6 +69,40 @@ def steps_after_event(out_dir: Path, prefix: str) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows[start + 1 :] if "step" in r and "loss" in r]
 
 
+def runs_by_resume(out_dir: Path) -> list[list[tuple[int, float]]]:
+    """(step, loss) rows of rank 0's log.jsonl, one list per run: a new list at every "resumed from" event."""
+    runs: list[list[tuple[int, float]]] = [[]]
+    for line in (out_dir / "log.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("event", "").startswith("resumed from"):
+            runs.append([])
+        elif "step" in row and "loss" in row:
+            runs[-1].append((row["step"], row["loss"]))
+    return runs
+
+
+def resumed_steps(out_dir: Path) -> list[int]:
+    """The step of every "resumed from DIR at step N" event, in order."""
+    return [int(e.rsplit(" ", 1)[1]) for e in events(out_dir) if e.startswith("resumed from")]
+
+
+def assert_runs_resume_where_they_saved(
+    out_dir: Path, reference: dict[int, float], starts: list[int], context: str
+) -> None:
+    """Run k (k = 0, 1, ...) trained steps starts[k]+1, +2, ... consecutively, each with the uninterrupted run's
+    loss bitwise; the last run reached MAX_STEPS. Steps a killed run trained past its checkpoint appear twice."""
+    runs = runs_by_resume(out_dir)
+    assert [0, *resumed_steps(out_dir)] == starts and len(runs) == len(starts), (starts, runs, context)
+    for start, rows in zip(starts, runs):
+        steps = [s for s, _ in rows]
+        assert steps == list(range(start + 1, start + 1 + len(steps))) and steps, (
+            f"a run resumed at {start} logged {steps}\n{context}"
+        )
+    assert runs[-1][-1][0] == MAX_STEPS, context
+    bad = [(s, loss, reference[s]) for rows in runs for s, loss in rows if loss != reference[s]]
+    assert not bad, f"loss differs from the uninterrupted run at (step, got, want) {bad[:5]}\n{context}"
+
+
 def events(out_dir: Path) -> list[str]:
     path = out_dir / "log.jsonl"
     return [json.loads(line)["event"] for line in path.read_text().splitlines() if '"event"' in line]
@@ -84,17 +122,6 @@ def job_done(job_id: str) -> dict[str, str] | None:
 def final_checkpoint_step(out_dir: Path) -> int:
     root = out_dir / "checkpoints"
     return int(read_trainer_state(root / latest_tag(root))["step"])
-
-
-def assert_same_trajectory(out_dir: Path, reference: dict[int, float], context: str) -> None:
-    """Exactly the steps of an uninterrupted run, each once, in order, with bitwise-equal losses."""
-    rows = step_losses(out_dir)
-    steps = [s for s, _ in rows]
-    assert steps == list(range(1, MAX_STEPS + 1)), (
-        f"steps not 1..{MAX_STEPS} exactly once: {steps}\n{context}"
-    )
-    bad = [(s, loss, reference[s]) for s, loss in rows if loss != reference[s]]
-    assert not bad, f"loss differs from the uninterrupted run at (step, got, want) {bad[:5]}\n{context}"
 
 
 def sbatch_train(cluster: SlurmCluster, assets: Path, out_dir: Path, **extra: object) -> str:
@@ -250,29 +277,6 @@ def reference(
 # ------------------------------------------------------------------------------------------ sbatch
 
 
-def test_sbatch_usr1_saves_on_every_rank_requeues_and_resumes(
-    slurm_cluster: SlurmCluster, assets: Path, reference: dict[int, float], tmp_path: Path, jobs: list[str]
-) -> None:
-    out = tmp_path / "run"
-    job_id = sbatch_train(slurm_cluster, assets, out)
-    jobs.append(job_id)
-    job_out = out / f"job-{job_id}.out"
-    wait_until(lambda: last_step(out) >= 10, JOB_TIMEOUT_S, "step 10", poll_s=0.2)
-    # `--batch`: only the batch shell gets USR1 (as with --signal=B:USR1@grace); its trap forwards it.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
-    fields = wait_until(lambda: job_done(job_id), JOB_TIMEOUT_S, f"job {job_id} to end")
-    text = slurm_text(job_out)
-
-    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text)
-    assert text.count("=== ldmscale job") == 2, text  # one section per run of the job
-    preempted = int(re.search(r"^PREEMPTED step=(\d+)", text, re.M).group(1))
-    assert 10 <= preempted < MAX_STEPS, text
-    assert f"resumed from {out / 'checkpoints'}/step_{preempted:08d} at step {preempted}" in events(out), text
-    assert f"FINISHED step={MAX_STEPS}" in text, text
-    assert_same_trajectory(out, reference, text)
-    assert final_checkpoint_step(out) == MAX_STEPS
-
-
 def sbatch_rank_pid(job_id: str, rank: int) -> int | None:
     """The pid of the trainer process of `rank` in sbatch job `job_id` (not one of its forked loader workers)."""
 
@@ -295,67 +299,122 @@ def sbatch_rank_pid(job_id: str, rank: int) -> int | None:
     return None
 
 
-def test_sbatch_requeues_a_failed_step_that_saved_progress(
+def job_sections(text: str) -> list[str]:
+    """A sbatch job's output, one section per run of the job (each run's shell prints an `=== ldmscale job` line)."""
+    return text.split("=== ldmscale job")[1:]
+
+
+def kill_after_next_checkpoint(out: Path, pid_of_rank_1: Callable[[], int | None]) -> int:
+    """Once the run resumed after the preemption has saved its first periodic checkpoint and trained two steps
+    more, kill rank 1 with -9; returns the step the run resumed at."""
+    resumed_at = wait_until(lambda: (resumed_steps(out) or [None])[0], JOB_TIMEOUT_S, "the requeued run's resume")
+    next_ckpt = (resumed_at // CKPT_EVERY + 1) * CKPT_EVERY
+    wait_until(lambda: last_step(out) >= next_ckpt + 2, JOB_TIMEOUT_S, f"step {next_ckpt + 2}", poll_s=0.2)
+    os.kill(wait_until(pid_of_rank_1, 30, "rank 1's process"), signal.SIGKILL)
+    return resumed_at
+
+
+def assert_resumed_from_preemption_then_periodic(out: Path, preempted: int, context: str) -> int:
+    """The first resume is at the preemption's own checkpoint (no periodic save wrote that step), the second at a
+    periodic checkpoint the resumed run saved before its rank was killed; returns that step."""
+    ckpts = out / "checkpoints"
+    assert f"resumed from {ckpts}/step_{preempted:08d} at step {preempted}" in events(out), context
+    assert f"saved checkpoint step {preempted}" not in events(out), context  # the preemption's save, not a periodic
+    resumed = resumed_steps(out)
+    assert len(resumed) == 2, (resumed, context)
+    periodic = resumed[1]
+    assert periodic > preempted and periodic % CKPT_EVERY == 0, (resumed, context)
+    assert f"resumed from {ckpts}/step_{periodic:08d} at step {periodic}" in events(out), context
+    return periodic
+
+
+def test_sbatch_usr1_then_a_killed_rank_requeue_and_resume(
     slurm_cluster: SlurmCluster, assets: Path, reference: dict[int, float], tmp_path: Path, jobs: list[str]
 ) -> None:
-    """Rank 1 killed with -9 after the run saved step 10: srun fails and nothing says PREEMPTED, but the job saved
-    a checkpoint since it started, so the script requeues it (rank 0's status file, not a grep of the output) and
-    the requeued run resumes from that checkpoint to the end, with the uninterrupted run's losses."""
+    """One job, three runs of slurm/train.sbatch.
+
+    Run 0: USR1 to the batch shell only (`--batch`, as with --signal=B:USR1@grace): its trap forwards it, every
+    rank saves the same step, the script requeues. Run 1 resumes from that checkpoint; after its next periodic
+    checkpoint rank 1 is killed with -9: srun fails and nothing says PREEMPTED, but the run saved a checkpoint other
+    than the one it started from, so the script requeues again (rank 0's status file, not a grep of the output).
+    Run 2 resumes from the periodic checkpoint and finishes. Every step has the uninterrupted run's loss.
+    """
     out = tmp_path / "run"
-    job_id = sbatch_train(slurm_cluster, assets, out, **{"train.ckpt_every": 10})
+    job_id = sbatch_train(slurm_cluster, assets, out, **{"train.ckpt_every": CKPT_EVERY})
     jobs.append(job_id)
     job_out = out / f"job-{job_id}.out"
-    wait_until(lambda: last_step(out) >= 12, JOB_TIMEOUT_S, "step 12", poll_s=0.2)
-    os.kill(wait_until(lambda: sbatch_rank_pid(job_id, 1), 30, "rank 1's process"), signal.SIGKILL)
+    wait_until(lambda: last_step(out) >= 10, JOB_TIMEOUT_S, "step 10", poll_s=0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+    kill_after_next_checkpoint(out, lambda: sbatch_rank_pid(job_id, 1))
     fields = wait_until(lambda: job_done(job_id), JOB_TIMEOUT_S, f"job {job_id} to end")
     text = slurm_text(job_out)
 
-    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text)
-    assert "before it stopped" in text and "requeueing job" in text, text
-    # the trainer's own line, not a traceback that quotes the source comment naming it
-    assert not re.search(r"^PREEMPTED step=", text, re.M), text
-    assert "restart=0" in text and "restart=1" in text, text
-    resumed = [e for e in events(out) if e.startswith("resumed from")]
-    assert len(resumed) == 1 and re.search(r"step_000000(10|20) at step", resumed[0]), resumed
-    after = steps_after_event(out, "resumed from")
-    assert [s for s, _ in after] == list(range(after[0][0], MAX_STEPS + 1)) and after[0][0] in (11, 21), text
-    assert all(loss == reference[s] for s, loss in after), text
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "2", (fields, text)
+    preempt_run, killed_run, last_run = job_sections(text)  # one section per run of the job
+    assert all(f" {job_id} restart={k} " in run for k, run in enumerate(job_sections(text))), text
+    # run 0: the batch shell's USR1 reached every rank, which saved and reported it; the script requeued
+    preempted = int(re.search(r"^PREEMPTED step=(\d+)", preempt_run, re.M).group(1))
+    assert 10 <= preempted < MAX_STEPS, text
+    assert "got USR1" in preempt_run and f"preempted: requeueing job {job_id}" in preempt_run, text
+    # run 1: killed, not preempted (the trainer's own line, not a traceback that quotes the source comment naming
+    # it); requeued because it saved progress
+    assert not re.search(r"^PREEMPTED step=", killed_run, re.M), text
+    assert "before it stopped" in killed_run and f"requeueing job {job_id}" in killed_run, text
+    assert f"FINISHED step={MAX_STEPS}" in last_run, text
+    periodic = assert_resumed_from_preemption_then_periodic(out, preempted, text)
+    assert_runs_resume_where_they_saved(out, reference, [0, preempted, periodic], text)
     assert final_checkpoint_step(out) == MAX_STEPS
 
 
 # ------------------------------------------------------------------------------------------ ldmscale-launch
 
 
-def test_launch_usr2_preemption_every_rank_saves_then_requeue(
+def test_launch_usr2_requeue_then_killed_rank_resubmission(
     slurm_cluster: SlurmCluster, assets: Path, reference: dict[int, float], tmp_path: Path, jobs: list[str]
 ) -> None:
+    """One launcher, two jobs. USR2 to every task (what Slurm sends before a preemption or the time limit with
+    submitit's --signal=USR2@N): every rank saves the same step and rank 0 requeues the job (no new submission).
+    The requeued run resumes there; after its next periodic checkpoint rank 1 is killed with -9, the job fails,
+    and the launcher submits it again (--max-submissions 2): the new job resumes from that periodic checkpoint and
+    finishes. Every step has the uninterrupted run's loss."""
     out = tmp_path / "run"
-    launcher = Launcher(slurm_cluster, out, launch_args(assets, out, "--time", "10"))
+    launcher = Launcher(
+        slurm_cluster,
+        out,
+        launch_args(assets, out, "--time", "10", "--max-submissions", "2", **{"train.ckpt_every": CKPT_EVERY}),
+    )
     try:
-        job_id = launcher.first_job()
-        jobs.append(job_id)
+        first = launcher.first_job()
+        jobs.append(first)
         wait_until(lambda: last_step(out) >= 10, JOB_TIMEOUT_S, "step 10", poll_s=0.2)
-        # What Slurm does before a preemption / time limit with submitit's --signal=USR2@N: USR2 to all tasks.
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        subprocess.run(["scancel", "--signal=USR2", first], check=True, timeout=30)
+        kill_after_next_checkpoint(out, lambda: rank_pid(first, 1))
+        wait_until(lambda: len(launcher.job_ids()) >= 2, 120, "a second submission")
+        jobs.append(launcher.job_ids()[1])
         rc = launcher.wait(JOB_TIMEOUT_S)
     finally:
         launcher.kill()
     text = launcher.text()
-    rank0 = slurm_text(out / "slurm" / job_id / f"{job_id}_0_log.out")
-    rank1 = slurm_text(out / "slurm" / job_id / f"{job_id}_1_log.out")
+    rank0 = slurm_text(out / "slurm" / first / f"{first}_0_log.out")
+    rank1 = slurm_text(out / "slurm" / first / f"{first}_1_log.out")
     assert rc == 0, text + rank0
-    assert f"job {job_id}: state=COMPLETED restarts=1" in text, text
+    # the preemption requeued the first job (restarts=1) instead of submitting a new one; the kill failed it
+    assert re.search(rf"job {first}: state=FAILED restarts=1 ", text), text
+    assert len(launcher.job_ids()) == 2, text
+    second = launcher.job_ids()[1]
+    assert re.search(rf"job {second}: state=COMPLETED restarts=0 ", text), text
     assert f"FINISHED step={MAX_STEPS}" in text, text
-    assert launcher.job_ids() == [job_id], text
     # rank 1 took the signal through the trainer's flag, not submitit's rank-0-only handler ...
     assert "Not checkpointing nor requeuing" not in rank1, rank1
-    # ... and rank 0 requeued only after the collective save.
+    # ... and rank 0 started submitit's requeue (checkpoint(), then `scontrol requeue`) only after the collective
+    # save. Not submitit's "Requeued job" line: the requeue cancels the step, which may kill that scontrol before
+    # it returns, and then nothing prints it (the job is requeued all the same: restarts=1 above).
     preempted = int(re.search(r"^PREEMPTED step=(\d+)", rank0, re.M).group(1))
-    assert rank0.index(f"PREEMPTED step={preempted}") < rank0.index(f"Requeued job {job_id}"), rank0
-    assert f"resumed from {out / 'checkpoints'}/step_{preempted:08d} at step {preempted}" in events(out), (
-        rank0
-    )
-    assert_same_trajectory(out, reference, rank0)
+    assert 10 <= preempted < MAX_STEPS, rank0
+    assert rank0.index(f"PREEMPTED step={preempted}") < rank0.index("Calling checkpoint method"), rank0
+    assert len(re.findall(r"^PREEMPTED step=", rank0, re.M)) == 1, rank0  # the killed run did not say it
+    periodic = assert_resumed_from_preemption_then_periodic(out, preempted, rank0)
+    assert_runs_resume_where_they_saved(out, reference, [0, preempted, periodic], text + rank0)
     assert final_checkpoint_step(out) == MAX_STEPS
 
 
@@ -409,52 +468,12 @@ def test_launch_time_limit_signal_requeues_and_resumes(
     assert len(steps_logged) > preempted
 
 
-def test_launch_killed_rank_fails_job_and_resubmission_resumes(
-    slurm_cluster: SlurmCluster, assets: Path, reference: dict[int, float], tmp_path: Path, jobs: list[str]
-) -> None:
-    out = tmp_path / "run"
-    launcher = Launcher(
-        slurm_cluster,
-        out,
-        launch_args(assets, out, "--time", "10", "--max-submissions", "2", **{"train.ckpt_every": 10}),
-    )
-    try:
-        first = launcher.first_job()
-        jobs.append(first)
-        wait_until(lambda: last_step(out) >= 25, JOB_TIMEOUT_S, "step 25", poll_s=0.2)
-        pid = wait_until(lambda: rank_pid(first, 1), 30, "rank 1's pid")
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: len(launcher.job_ids()) >= 2, 120, "a second submission")
-        jobs.append(launcher.job_ids()[1])
-        rc = launcher.wait(JOB_TIMEOUT_S)
-    finally:
-        launcher.kill()
-    text = launcher.text()
-    assert rc == 0, text
-    assert re.search(rf"job {first}: state=FAILED", text), text
-    assert f"FINISHED step={MAX_STEPS}" in text, text
-    resumed = [e for e in events(out) if e.startswith("resumed from")]
-    assert len(resumed) == 1, events(out)
-    at = int(resumed[0].rsplit(" ", 1)[1])
-    assert at >= 20 and at % 10 == 0, resumed  # the last complete periodic checkpoint before the kill
-    after = steps_after_event(out, "resumed from")
-    assert [s for s, _ in after] == list(range(at + 1, MAX_STEPS + 1)), after
-    assert all(loss == reference[s] for s, loss in after), [(s, loss, reference[s]) for s, loss in after][:5]
-    assert final_checkpoint_step(out) == MAX_STEPS
-
-
-def run_launch_cli(cluster: SlurmCluster, args: list[str]) -> subprocess.CompletedProcess:
-    """`ldmscale-launch ARGS` to completion: for the cases that fail before or at submission."""
-    return subprocess.run([sys.executable, "-m", "ldmscale.launch", *args], cwd=REPO, env=cluster.env(),
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_launch_config_error_is_reported_before_submission(
     slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
     before = slurm_last_job_id()
-    proc = run_launch_cli(slurm_cluster, launch_args(assets, out, "train.bogus_key=1"))
+    proc = run_launch_cli(launch_args(assets, out, "train.bogus_key=1"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "nothing submitted: config error" in proc.stderr and "bogus_key" in proc.stderr, proc.stderr
     assert slurm_last_job_id() == before and not (out / "slurm").exists()
@@ -464,7 +483,7 @@ def test_launch_missing_partition_passes_slurms_message(
     slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = run_launch_cli(slurm_cluster, launch_args(assets, out, "--partition", "nosuch"))
+    proc = run_launch_cli(launch_args(assets, out, "--partition", "nosuch"))
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Slurm rejected the job" in proc.stderr and "invalid partition specified: nosuch" in proc.stderr, (
         proc.stderr
@@ -476,7 +495,7 @@ def test_launch_impossible_node_count_passes_slurms_message(
 ) -> None:
     out = tmp_path / "run"
     # a batch 3 ranks divide, so that the node count is the one thing wrong and Slurm is who says so
-    proc = run_launch_cli(slurm_cluster, [*launch_args(assets, out, **{"train.global_batch_size": 12}), "--nodes", "3"])
+    proc = run_launch_cli([*launch_args(assets, out, **{"train.global_batch_size": 12}), "--nodes", "3"])
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Node count specification invalid" in proc.stderr, proc.stderr
 

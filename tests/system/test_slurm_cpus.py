@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from ldmscale.launch import slurm_job_fields
 from tests.conftest import tiny_overrides
-from tests.slurm_fixtures import SlurmCluster
+from tests.slurm_fixtures import SlurmCluster, run_launch_cli
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
@@ -27,15 +28,29 @@ echo FINISHED step=0
 """
 
 
+def job_end(job_id: str, timeout_s: float) -> dict[str, str]:
+    """The job's fields once it is over, polled every 0.2 s (`sbatch --wait` polls after 2, 10, 42 s...)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fields = slurm_job_fields(job_id)
+        if fields.get("JobState", "GONE") not in {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED"}:
+            return fields
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} still running after {timeout_s} s")
+
+
 def test_sbatch_script_passes_cpus_per_task_to_srun(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     probe, report = tmp_path / "probe.sh", tmp_path / "report.txt"
     probe.write_text(PROBE)
     probe.chmod(0o755)
     env = slurm_cluster.env(CONFIG="configs/tiny.yaml", NODES="2", GPUS_PER_NODE="0", CPUS_PER_TASK="2",
                             PYTHON=str(probe), PROBE_OUT=str(report), LDMSCALE_ROOT=str(REPO))
-    proc = subprocess.run(["bash", "slurm/train.sbatch", "--wait", f"--output={tmp_path}/job-%j.out"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run(["bash", "slurm/train.sbatch", f"--output={tmp_path}/job-%j.out"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    job_id = re.search(r"Submitted batch job (\d+)", proc.stdout)
+    assert proc.returncode == 0 and job_id, proc.stdout + proc.stderr
+    fields = job_end(job_id.group(1), timeout_s=300)
+    assert fields.get("JobState") == "COMPLETED", (fields, (tmp_path / f"job-{job_id.group(1)}.out").read_text())
     lines = report.read_text().splitlines()
     tasks = sorted(ln for ln in lines if ln.startswith("rank="))
     assert tasks == ["rank=0 cpus_per_task=2 TRES=cpu=4", "rank=1 cpus_per_task=2 TRES=cpu=4"], lines
@@ -47,8 +62,7 @@ def test_launcher_passes_cpus_per_task_to_srun(slurm_cluster: SlurmCluster, asse
     out = tmp_path / "run"
     args = ["--config", "configs/tiny.yaml", *tiny_overrides(assets, out), "--nodes", "2", "--cpus-per-task", "2",
             "--no-wait"]
-    proc = subprocess.run([sys.executable, "-m", "ldmscale.launch", *args], cwd=REPO, env=slurm_cluster.env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_launch_cli(args)
     job_id = re.search(r"submitted job (\d+)", proc.stdout)
     assert proc.returncode == 0 and job_id, proc.stdout + proc.stderr
     subprocess.run(["scancel", job_id.group(1)], check=False, timeout=30)
