@@ -14,6 +14,8 @@ from webdataset.tariterators import tarfile_samples
 from ldmscale.data import decode_image, to_tensor
 from tests.conftest import REPO, train_env
 
+STEPS = 30
+
 
 def _heldout_pixels(assets: Path, n: int = 16) -> torch.Tensor:
     tar = sorted((assets / "digits/heldout").glob("*.tar"))[0]
@@ -28,13 +30,15 @@ def _recon_mse(vae: AutoencoderKL, x: torch.Tensor) -> float:
 
 def test_autoencoder_stage_round_trips_images(assets: Path, tmp_path: Path) -> None:
     out = tmp_path / "ae"
-    # 40 steps: the held-out error is ~0.04x the untrained network's there (the bound below is 0.25x)
+    # 30 steps: the held-out error is ~0.06x the untrained network's there (0.04x after 40, 0.14x after 20; the
+    # bound below is 0.25x). The scaling factor from 64 images: the check below needs unit variance within 40 %.
     cmd = [sys.executable, "-m", "ldmscale.train", "--config", str(REPO / "configs/demo-autoencoder.yaml"),
-           f"train.out_dir={out}", f"data.shards=[{assets / 'digits/train'}]", "train.max_steps=40",
-           "train.ckpt_every=20", "optim.warmup_steps=10", "train.micro_batch_size=16", "train.global_batch_size=16"]
+           f"train.out_dir={out}", f"data.shards=[{assets / 'digits/train'}]", f"train.max_steps={STEPS}",
+           "train.ckpt_every=1000", "optim.warmup_steps=5", "train.micro_batch_size=16", "train.global_batch_size=16",
+           "autoencoder.scaling_samples=64"]
     r = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "FINISHED step=40" in r.stdout
+    assert f"FINISHED step={STEPS}" in r.stdout
     trained = AutoencoderKL.from_pretrained(out / "vae").eval()
     untrained = AutoencoderKL.from_pretrained(assets / "models/vae").eval()
     x = _heldout_pixels(assets)
