@@ -7,6 +7,7 @@ The folder is the tier: tests/unit/ (in-process: no child process, server or sec
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 from collections.abc import Iterator
@@ -63,13 +64,27 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """digits/train, digits/heldout (LAION layout) and models/{vae,text_encoder,tokenizer} (random init), written
-    in-process as tools/make_digit_shards.py and tools/make_offline_models.py write them."""
-    from ldmscale.demo.digits import write_digit_shards
-    from ldmscale.models.offline import captions_from_shards, write_offline_models
+    in-process as tools/make_digit_shards.py and tools/make_offline_models.py write them. Read-only for the tests
+    (copy what a test changes).
 
-    root = tmp_path_factory.mktemp("assets")
-    written = write_digit_shards(root / "digits", samples_per_shard=200)
-    write_offline_models(list(captions_from_shards(written["train"])), root / "models")
+    Written once per test run: pytest-xdist's workers share the run's temporary folder (the parent of each worker's
+    own), and the first to take the lock writes the assets there while the others wait, instead of each spending
+    ~2 CPU s (and an sklearn import) writing the same files."""
+    from filelock import FileLock  # torch's own dependency
+
+    run_root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_root = run_root.parent
+    root, done = run_root / "assets", run_root / "assets.complete"
+    with FileLock(str(run_root / "assets.lock")):
+        if not done.exists():  # a worker that died half-way leaves no marker: write them again from scratch
+            from ldmscale.demo.digits import write_digit_shards
+            from ldmscale.models.offline import captions_from_shards, write_offline_models
+
+            shutil.rmtree(root, ignore_errors=True)
+            written = write_digit_shards(root / "digits", samples_per_shard=200)
+            write_offline_models(list(captions_from_shards(written["train"])), root / "models")
+            done.touch()
     return root
 
 
