@@ -3,6 +3,7 @@ its runs leave behind (log.jsonl, sample_keys/rank*.jsonl), and ldmscale-sample'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -171,3 +172,13 @@ def sample_in_process(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[i
 
     code, _, err = cli_in_process(cli, argv, capsys)
     return code, err
+
+
+def launch_in_process(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """`ldmscale-launch ARGV` through its entry function, from the repository root (configs/ paths resolve there),
+    for the cases that end at or before submission: (exit code, stdout, stderr). sbatch and slurmctld are the real
+    ones; only the interpreter start is saved."""
+    from ldmscale.launch import cli
+
+    with contextlib.chdir(REPO):
+        return cli_in_process(cli, argv, capsys)

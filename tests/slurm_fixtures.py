@@ -6,8 +6,6 @@ down at the end only if this session started it (a developer's already-running c
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import subprocess
@@ -38,21 +36,6 @@ class SlurmCluster:
             "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
             **extra,
         }
-
-
-def run_launch_cli(args: list[str]) -> subprocess.CompletedProcess:
-    """`ldmscale-launch ARGS` to completion, for the cases that fail before or at submission: its entry function in
-    this process (no interpreter start; sbatch and slurmctld are the real ones), from the repository root."""
-    from ldmscale.launch import cli as launch_cli  # here: every tier loads this plugin, few launch
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(REPO):
-        try:
-            launch_cli(args)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _skip_reason() -> str | None:

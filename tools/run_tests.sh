@@ -76,14 +76,20 @@ if [[ " ${tiers[*]} " == *" integration "* && " ${tiers[*]} " == *" system "* &&
 then overlap=1; fi
 
 system_pid="" system_log=.cache/system-tier.log
+finish_system() {  # wait for the system tier started beside the integration tier, print its output; its exit code
+  local rc=0
+  wait "$system_pid" || rc=$?
+  echo "== tests/system (ran beside tests/integration)"
+  cat "$system_log"
+  return "$rc"
+}
+
 for tier in "${tiers[@]}"; do
   if [[ $tier == system ]]; then
     if [[ -n $system_pid ]]; then
-      system_rc=0
-      wait "$system_pid" || system_rc=$?
-      echo "== tests/system (ran beside tests/integration)"
-      cat "$system_log"
-      exit "$system_rc"
+      rc=0
+      finish_system || rc=$?
+      exit "$rc"
     fi
     wait_for_servers
   fi
@@ -98,11 +104,7 @@ for tier in "${tiers[@]}"; do
   rc=0
   run_tier "$tier" "$@" || rc=$?
   if ((rc)); then
-    if [[ -n $system_pid ]]; then
-      wait "$system_pid" || true
-      echo "== tests/system (ran beside tests/integration)"
-      cat "$system_log"
-    fi
+    if [[ -n $system_pid ]]; then finish_system || true; fi
     exit "$rc"
   fi
 done

@@ -25,7 +25,8 @@ import pytest
 from ldmscale.checkpoint import latest_tag, read_trainer_state
 from ldmscale.launch import slurm_job_fields
 from tests.conftest import tiny_overrides
-from tests.slurm_fixtures import SlurmCluster, run_launch_cli
+from tests.runs import launch_in_process
+from tests.slurm_fixtures import SlurmCluster
 
 pytestmark = pytest.mark.slurm
 
@@ -469,35 +470,34 @@ def test_launch_time_limit_signal_requeues_and_resumes(
 
 
 def test_launch_config_error_is_reported_before_submission(
-    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "run"
     before = slurm_last_job_id()
-    proc = run_launch_cli(launch_args(assets, out, "train.bogus_key=1"))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "nothing submitted: config error" in proc.stderr and "bogus_key" in proc.stderr, proc.stderr
+    code, _, err = launch_in_process(launch_args(assets, out, "train.bogus_key=1"), capsys)
+    assert code == 2, err
+    assert "nothing submitted: config error" in err and "bogus_key" in err, err
     assert slurm_last_job_id() == before and not (out / "slurm").exists()
 
 
 def test_launch_missing_partition_passes_slurms_message(
-    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "run"
-    proc = run_launch_cli(launch_args(assets, out, "--partition", "nosuch"))
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "Slurm rejected the job" in proc.stderr and "invalid partition specified: nosuch" in proc.stderr, (
-        proc.stderr
-    )
+    code, _, err = launch_in_process(launch_args(assets, out, "--partition", "nosuch"), capsys)
+    assert code == 3, err
+    assert "Slurm rejected the job" in err and "invalid partition specified: nosuch" in err, err
 
 
 def test_launch_impossible_node_count_passes_slurms_message(
-    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path
+    slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "run"
     # a batch 3 ranks divide, so that the node count is the one thing wrong and Slurm is who says so
-    proc = run_launch_cli([*launch_args(assets, out, **{"train.global_batch_size": 12}), "--nodes", "3"])
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "Node count specification invalid" in proc.stderr, proc.stderr
+    args = [*launch_args(assets, out, **{"train.global_batch_size": 12}), "--nodes", "3"]
+    code, _, err = launch_in_process(args, capsys)
+    assert code == 3, err
+    assert "Node count specification invalid" in err, err
 
 
 def held_port(port: int) -> socket.socket:

@@ -12,7 +12,8 @@ import pytest
 
 from ldmscale.launch import slurm_job_fields
 from tests.conftest import tiny_overrides
-from tests.slurm_fixtures import SlurmCluster, run_launch_cli
+from tests.runs import launch_in_process
+from tests.slurm_fixtures import SlurmCluster
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
@@ -57,14 +58,15 @@ def test_sbatch_script_passes_cpus_per_task_to_srun(slurm_cluster: SlurmCluster,
     assert all("--cpus-per-task=2" in ln for ln in lines if ln.startswith("srun:")), lines
 
 
-def test_launcher_passes_cpus_per_task_to_srun(slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path) -> None:
+def test_launcher_passes_cpus_per_task_to_srun(slurm_cluster: SlurmCluster, assets: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
     """The submission submitit wrote (and Slurm accepted) runs srun with the job's CPUs per task."""
     out = tmp_path / "run"
     args = ["--config", "configs/tiny.yaml", *tiny_overrides(assets, out), "--nodes", "2", "--cpus-per-task", "2",
             "--no-wait"]
-    proc = run_launch_cli(args)
-    job_id = re.search(r"submitted job (\d+)", proc.stdout)
-    assert proc.returncode == 0 and job_id, proc.stdout + proc.stderr
+    code, out_text, err = launch_in_process(args, capsys)
+    job_id = re.search(r"submitted job (\d+)", out_text)
+    assert code == 0 and job_id, out_text + err
     subprocess.run(["scancel", job_id.group(1)], check=False, timeout=30)
     script = next((out / "slurm").glob("*/*_submission.sh")).read_text()
     assert "#SBATCH --cpus-per-task=2" in script
