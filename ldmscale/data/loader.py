@@ -18,10 +18,13 @@ from ldmscale.data.mixture import Deal, role_counts
 from ldmscale.data.position import (
     FORMAT,
     DataPosition,
+    NextEpoch,
     PositionError,
     RolePlan,
     Segment,
+    SlotCounter,
     check_whole_steps,
+    epoch_batches,
     fresh_roles,
     mixture_change,
     pack_urls,
@@ -89,7 +92,7 @@ class ResumableLoader:
                 log.warning(line)
         self.global_batch = gb = global_batch or micro_batch * world
         self.samples_per_epoch = samples_per_epoch
-        self.batches_per_epoch = max(1, samples_per_epoch // gb) * max(1, gb // (micro_batch * world))
+        self.batches_per_epoch = epoch_batches(samples_per_epoch, gb, micro_batch, world)
         self.failure_budgets = [failed_shard_budget(cfg.max_failed_shards, len(s.urls)) for s in self.sources]
         self.accounting = Accounting([s.name for s in self.sources], [s.samples for s in self.sources])
         self.position = position if position is not None else self._fresh(0, [0] * len(self.sources))
@@ -114,7 +117,7 @@ class ResumableLoader:
     def _epoch_iter(self) -> Iterator[dict[str, Any]]:
         bucketed: dict[str, Any] = {}
         if self.cfg.buckets.enabled:  # each role's batches left, and its slots of the next epoch to read ahead into
-            nxt = self._fresh(self.position.epoch + 1, self.position.drawn)
+            nxt = self._following()
             bucketed = {"role_left": self._role_left(), "next_roles": nxt.roles, "next_deal": nxt.deal}
         ds = EpochBatches(
             self.cfg, self.sources, self.tokenizer, seed=self.seed, epoch=self.position.epoch,
@@ -139,10 +142,20 @@ class ResumableLoader:
         starts where it stands in it (after the samples it read ahead)."""
         position = self._fresh(self.position.epoch + 1, self.position.drawn)
         if self.cfg.buckets.enabled:
-            for j, (old, new) in enumerate(zip(self.position.roles, position.roles)):
+            nxt = self._following()
+            position.deal = nxt.deal
+            for j, (old, new) in enumerate(zip(self.position.roles, nxt.roles)):
                 start = old.ahead if old.ahead is not None else new
                 position.roles[j] = RolePlan(start.segments, start.counts, old.pending)
         return position
+
+    def _following(self) -> NextEpoch:
+        """The next epoch's slots: the rank's fresh ones, or those an elastic resume carried over (NextEpoch)."""
+        if self.position.following is not None:
+            return self.position.following
+        fresh = self._fresh(self.position.epoch + 1, self.position.drawn)
+        assert fresh.deal is not None
+        return NextEpoch(fresh.roles, fresh.deal)
 
     def __iter__(self) -> ResumableLoader:
         return self
@@ -264,8 +277,10 @@ class ResumableLoader:
                 raise
             return self._new_epoch(int(epoch), "the saved data position was written by an older ldmscale")
         some = next(iter(saved.values()))
-        if not self.cfg.buckets.enabled and any(role.pending or role.ahead for p in saved.values() for role in p.roles):
-            why = "the saved data position batches by aspect bucket and holds samples waiting in their buckets' queues"
+        if not self.cfg.buckets.enabled and any(p.following or role.pending or role.ahead
+                                                for p in saved.values() for role in p.roles):
+            why = ("the saved data position batches by aspect bucket and holds samples waiting in their buckets' "
+                   "queues or read into the next epoch")
             if self.cfg.on_shard_list_change == "new_epoch":
                 return self._new_epoch(some.epoch, why)
             raise PositionError(f"{why}, data.buckets.enabled is false now: resume with data.buckets.enabled=true to "
@@ -289,10 +304,15 @@ class ResumableLoader:
             self.position.global_batch = self.global_batch
             note = ""
         else:
-            divide = resplit_buckets if self.cfg.buckets.enabled else resplit
-            self.position = divide(saved, saved_world, world=self.world, workers=self.workers, rank=self.rank,
-                                   micro_batch=self.micro_batch, global_batch=self.global_batch,
-                                   count_slots=self._slot_counter(some))
+            shape = {"world": self.world, "workers": self.workers, "rank": self.rank, "micro_batch": self.micro_batch,
+                     "global_batch": self.global_batch}
+            if self.cfg.buckets.enabled:
+                self.position = resplit_buckets(saved, saved_world, samples_per_epoch=self.samples_per_epoch,
+                                                slot_counter=self._slot_counter, **shape)
+            else:
+                assert some.deal is not None
+                self.position = resplit(saved, saved_world, count_slots=self._slot_counter(some.epoch, some.deal),
+                                        **shape)
             note = (f"resuming a {saved_world}-rank x {some.workers}-worker x micro-batch {some.micro_batch} data "
                     f"position on {self.world} ranks x {self.workers} workers x micro-batch {self.micro_batch}: "
                     f"epoch {self.position.epoch} continues with {self.position.epoch_samples * self.world} "
@@ -303,15 +323,14 @@ class ResumableLoader:
                        f"{cost['shards_reopened']} reopened, {cost['samples_replayed']} samples replayed, "
                        f"{cost['samples_skipped']} passed over undecoded")
 
-    def _slot_counter(self, saved: DataPosition) -> Any:
-        """How many of a saved segment's first n slots each source fills (the resplit's per-source skips)."""
+    def _slot_counter(self, epoch: int, deal: Deal) -> SlotCounter:
+        """How many of a saved segment's first n slots of `epoch`, dealt by `deal`, each source fills (the
+        resplit's per-source skips)."""
         if len(self.sources) == 1:
             return lambda seg, n: [n]
-        deal = saved.deal
-        assert deal is not None
 
         def count(seg: Segment, n: int) -> list[int]:
-            return role_counts(self.mixture, saved.epoch, deal, seg.src[0], seg.src[2], seg.start, n)
+            return role_counts(self.mixture, epoch, deal, seg.src[0], seg.src[2], seg.start, n)
 
         return count
 

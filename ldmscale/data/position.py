@@ -208,6 +208,29 @@ class RolePlan:
                    cls.from_dict(d["ahead"]) if d.get("ahead") is not None else None)
 
 
+@dataclass
+class NextEpoch:
+    """A rank's slots of the next epoch when they are not its fresh ones. After an elastic resume with aspect
+    buckets, the saved ranks' roles may have read ahead into their next-epoch slots (and given some of them): the
+    next epoch then goes on in the saved division (`deal`) from where each saved role stood in it, re-divided over
+    the new ranks like the epoch's rest, so no sample read ahead is given twice."""
+
+    roles: list[RolePlan]
+    deal: Deal
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"roles": [r.to_dict() for r in self.roles], "deal": self.deal.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NextEpoch:
+        return cls([RolePlan.from_dict(r) for r in d["roles"]], Deal.from_dict(d["deal"]))
+
+
+def epoch_batches(samples_per_epoch: int, global_batch: int, micro_batch: int, world: int) -> int:
+    """A rank's micro-batches per epoch: the epoch's whole steps, each global_batch / (micro_batch x world) of them."""
+    return max(1, samples_per_epoch // global_batch) * max(1, global_batch // (micro_batch * world))
+
+
 def role_batches(total: int, workers: int, role: int) -> int:
     """Batches role `role` gives when a rank gives `total` round-robin over `workers` roles."""
     return len(range(role, total, workers))
@@ -253,6 +276,7 @@ class DataPosition:
     roles: list[RolePlan] = field(default_factory=list)
     drawn: list[int] = field(default_factory=list)  # samples this rank gave from each source since the run began
     shard_urls: list[str] | None = None  # rank 0 only: each source's packed shard list (pack_urls)
+    following: NextEpoch | None = None  # the next epoch's slots, when not the rank's fresh ones (NextEpoch)
 
     @property
     def remaining(self) -> int:
@@ -271,6 +295,8 @@ class DataPosition:
              "roles": [r.to_dict() for r in self.roles]}
         if self.shard_urls is not None:
             d["shard_urls"] = self.shard_urls
+        if self.following is not None:
+            d["next_epoch"] = self.following.to_dict()
         return d
 
     @classmethod
@@ -293,7 +319,19 @@ class DataPosition:
             deal, drawn, urls = Deal.from_dict(d["deal"]), [int(x) for x in d["drawn"]], d.get("shard_urls")
         return cls(epoch=int(d["epoch"]), given=int(d["given"]), epoch_samples=int(d["epoch_samples"]),
                    micro_batch=micro, global_batch=global_batch, world=world, workers=workers, sources=sources,
-                   deal=deal, roles=[RolePlan.from_dict(r) for r in d["roles"]], drawn=drawn, shard_urls=urls)
+                   deal=deal, roles=[RolePlan.from_dict(r) for r in d["roles"]], drawn=drawn, shard_urls=urls,
+                   following=NextEpoch.from_dict(d["next_epoch"]) if d.get("next_epoch") else None)
+
+    def next_epoch_slots(self, rank: int, samples_per_epoch: int) -> NextEpoch:
+        """What this position (of rank `rank`) has not read of the next epoch: each role from where it stands in
+        it once it read ahead, else its slots of that epoch from the start; in the division they were dealt by."""
+        if self.following is not None:
+            roles, deal = self.following.roles, self.following.deal
+        else:
+            deal = Deal(self.world, self.workers, self.micro_batch, self.global_batch)
+            batches = epoch_batches(samples_per_epoch, self.global_batch, self.micro_batch, self.world)
+            roles = fresh_roles(rank, self.world, self.workers, batches, self.micro_batch, len(self.sources))
+        return NextEpoch([role.ahead if role.ahead is not None else b for role, b in zip(self.roles, roles)], deal)
 
 
 def saved_ranks_needed(rank: int, world: int, saved_world: int) -> range:
@@ -402,23 +440,26 @@ def _needed_positions(saved: dict[int, DataPosition], needed: Sequence[int], ran
 
 
 def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: int, workers: int, rank: int,
-                    micro_batch: int, global_batch: int, count_slots: SlotCounter) -> DataPosition:
+                    micro_batch: int, global_batch: int, samples_per_epoch: int,
+                    slot_counter: Callable[[int, Deal], SlotCounter]) -> DataPosition:
     """resplit() for aspect-bucket batching (bucket_fill.py), from the same O(1) saved ranks' positions.
 
     The rank gives the same number of batches as resplit(), and takes the same share of the saved ranks: each saved
     rank stands for `remaining` samples, of which this rank takes units a .. b; it takes the same fraction of that
-    saved rank's unread slots (in role, segment order) and of each bucket's waiting samples of this epoch or
-    earlier ones (in their saved order). Its slots are cut into contiguous runs, one per role, in proportion to the
-    role's batches, and its waiting samples are dealt bucket by bucket, round-robin over the roles that give
-    batches. Samples a saved role had read ahead into the next epoch and not given go back to that epoch, which the
-    new ranks start fresh. Each sample left is thus given once; the samples a saved role had read ahead *and given*
-    (at most its last batches' worth, only near an epoch's end) come again in the next epoch."""
+    saved rank's unread slots (in role, segment order) and of each bucket's waiting samples (in their saved order,
+    those a role read ahead from the next epoch included). Its slots are cut into contiguous runs, one per role, in
+    proportion to the role's batches, and its waiting samples are dealt bucket by bucket, round-robin over the
+    roles that give batches. Saved roles may have read ahead into their next-epoch slots (and given some): the
+    rank's next epoch takes the same fraction of each saved rank's unread next-epoch slots, in the saved division
+    (NextEpoch), instead of a fresh one. Each sample is thus given once, in this epoch and the next.
+    `slot_counter(epoch, deal)` counts a segment's slots per source for the epoch's deal."""
     needed = saved_ranks_needed(rank, world, saved_world)
     mine = _needed_positions(saved, needed, rank)
     first = _agreeing(mine, saved_world)
     left = saved_world * first.remaining
     check_whole_steps(left, first.epoch, first.global_batch, global_batch, world * micro_batch)
     per_rank, rem = left // world, first.remaining
+    count_slots = slot_counter(first.epoch, first.deal)  # type: ignore[arg-type]
     pieces: list[tuple[int, Segment]] = []  # this rank's slots, as cut from the saved ranks
     waiting: dict[str, list[Pending]] = {}  # this rank's waiting samples, by bucket
     for r, p in zip(needed, mine):
@@ -428,20 +469,13 @@ def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: 
             a, b, rem_r = max(rank * per_rank - r * rem, 0), min((rank + 1) * per_rank - r * rem, rem), rem
         if a >= b:
             continue
-        own: list[tuple[int, Segment]] = []
-        total = 0
-        for role in p.roles:
-            for seg in role.segments:
-                if seg.samples > 0:
-                    own.append((total, seg))
-                    total += seg.samples
-        for seg in _cut(own, a * total // rem_r, b * total // rem_r, count_slots):
+        total = sum(role.samples for role in p.roles)
+        for seg in _cut(_concatenated(p.roles), a * total // rem_r, b * total // rem_r, count_slots):
             pieces.append((sum(x.samples for _, x in pieces), seg))
         by_bucket: dict[str, list[Pending]] = {}
         for role in p.roles:
             for item in role.pending:
-                if item.epoch <= first.epoch:
-                    by_bucket.setdefault(item.bucket, []).append(item)
+                by_bucket.setdefault(item.bucket, []).append(item)
         for bucket, items in by_bucket.items():
             waiting.setdefault(bucket, []).extend(items[a * len(items) // rem_r : b * len(items) // rem_r])
     batches = [role_batches(per_rank // micro_batch, workers, j) for j in range(workers)]
@@ -450,18 +484,70 @@ def resplit_buckets(saved: dict[int, DataPosition], saved_world: int, *, world: 
     for items in waiting.values():
         for n, item in enumerate(items):
             dealt[givers[n % len(givers)]].append(item)
-    slots = sum(seg.samples for _, seg in pieces)
     n_sources = len(first.sources)
-    roles = []
-    for j in range(workers):
-        whole = max(1, sum(batches))
-        lo, hi = slots * sum(batches[:j]) // whole, slots * sum(batches[: j + 1]) // whole
-        cut = sorted(_cut(pieces, lo, hi, count_slots), key=lambda seg: seg.skip)
-        roles.append(RolePlan(cut, [{} for _ in range(n_sources)], dealt[j]))
+    roles = [RolePlan(cut, [{} for _ in range(n_sources)], dealt[j])
+             for j, cut in enumerate(_runs(pieces, batches, count_slots))]
     drawn = _take_counters(saved, needed, world, saved_world, rank, roles, n_sources)
+    following = _next_epoch_share(saved, needed, world, saved_world, rank, workers,
+                                  epoch_batches(samples_per_epoch, global_batch, micro_batch, world),
+                                  samples_per_epoch, lambda deal: slot_counter(first.epoch + 1, deal))
     return DataPosition(epoch=first.epoch, given=0, epoch_samples=per_rank, micro_batch=micro_batch,
                         global_batch=global_batch, world=world, workers=workers, sources=list(first.sources),
-                        deal=first.deal, roles=roles, drawn=drawn)
+                        deal=first.deal, roles=roles, drawn=drawn, following=following)
+
+
+def _concatenated(roles: list[RolePlan]) -> list[tuple[int, Segment]]:
+    """The roles' non-empty segments, in role, segment order, each with the offset of its first slot."""
+    out, total = [], 0
+    for role in roles:
+        for seg in role.segments:
+            if seg.samples > 0:
+                out.append((total, seg))
+                total += seg.samples
+    return out
+
+
+def _runs(pieces: list[tuple[int, Segment]], batches: list[int], count_slots: SlotCounter) -> list[list[Segment]]:
+    """The pieces' slots cut into contiguous runs, one per role, in proportion to the role's batches (those needing
+    no skip first, so a role's first batch costs only the reopened shards)."""
+    slots = sum(seg.samples for _, seg in pieces)
+    whole = max(1, sum(batches))
+    return [sorted(_cut(pieces, slots * sum(batches[:j]) // whole, slots * sum(batches[: j + 1]) // whole,
+                        count_slots), key=lambda seg: seg.skip)
+            for j in range(len(batches))]
+
+
+def _next_epoch_share(saved: dict[int, DataPosition], needed: range, world: int, saved_world: int, rank: int,
+                      workers: int, batches_per_epoch: int, samples_per_epoch: int,
+                      slot_counter: Callable[[Deal], SlotCounter]) -> NextEpoch:
+    """This rank's share of the saved ranks' unread next-epoch slots (DataPosition.next_epoch_slots): of saved rank
+    r, the fraction [rank x S/W - r, (rank + 1) x S/W - r] of its slots, so the new ranks' shares tile every saved
+    rank's exactly whatever it had left of the current epoch; cut into one run per role. Saved rank r's counters of
+    that epoch go with its other counters (_take_counters)."""
+    pieces: list[tuple[int, Segment]] = []
+    share: list[tuple[int, NextEpoch, int, int]] = []
+    for r in needed:
+        lo, hi = (min(max(k * saved_world - r * world, 0), world) for k in (rank, rank + 1))
+        if lo < hi:  # always so for the saved rank whose counters this rank takes
+            share.append((r, saved[r].next_epoch_slots(r, samples_per_epoch), lo, hi))
+    deal = share[0][1].deal
+    count_slots = slot_counter(deal)
+    for _, nxt, lo, hi in share:
+        own = _concatenated(nxt.roles)
+        total = sum(seg.samples for _, seg in own)
+        for seg in _cut(own, lo * total // world, hi * total // world, count_slots):
+            pieces.append((sum(x.samples for _, x in pieces), seg))
+    n_sources = len(saved[needed[0]].sources)
+    roles = [RolePlan(cut, [{} for _ in range(n_sources)])
+             for cut in _runs(pieces, [role_batches(batches_per_epoch, workers, j) for j in range(workers)],
+                              count_slots)]
+    for r, nxt, _, _ in share:
+        if r * world // saved_world == rank:
+            for role in nxt.roles:
+                for k, counts in enumerate(role.counts):
+                    for reason, v in counts.items():
+                        roles[0].counts[k][reason] = roles[0].counts[k].get(reason, 0) + v
+    return NextEpoch(roles, deal)
 
 
 def _cut(pieces: list[tuple[int, Segment]], lo: int, hi: int, count_slots: SlotCounter) -> list[Segment]:

@@ -317,3 +317,76 @@ def test_elastic_one_rank_to_two_reads_one_position_each(shards: Any) -> None:
     given += _through_epoch(ranks, 0)
     mine = [k for k, e in given if e == 0] + [k for loader in ranks for k in _pending(loader, 0)]
     assert Counter(mine) == Counter(canvas.keys())
+
+
+@pytest.mark.parametrize("saved_batches", [14, 15])  # inside rank 0's read-ahead; at the epoch's very end after it
+@pytest.mark.parametrize("world, workers, micro_batch", [(1, 2, 4), (2, 1, 2), (4, 1, 2), (2, 1, 4)])
+def test_an_elastic_resume_inside_a_read_ahead_gives_every_key_of_both_epochs_once(
+        shards: Any, saved_batches: int, world: int, workers: int, micro_batch: int) -> None:
+    """2 ranks stop after rank 0's role read into epoch 1 and gave some of it; other ranks, workers or micro-batch
+    finish epochs 0 and 1: the samples read ahead and given are not given again, each key once per epoch."""
+    urls, canvas = shards
+    ranks = [_loader(urls, rank=r, world=2) for r in range(2)]
+    given = []
+    for _ in range(saved_batches):
+        for loader in ranks:
+            given += _flat(_given(loader, 1))
+    assert any(e == 1 for _, e in given), "the save falls after a batch that read into epoch 1"
+    saved = {r: json.loads(json.dumps(loader.state_dict())) for r, loader in enumerate(ranks)}
+    resumed = [_loader(urls, rank=r, world=world, workers=workers, micro_batch=micro_batch) for r in range(world)]
+    for loader in resumed:  # each new rank reads only the saved positions it needs
+        loader.load_state_dict({r: saved[r] for r in loader.saved_ranks_needed(2)}, 2)
+    given += _through_epoch(resumed, 0)
+    for _ in range(resumed[0].batches_per_epoch):  # all of epoch 1 (a loader enters it with its next batch)
+        for loader in resumed:
+            given += _flat(_given(loader, 1))
+    assert {(loader.position.epoch, loader.position.remaining) for loader in resumed} == {(1, 0)}
+    for epoch in (0, 1):
+        waiting = [k for loader in resumed for k in _pending(loader, epoch)]
+        assert Counter([k for k, e in given if e == epoch] + waiting) == Counter(canvas.keys()), epoch
+
+
+def test_a_second_elastic_resume_keeps_the_carried_next_epoch(shards: Any) -> None:
+    """A two-source mixture: 2 ranks stop inside a role's read-ahead, 1 rank x 2 workers resumes and stops again
+    one step later, still in epoch 0 (its next epoch the saved division's), 2 ranks finish. A mixture draws its
+    sources by weight (a source's keys may come twice in an epoch), so each epoch must give what the uninterrupted
+    run gives: the same slots, each from its source's same stream."""
+    from ldmscale.config import SourceConfig
+
+    urls, _ = shards
+    dc = DataConfig(sources=[SourceConfig(name="a", shards=urls[:3], weight=0.6),
+                             SourceConfig(name="b", shards=urls[3:], weight=0.4)],
+                    resolution=32, num_workers=0, shuffle_buffer=4, center_crop=False,
+                    buckets=BucketConfig(enabled=True, step=8, max_aspect=2.0))
+
+    def loader(rank: int, world: int, workers: int) -> ResumableLoader:
+        dw = dc.__class__(**{**dc.__dict__, "num_workers": workers})
+        return ResumableLoader(dw, None, seed=5, rank=rank, world=world, micro_batch=4, samples_per_epoch=N,
+                               global_batch=8)
+
+    def resume(saved: list[ResumableLoader], world: int, workers: int) -> list[ResumableLoader]:
+        states = {r: json.loads(json.dumps(s.state_dict())) for r, s in enumerate(saved)}
+        out = [loader(r, world, workers) for r in range(world)]
+        for new in out:
+            new.load_state_dict({r: states[r] for r in new.saved_ranks_needed(len(saved))}, len(saved))
+        return out
+
+    def finish(ranks: list[ResumableLoader], given: list[tuple[str, int]]) -> list[Counter[str]]:
+        given = given + _through_epoch(ranks, 0)
+        for _ in range(ranks[0].batches_per_epoch):  # all of epoch 1 (a loader enters it with its next batch)
+            for rank in ranks:
+                given += _flat(_given(rank, 1))
+        return [Counter([k for k, e in given if e == epoch] + [k for rank in ranks for k in _pending(rank, epoch)])
+                for epoch in (0, 1)]
+
+    ranks = [loader(r, 2, 1) for r in range(2)]
+    given: list[tuple[str, int]] = []
+    while not any(e == 1 for _, e in given):  # until a role read into epoch 1 and gave some of it
+        for rank in ranks:
+            given += _flat(_given(rank, 1))
+    one = resume(ranks, 1, 2)
+    expected = finish(ranks, given)  # the uninterrupted run
+    assert one[0].position.following is not None
+    given += _flat(_given(one[0], 2))  # one step (2 micro-batches of 4 make the global batch of 8)
+    assert one[0].position.following is not None  # still in epoch 0 (its end at most): the carried next epoch
+    assert finish(resume(one, 2, 1), given) == expected
