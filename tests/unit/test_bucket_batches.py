@@ -319,8 +319,9 @@ def test_elastic_one_rank_to_two_reads_one_position_each(shards: Any) -> None:
     assert Counter(mine) == Counter(canvas.keys())
 
 
-@pytest.mark.parametrize("saved_batches", [14, 15])  # inside rank 0's read-ahead; at the epoch's very end after it
-@pytest.mark.parametrize("world, workers, micro_batch", [(1, 2, 4), (2, 1, 2), (4, 1, 2), (2, 1, 4)])
+# saved after 14 batches: inside rank 0's read-ahead; after 15: at the epoch's very end, after it
+@pytest.mark.parametrize("saved_batches, world, workers, micro_batch",
+                         [(14, 1, 2, 4), (15, 1, 2, 4), (14, 2, 1, 2), (15, 4, 1, 2)])
 def test_an_elastic_resume_inside_a_read_ahead_gives_every_key_of_both_epochs_once(
         shards: Any, saved_batches: int, world: int, workers: int, micro_batch: int) -> None:
     """2 ranks stop after rank 0's role read into epoch 1 and gave some of it; other ranks, workers or micro-batch
