@@ -108,3 +108,32 @@ def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
     found = [t for _, t in _imports(probe)]
     assert found == ["ldmscale.config", "ldmscale.trainer.loop"]
     assert [_layer(_top(t)) >= _layer("data") for t in found] == [False, True]
+
+
+def _edits_sys_path(tree: ast.AST) -> list[int]:
+    """Lines that change sys.path (sys.path.insert/append/extend, or assign to it)."""
+    lines = []
+    for node in ast.walk(tree):
+        target = node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+        if isinstance(node, ast.Assign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            target = next((t for t in targets if ast.unparse(t).startswith("sys.path")), None)
+        if target is not None and ast.unparse(target).startswith("sys.path"):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_tools_import_the_installed_package() -> None:
+    """Tools run as scripts import ldmscale as installed (and their own folder's modules, which Python puts on the
+    path for a script): no sys.path edit, hence no import that must wait for one (`noqa: E402`)."""
+    found = []
+    for path in sorted((REPO / "tools").rglob("*.py")):
+        text = path.read_text()
+        found += [f"{path.relative_to(REPO)}:{n}" for n in _edits_sys_path(ast.parse(text))]
+        found += [f"{path.relative_to(REPO)}: noqa E402" for _ in range(text.count("noqa: E402"))]
+    assert not found, found
+
+
+def test_the_sys_path_rule_catches_an_edit() -> None:
+    tree = ast.parse("import sys\nsys.path.insert(0, 'x')\nsys.path += ['y']\nsys.path.append('z')\nprint(sys.path)\n")
+    assert _edits_sys_path(tree) == [2, 3, 4]

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from ldmscale.models.networks import build_unet  # noqa: E402
+from ldmscale.models.networks import build_unet
 
 VARIANTS = ("nchw", "nhwc activations", "nhwc activations + weights")
 

@@ -20,16 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ldmscale.config import load_config
+from ldmscale.models import immiscible, noise
+from ldmscale.trainer.stages import build_stage
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy.optimize import linear_sum_assignment  # noqa: E402
-
-from ldmscale.config import load_config  # noqa: E402
-from ldmscale.models import immiscible, noise  # noqa: E402
-from ldmscale.trainer.stages import build_stage  # noqa: E402
 
 
 def models(work: Path) -> Path:

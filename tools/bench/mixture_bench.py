@@ -28,15 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from loader_bench import build_shards, measure
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from loader_bench import build_shards, measure  # noqa: E402
-
-from ldmscale.config import DataConfig, SourceConfig  # noqa: E402
-from ldmscale.data import ResumableLoader  # noqa: E402
-from ldmscale.data.mixture import Deal, Mixture, role_counts  # noqa: E402
+from ldmscale.config import DataConfig, SourceConfig
+from ldmscale.data import ResumableLoader
+from ldmscale.data.mixture import Deal, Mixture, role_counts
 
 
 def loader(urls: list[str], mixture: bool, a: argparse.Namespace) -> ResumableLoader:

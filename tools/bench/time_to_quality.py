@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools/bench"))
 
 # each recipe: configs/demo.yaml plus these overrides (docs/training-recipes.md says what each means)
 RECIPES: dict[str, list[str]] = {

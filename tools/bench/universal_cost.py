@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 STATES = 3  # fp32 master, exp_avg, exp_avg_sq (ZeRO-3 fragments; ZeRO-1/2 also write a `step` per fragment)
 
