@@ -404,6 +404,14 @@ def resplit(saved: dict[int, DataPosition], saved_world: int, *, world: int, wor
                         deal=first.deal, roles=roles, drawn=drawn)
 
 
+def _add_counts(into: RolePlan, roles: list[RolePlan]) -> None:
+    """Add the roles' drop counters (per source, by reason) to `into`'s."""
+    for role in roles:
+        for k, counts in enumerate(role.counts):
+            for reason, v in counts.items():
+                into.counts[k][reason] = into.counts[k].get(reason, 0) + v
+
+
 def _take_counters(saved: dict[int, DataPosition], needed: range, world: int, saved_world: int, rank: int,
                    roles: list[RolePlan], n_sources: int) -> list[int]:
     """Saved rank r's counters (drops into roles[0], draws returned) go to the new rank whose share starts in it,
@@ -412,10 +420,7 @@ def _take_counters(saved: dict[int, DataPosition], needed: range, world: int, sa
     for r in needed:
         if r * world // saved_world == rank:
             drawn = [a + b for a, b in zip(drawn, saved[r].drawn)]
-            for role in saved[r].roles:
-                for k, counts in enumerate(role.counts):
-                    for reason, v in counts.items():
-                        roles[0].counts[k][reason] = roles[0].counts[k].get(reason, 0) + v
+            _add_counts(roles[0], saved[r].roles)
     return drawn
 
 
@@ -543,10 +548,7 @@ def _next_epoch_share(saved: dict[int, DataPosition], needed: range, world: int,
                               count_slots)]
     for r, nxt, _, _ in share:
         if r * world // saved_world == rank:
-            for role in nxt.roles:
-                for k, counts in enumerate(role.counts):
-                    for reason, v in counts.items():
-                        roles[0].counts[k][reason] = roles[0].counts[k].get(reason, 0) + v
+            _add_counts(roles[0], nxt.roles)
     return NextEpoch(roles, deal)
 
 
