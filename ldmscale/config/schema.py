@@ -221,7 +221,8 @@ class ModelConfig:
     logit_mean: float = 0.0  # logit_normal: the centre (> 0 favours noisier timesteps)
     logit_std: float = 1.0  # logit_normal: the spread (large values approach two peaks at the ends)
     # immiscible diffusion (Li et al. 2024): within each micro-batch the drawn noises are assigned to the latents by
-    # a minimum-total-distance linear assignment (scipy's linear_sum_assignment on the host; a B x B matrix)
+    # a minimum-total-distance linear assignment (scipy's linear_sum_assignment on the host; a B x B matrix). On the
+    # text-conditioned demo the model then ignored the prompt (docs/results/time-to-quality.md)
     immiscible: bool = False
     # rescale the betas to zero terminal SNR (Lin et al. 2024, diffusers' rescale_betas_zero_snr): the last timestep
     # is pure noise, as at sampling. Needs v_prediction; sampling and exported schedulers then space timesteps

@@ -224,17 +224,19 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], target: dict[str, Any],
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    # one colour per run in every panel (a run without val/mse in the baseline's terms is absent from the first)
+    colour = {name: f"C{i}" for i, name in enumerate(curves)}
     for ax, (key, label, _) in zip(axes, METRICS):
         for name, rows in curves.items():
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+                ax.plot(*zip(*pts), marker="o", ms=3, color=colour[name], label=name)
         if target.get(key) is not None:
             ax.axhline(target[key], color="grey", ls="--", lw=1, label=f"target (baseline at {target['step']})")
         ax.set_xlabel("training step (batch 64)")
         ax.set_title(label + (" (runs with the baseline's target)" if key == "val_mse" else ""))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)  # the FID panel has every evaluated run
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
