@@ -3,6 +3,9 @@ the part of DeepSpeed's engine the loop, the stages, the monitor, the EMA and th
 
 from __future__ import annotations
 
+import functools
+import importlib
+import sys
 import types
 from typing import Any, Protocol
 
@@ -68,7 +71,10 @@ def build_engine(module: torch.nn.Module, params: list[Any], ds_config: dict[str
       the norm averaged over the data-parallel ranks as DeepSpeed does; ldmscale has no model or expert
       parallelism) and the engine reports the norm.
     ZeRO-1/2/3 reduce and clip inside their optimizer and keep their path: their partitioned state is what a later
-    resume on more ranks converts."""
+    resume on more ranks converts.
+
+    Also spared: the compile wrappers of DeepSpeed's Muon optimizer (_import_muon_compiling_on_first_call)."""
+    _import_muon_compiling_on_first_call()
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
     if engine.zero_optimization_stage() == 0:
         if engine.dp_world_size == 1:
@@ -76,6 +82,42 @@ def build_engine(module: torch.nn.Module, params: list[Any], ds_config: dict[str
         if not (engine.fp16_enabled() or engine.bfloat16_enabled()):  # those clip in their own optimizer wrappers
             engine.clip_fp32_gradients = types.MethodType(_clip_and_record_norm, engine)
     return engine
+
+
+# DeepSpeed's ZeRO engines import its Muon optimizer (to recognise it), whatever the optimizer is. That module
+# applies torch.compile to three functions at import, and building a compile wrapper imports Inductor's compiler:
+# ~2 CPU s of every rank's start-up for an optimizer ldmscale never builds (optim.name is adamw, adam or sgd).
+_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _import_muon_compiling_on_first_call() -> None:
+    """Import DeepSpeed's Muon module with torch.compile deferred to each function's first call (never, unless
+    Muon steps), so the engine's later imports of it cost nothing."""
+    if _MUON in sys.modules:
+        return
+    real_compile = torch.compile
+
+    def deferred(model: Any = None, **kwargs: Any) -> Any:
+        if model is None:  # used as @torch.compile(...)
+            return functools.partial(deferred, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args: Any, **call_kwargs: Any) -> Any:
+            nonlocal compiled
+            if compiled is None:
+                compiled = real_compile(model, **kwargs)
+            return compiled(*args, **call_kwargs)
+
+        return call
+
+    torch.compile = deferred
+    try:
+        importlib.import_module(_MUON)
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        torch.compile = real_compile
 
 
 def _clip_and_record_norm(engine: Engine) -> None:

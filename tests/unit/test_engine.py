@@ -1,8 +1,9 @@
 """build_engine: ZeRO-0 on one rank skips the all-reduce with itself (nothing else changes); ZeRO-0 fp32 clips with
-torch's multi-tensor norm and reports it."""
+torch's multi-tensor norm and reports it; ZeRO-1/2/3 engines start without importing DeepSpeed's Muon optimizer."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import deepspeed
@@ -92,3 +93,29 @@ def test_partitioned_stages_keep_their_reduction() -> None:
     model = _model()
     engine = build_engine(model, list(model.parameters()), _config(2))
     assert engine.enable_backward_allreduce  # ZeRO-1/2/3 reduce inside their optimizer: left as DeepSpeed has it
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_engines_start_without_compiling_muon(stage: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DeepSpeed's ZeRO engines import its Muon optimizer, whose torch.compile decorators import Inductor: seconds
+    # of every rank's start-up for an optimizer ldmscale never builds
+    for name in ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    compile_calls: list[object] = []
+    def counting_compile(model: Any = None, **kwargs: Any) -> Any:  # counts; compiles nothing (no Inductor here)
+        compile_calls.append(model)
+        return model if model is not None else (lambda fn: fn)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    model = _model()
+    engine = build_engine(model, list(model.parameters()), _config(stage))
+    assert engine.zero_optimization_stage() == stage  # AdamW is still a ZeRO-supported optimizer
+    assert "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules  # DeepSpeed's own imports of it work
+    assert compile_calls == []
+    assert torch.compile is counting_compile  # put back
+
+    # a Muon function still compiles, on its first call
+    from deepspeed.runtime.zero.muon.original_muon import zeropower_via_newtonschulz5
+
+    orth = zeropower_via_newtonschulz5(torch.eye(4), steps=1)
+    assert compile_calls == [zeropower_via_newtonschulz5.__wrapped__] and orth.shape == (4, 4)
