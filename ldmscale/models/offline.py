@@ -59,6 +59,12 @@ def _train_bpe(captions: Iterable[str], vocab_size: int) -> tuple[dict[str, int]
     trainer = BpeTrainer(
         vocab_size=vocab_size,
         initial_alphabet=alphabet,
+        # Every word-final character up front, in sorted order. Left to the trainer, those it meets get ids in
+        # hash-map order, which changes from one process to the next, and the ids break ties between merges
+        # (huggingface/tokenizers#2066): the same captions gave other merges and the digits other ids, hence
+        # other rows of the random text encoder, so no demo ran twice the same. (Only the ids and merges are
+        # kept below: these are not special tokens of the tokenizer written.)
+        special_tokens=[ch + END_OF_WORD for ch in sorted(alphabet)],
         end_of_word_suffix=END_OF_WORD,
         continuing_subword_prefix="",
         show_progress=False,
