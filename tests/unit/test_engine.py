@@ -1,5 +1,5 @@
 """build_engine: ZeRO-0 on one rank skips the all-reduce with itself (nothing else changes); ZeRO-0 fp32 clips with
-torch's multi-tensor norm and reports it; ZeRO-1/2/3 engines start without importing DeepSpeed's Muon optimizer."""
+torch's multi-tensor norm and reports it; ZeRO-1/2/3 engines start without compiling DeepSpeed's Muon optimizer."""
 
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ def test_zero_engines_start_without_compiling_muon(stage: int, monkeypatch: pyte
     for name in ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     compile_calls: list[object] = []
+
     def counting_compile(model: Any = None, **kwargs: Any) -> Any:  # counts; compiles nothing (no Inductor here)
         compile_calls.append(model)
         return model if model is not None else (lambda fn: fn)
