@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Style-conditioning demo on real digits in six colour palettes: shards -> autoencoder -> step 1 (text) ->
-# step 2 (style, from step 1) -> benchmark of both models side by side. ~23 min on 2 idle CPU cores.
+# step 2 (style, from step 1) -> benchmark of both models side by side. ~30 min on 2 idle CPU cores.
 # Usage: tools/run_style_demo.sh [OUT=demo_style]. Finished steps are skipped; training resumes.
 # QUICK=1 cuts every stage short (tiny U-Net, batch 32, fewer steps) for a loaded or slow machine.
 set -euo pipefail
