@@ -10,7 +10,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,31 +61,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits/train, digits/heldout (LAION layout) and models/{vae,text_encoder,tokenizer} (random init), written
-    in-process as tools/make_digit_shards.py and tools/make_offline_models.py write them. Read-only for the tests
-    (copy what a test changes).
-
-    Written once per test run: pytest-xdist's workers share the run's temporary folder (the parent of each worker's
-    own), and the first to take the lock writes the assets there while the others wait, instead of each spending
-    ~2 CPU s (and an sklearn import) writing the same files."""
+def written_once(tmp_path_factory: pytest.TempPathFactory, name: str, write: Callable[[Path], None]) -> Path:
+    """The folder `name` of this test run, written by `write(folder)` once per run: pytest-xdist's workers share the
+    run's temporary folder (the parent of each worker's own), and the first to take the lock writes it while the
+    others wait, instead of each writing the same files. Read-only for the tests (copy what a test changes)."""
     from filelock import FileLock  # torch's own dependency
 
     run_root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         run_root = run_root.parent
-    root, done = run_root / "assets", run_root / "assets.complete"
-    with FileLock(str(run_root / "assets.lock")):
-        if not done.exists():  # a worker that died half-way leaves no marker: write them again from scratch
-            from ldmscale.demo.digits import write_digit_shards
-            from ldmscale.models.offline import captions_from_shards, write_offline_models
-
+    root, done = run_root / name, run_root / f"{name}.complete"
+    with FileLock(str(run_root / f"{name}.lock")):
+        if not done.exists():  # a worker that died half-way leaves no marker: write it again from scratch
             shutil.rmtree(root, ignore_errors=True)
-            written = write_digit_shards(root / "digits", samples_per_shard=200)
-            write_offline_models(list(captions_from_shards(written["train"])), root / "models")
+            root.mkdir(parents=True)
+            write(root)
             done.touch()
     return root
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits/train, digits/heldout (LAION layout) and models/{vae,text_encoder,tokenizer} (random init), written
+    in-process as tools/make_digit_shards.py and tools/make_offline_models.py write them, once per test run
+    (written_once: ~2 CPU s and an sklearn import per worker saved)."""
+
+    def write(root: Path) -> None:
+        from ldmscale.demo.digits import write_digit_shards
+        from ldmscale.models.offline import captions_from_shards, write_offline_models
+
+        written = write_digit_shards(root / "digits", samples_per_shard=200)
+        write_offline_models(list(captions_from_shards(written["train"])), root / "models")
+
+    return written_once(tmp_path_factory, "assets", write)
 
 
 def tiny_overrides(assets: Path, out_dir: Path, **extra: object) -> list[str]:

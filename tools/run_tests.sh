@@ -9,8 +9,9 @@
 #
 # The unit tier runs on LDMSCALE_UNIT_WORKERS (default 2) pytest-xdist workers, a test file each at a time, one
 # thread each: no test file shares state with another, so two cores halve its wall time (0: one process). The
-# other tiers run one test at a time: each of their tests starts several processes of its own. The system tier
-# runs beside the integration tier (below).
+# integration tier runs on LDMSCALE_INTEGRATION_WORKERS (default 2) workers the same way: its launches spend much
+# of their time starting, importing and synchronising one process after another, which leaves a core idle when
+# one runs at a time. The system tier runs one test at a time, beside the integration tier (below).
 #
 # When the system tier is to run, its two servers are installed and started in the background while the other
 # tiers run (the unit tier leaves a core idle; a clean machine spends ~30 s in apt-get), and stopped at the end.
@@ -54,6 +55,8 @@ run_tier() {  # run_tier TIER [pytest args]
   if [[ $tier == unit && ${LDMSCALE_UNIT_WORKERS:-2} != 0 ]]; then
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m pytest -ra -n "${LDMSCALE_UNIT_WORKERS:-2}" --dist loadfile \
       "tests/$tier" "$@"
+  elif [[ $tier == integration && ${LDMSCALE_INTEGRATION_WORKERS:-2} != 0 ]]; then
+    python -m pytest -ra -n "${LDMSCALE_INTEGRATION_WORKERS:-2}" --dist loadfile "tests/$tier" "$@"
   else
     python -m pytest -ra "tests/$tier" "$@"
   fi
