@@ -9,9 +9,9 @@
 #
 # The unit tier runs on LDMSCALE_UNIT_WORKERS (default 2) pytest-xdist workers, a test file each at a time, one
 # thread each: no test file shares state with another, so two cores halve its wall time (0: one process). The
-# integration tier runs on LDMSCALE_INTEGRATION_WORKERS (default 2) workers the same way: its launches spend much
-# of their time starting, importing and synchronising one process after another, which leaves a core idle when
-# one runs at a time. The system tier runs one test at a time, beside the integration tier (below).
+# integration tier runs on LDMSCALE_INTEGRATION_WORKERS (default 2) workers the same way, for machines with cores
+# to spare (on two cores, beside the system tier, it gained no more than two runs differ by: docs/testing.md). The
+# system tier runs one test at a time, beside the integration tier (below).
 #
 # When the system tier is to run, its two servers are installed and started in the background while the other
 # tiers run (the unit tier leaves a core idle; a clean machine spends ~30 s in apt-get), and stopped at the end.
@@ -52,11 +52,13 @@ fi
 
 run_tier() {  # run_tier TIER [pytest args]
   local tier=$1; shift
-  if [[ $tier == unit && ${LDMSCALE_UNIT_WORKERS:-2} != 0 ]]; then
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m pytest -ra -n "${LDMSCALE_UNIT_WORKERS:-2}" --dist loadfile \
-      "tests/$tier" "$@"
-  elif [[ $tier == integration && ${LDMSCALE_INTEGRATION_WORKERS:-2} != 0 ]]; then
-    python -m pytest -ra -n "${LDMSCALE_INTEGRATION_WORKERS:-2}" --dist loadfile "tests/$tier" "$@"
+  local workers=0 threads=()
+  case $tier in
+    unit) workers=${LDMSCALE_UNIT_WORKERS:-2} threads=("OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}") ;;
+    integration) workers=${LDMSCALE_INTEGRATION_WORKERS:-2} ;;  # each rank sets its own threads
+  esac
+  if ((workers)); then
+    env "${threads[@]}" python -m pytest -ra -n "$workers" --dist loadfile "tests/$tier" "$@"
   else
     python -m pytest -ra "tests/$tier" "$@"
   fi
