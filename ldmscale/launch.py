@@ -77,7 +77,10 @@ class TrainTask(submitit.helpers.Checkpointable):
 
         from ldmscale.config import load_config
         from ldmscale.runtime import dist
-        from ldmscale.trainer.loop import main
+        from ldmscale.runtime.startup import frozen_imports
+
+        with frozen_imports():
+            from ldmscale.trainer.loop import main
 
         result = main(load_config(self.config, self.overrides), resume="auto")
         dist.cleanup()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ldmscale.runtime import preemption
+from ldmscale.runtime.startup import frozen_imports
 
 # First of all, before the seconds of imports the trainer needs: a preemption notice (SIGUSR1/USR2/TERM) during
 # start-up sets the flag the loop checks (it then exits for requeue before its first step) instead of killing the rank.
@@ -15,7 +16,8 @@ preemption.install()
 def cli() -> None:
     # imported here, not at the top: spawned loader workers import this module again (as __mp_main__) and need
     # none of the trainer (DeepSpeed, diffusers), which would cost each of them seconds to minutes of start-up
-    from ldmscale.trainer.cli import cli as train_cli
+    with frozen_imports():
+        from ldmscale.trainer.cli import cli as train_cli
 
     train_cli()
 

@@ -5,4 +5,5 @@ atomic.py      atomic, durable local writes (temporary name, fsync, rename, fsyn
 preemption.py  SIGUSR1/SIGUSR2/SIGTERM -> a flag the loop checks at step boundaries
 redact.py      credentials out of anything logged
 cli.py         the one error contract of the console scripts: one line on stderr, exit 2
+startup.py     a rank's start-up imports with the garbage collector paused, then frozen
 """

@@ -10,6 +10,7 @@ from ldmscale.checkpoint.store import ResumeError
 from ldmscale.config import load_config
 from ldmscale.runtime import dist
 from ldmscale.runtime.cli import ArgumentParser, run_cli
+from ldmscale.runtime.startup import frozen_imports
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,7 +30,8 @@ def train(args: argparse.Namespace) -> None:
     if args.resume not in ("auto", "never") and not Path(args.resume).expanduser().exists():
         raise ResumeError(f"{args.resume}: no such checkpoint (--resume takes auto, never, or a run dir, its "
                           f"checkpoints/ or a step_* folder)")
-    from ldmscale.trainer.loop import main  # not at the top: a config error is answered before DeepSpeed loads
+    with frozen_imports():  # not at the top: a config error is answered before DeepSpeed loads
+        from ldmscale.trainer.loop import main
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main(cfg, args.resume)  # prints FINISHED step=N or PREEMPTED step=N
