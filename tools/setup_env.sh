@@ -3,8 +3,9 @@
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build onto CPU-only machines.
 # deepspeed builds from source and imports torch while building, so it needs --no-build-isolation.
 # --no-compile: pip would byte-compile every module of every package (a third of the install's time, mostly
-# transformers' and diffusers' thousands of model files); Python compiles the few it imports on first import instead,
-# into this writable .venv. (Install read-only environments, e.g. a cluster's shared one, with byte-compiling on.)
+# transformers' and diffusers' thousands of model files); instead one import of what the trainer and the console
+# scripts use compiles those modules once, into this writable .venv, before any test worker or rank needs them.
+# (Install read-only environments, e.g. a cluster's shared one, with byte-compiling on.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,5 +22,6 @@ if ! python -c "import torch, deepspeed, diffusers, transformers, webdataset, s3
     "mypy==2.4.1"  # pinned: another mypy version may report other errors
   pip install -q --no-compile --no-build-isolation "deepspeed==0.19.8"
   pip install -q --no-deps --no-build-isolation -e .
+  python -c "import ldmscale.trainer.loop, ldmscale.eval.cli, ldmscale.inference.sample, ldmscale.latents.encode"
 fi
 echo "environment ready: $(python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null | tail -1)"
