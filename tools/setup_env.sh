@@ -2,6 +2,9 @@
 # Create .venv with ldmscale and its dependencies; idempotent, fast when already installed.
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build onto CPU-only machines.
 # deepspeed builds from source and imports torch while building, so it needs --no-build-isolation.
+# pip byte-compiles what it installs, and must: where PYTHONDONTWRITEBYTECODE=1 is set (as on the test machines),
+# Python never writes .pyc files itself, and without pip's every process would compile torch, diffusers and
+# transformers from source at each import (docs/testing.md, Duration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
